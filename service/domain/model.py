@@ -1,0 +1,143 @@
+"""Value types of the domain: what a listing, a reference, a match, a signal and a score are.
+
+Images travel through the core as RGB ``uint8`` numpy arrays of shape (H, W, 3); decoding, limits and
+hashing happen in :mod:`service.intake` before anything reaches the core.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+RGBImage = npt.NDArray[np.uint8]
+"""An image as the core sees it: (H, W, 3) uint8, RGB, EXIF orientation already applied."""
+
+Vectors = npt.NDArray[np.float32]
+"""A (n, d) float32 matrix of L2-normalised embeddings."""
+
+
+class ReferenceKind(StrEnum):
+    PRODUCT = "product"
+    LOGO = "logo"
+
+
+class Verdict(StrEnum):
+    CLEAR = "clear"
+    REVIEW = "review"
+    LIKELY_COUNTERFEIT = "likely_counterfeit"
+
+
+class SignalName(StrEnum):
+    COPY = "copy"
+    LOOKALIKE = "lookalike"
+    LOGO = "logo"
+    TEXT = "text"
+    PRICE = "price"
+    SELLER = "seller"
+
+
+@dataclass(frozen=True, slots=True)
+class Money:
+    amount: float
+    currency: str  # ISO 4217, upper case
+
+
+@dataclass(frozen=True, slots=True)
+class SellerInfo:
+    seller_id: str
+    account_age_days: int | None = None
+    units_sold_30d: int | None = None
+    stock: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ListingImage:
+    """A decoded listing photo: content hash (hex sha256 of the original bytes) and pixels."""
+
+    sha256: str
+    pixels: RGBImage
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    listing_id: str
+    title: str
+    description: str = ""
+    price: Money | None = None
+    seller: SellerInfo | None = None
+    images: tuple[ListingImage, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ReferenceInfo:
+    """What the scorer needs to know about one catalog reference image (resolved from an index id)."""
+
+    image_id: int
+    brand: str
+    kind: ReferenceKind
+    sku: str | None = None
+    ref_id: str | None = None
+    title: str | None = None
+    reference_price: Money | None = None
+
+
+Box = tuple[int, int, int, int]
+"""(x0, y0, x1, y1) in pixels of the listing image as decoded."""
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """One listing image matched to one catalog reference by one signal."""
+
+    reference: ReferenceInfo
+    signal: SignalName
+    similarity: float
+    image_index: int
+    box: Box | None = None
+
+    def as_contract(self) -> dict[str, Any]:
+        """The stable JSON shape shared by /score, rescan output and the review queue."""
+        out: dict[str, Any] = {
+            "brand": self.reference.brand,
+            "sku": self.reference.sku,
+            "ref_id": self.reference.ref_id,
+            "kind": self.reference.kind.value,
+            "signal": self.signal.value,
+            "similarity": round(float(self.similarity), 4),
+            "image_index": self.image_index,
+        }
+        if self.box is not None:
+            out["box"] = list(self.box)
+        return out
+
+
+@dataclass(slots=True)
+class Signal:
+    """One signal's outcome. ``score`` in [0, 1] is evidence of counterfeit; ``ran`` is False when the
+    cascade skipped it (then score is 0 and ``skipped_because`` says why)."""
+
+    name: SignalName
+    score: float = 0.0
+    ran: bool = True
+    reasons: list[str] = field(default_factory=list)
+    evidence: dict[str, Any] = field(default_factory=dict)
+    skipped_because: str | None = None
+
+
+@dataclass(slots=True)
+class ScoreResult:
+    listing_id: str
+    risk: float
+    verdict: Verdict
+    brand: str | None
+    matches: list[Match]
+    signals: list[Signal]
+    reasons: list[str]
+    model_versions: dict[str, str] = field(default_factory=dict)
+
+    def signal(self, name: SignalName) -> Signal | None:
+        return next((s for s in self.signals if s.name == name), None)

@@ -1,0 +1,102 @@
+"""The ports of the domain: small Protocols that adapters (embeddings/, index/, storage/, OCR) implement.
+
+Use cases depend on these, never on an adapter class, so a test of fusion needs no model and a test of
+the index needs no database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+from service.domain.model import Money, ReferenceInfo, RGBImage, Vectors
+
+Ids = npt.NDArray[np.int64]
+
+
+@runtime_checkable
+class ImageEmbedder(Protocol):
+    """Images in, L2-normalised float32 vectors out, in batches.
+
+    ``model_id`` names the model *and its version* (e.g. ``sscd@3f2a9c1d``); embeddings are cached and
+    indexed per model_id, so it must change whenever the weights or the preprocessing change.
+    """
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def model_id(self) -> str: ...
+    @property
+    def dim(self) -> int: ...
+    @property
+    def provider(self) -> str: ...
+
+    def embed(self, images: Sequence[RGBImage]) -> Vectors: ...
+
+
+@runtime_checkable
+class TextEmbedder(Protocol):
+    """A CLIP text tower: strings in, vectors in the same space as its image tower."""
+
+    @property
+    def model_id(self) -> str: ...
+    @property
+    def dim(self) -> int: ...
+
+    def embed_text(self, texts: Sequence[str]) -> Vectors: ...
+
+
+@dataclass(frozen=True, slots=True)
+class OcrLine:
+    text: str
+    confidence: float
+    box: tuple[int, int, int, int]
+
+
+class TextReader(Protocol):
+    """OCR: the lines of text visible in a photo."""
+
+    def read(self, image: RGBImage) -> list[OcrLine]: ...
+
+
+class VectorIndex(Protocol):
+    """Inner-product search over L2-normalised vectors keyed by the catalog's own int64 ids."""
+
+    @property
+    def dim(self) -> int: ...
+    @property
+    def ntotal(self) -> int: ...
+
+    def add(self, ids: Ids, vectors: Vectors) -> None: ...
+    def remove(self, ids: Ids) -> int: ...
+    def search(self, queries: Vectors, k: int) -> tuple[npt.NDArray[np.float32], Ids]:
+        """(n, k) similarities and ids, best first; missing neighbours have id -1."""
+        ...
+
+
+class EmbeddingCache(Protocol):
+    """Embeddings per (image content sha256, model_id): nothing seen before is embedded twice."""
+
+    def get_many(self, model_id: str, sha256s: Iterable[str]) -> dict[str, npt.NDArray[np.float32]]: ...
+    def put_many(self, model_id: str, vectors: Mapping[str, npt.NDArray[np.float32]]) -> None: ...
+
+
+class CatalogReader(Protocol):
+    """What scoring reads from the catalog; every answer is already scoped to the brand it names."""
+
+    def references(self, image_ids: Iterable[int]) -> dict[int, ReferenceInfo]: ...
+    def authorized_sellers(self, brand: str) -> frozenset[str]: ...
+    def brand_aliases(self) -> dict[str, list[str]]:
+        """brand slug -> the names a listing may call it by (display name, aliases)."""
+        ...
+
+
+class ListingHistory(Protocol):
+    """What scoring reads from earlier scores: market prices and sellers' records."""
+
+    def market_prices(self, brand: str, sku: str, exclude_listing_id: str | None = None) -> list[Money]: ...
+    def confirmed_counterfeits(self, seller_id: str) -> int: ...

@@ -1,0 +1,129 @@
+"""The one configuration object of counterlens.
+
+Built once by the composition root (:mod:`service.container`) and passed down; nothing reads it as a
+global. Environment variables use the prefix ``COUNTERLENS_`` and ``__`` between a group and its field,
+for example ``COUNTERLENS_DATA_DIR=/srv/cl`` or ``COUNTERLENS_SCORING__REVIEW_THRESHOLD=0.4``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import platformdirs
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir("counterlens", appauthor=False))
+
+
+class StorageSettings(BaseModel):
+    # Empty means SQLite at <data_dir>/counterlens.sqlite3.
+    database_url: str = ""
+    echo_sql: bool = False
+
+
+class ModelSettings(BaseModel):
+    # Which registered backend provides each role.  ``copy`` finds re-used/edited official photos;
+    # ``semantic`` finds lookalikes (another photo of the same product).
+    copy_model: str = "sscd"
+    semantic_model: str = "effnet"
+    # open_clip: an architecture plus either a hub tag (``laion2b_s34b_b79k``) or a local checkpoint.
+    openclip_arch: str = "ViT-B-32"
+    openclip_pretrained: str = ""
+    openclip_checkpoint: Path | None = None
+    # ``cpu``; ``cuda`` (fails at start if CUDA is not available); ``auto`` (CUDA when available).
+    provider: Literal["cpu", "cuda", "auto"] = "cpu"
+    intra_op_threads: int = Field(default=0, ge=0, description="0: ONNX Runtime picks (one per core)")
+    max_batch: int = Field(default=16, ge=1, le=256)
+    batch_wait_ms: float = Field(default=2.0, ge=0, le=100)
+    ocr: Literal["cascade", "always", "never"] = "cascade"
+
+
+class IndexSettings(BaseModel):
+    # Exact inner-product search up to this many vectors per index, an approximate index above it.
+    exact_max: int = Field(default=200_000, ge=1)
+    approximate: Literal["hnsw", "ivfpq"] = "hnsw"
+    hnsw_m: int = Field(default=32, ge=4, le=128)
+    hnsw_ef_construction: int = Field(default=80, ge=8)
+    hnsw_ef_search: int = Field(default=64, ge=8)
+    top_k: int = Field(default=10, ge=1, le=100)
+
+
+class ScoringSettings(BaseModel):
+    review_threshold: float = Field(default=0.5, ge=0, le=1)
+    likely_threshold: float = Field(default=0.8, ge=0, le=1)
+    # Similarities at which the copy / lookalike / logo signals start to count and are certain.
+    copy_floor: float = 0.35
+    copy_certain: float = 0.75
+    lookalike_floor: float = 0.55
+    lookalike_certain: float = 0.85
+    logo_floor: float = 0.45
+    logo_certain: float = 0.75
+    # Units of a currency per 1 USD; prices in other currencies are converted through USD.
+    currency_rates: dict[str, float] = Field(
+        default_factory=lambda: {"USD": 1.0, "EUR": 0.92, "GBP": 0.79, "CNY": 7.2, "JPY": 150.0,
+                                 "SEK": 10.5, "CHF": 0.88, "CAD": 1.37, "AUD": 1.52}
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ScoringSettings:
+        if self.review_threshold > self.likely_threshold:
+            raise ValueError("scoring.review_threshold must not exceed scoring.likely_threshold")
+        return self
+
+    @field_validator("currency_rates")
+    @classmethod
+    def _rates_positive(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = [k for k, r in v.items() if not r > 0]
+        if bad:
+            raise ValueError(f"scoring.currency_rates must be positive, not for {bad}")
+        if "USD" not in v:
+            raise ValueError("scoring.currency_rates must contain USD")
+        return {k.upper(): r for k, r in v.items()}
+
+
+class IntakeSettings(BaseModel):
+    max_images: int = Field(default=8, ge=1, le=64)
+    max_image_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    max_pixels: int = Field(default=40_000_000, ge=10_000)
+    max_side: int = Field(default=12_000, ge=64)
+    fetch_timeout_s: float = Field(default=5.0, gt=0, le=60)
+    max_redirects: int = Field(default=3, ge=0, le=10)
+    # Only for tests and closed networks: hosts (exact names) that may resolve to private addresses.
+    allow_private_hosts: list[str] = Field(default_factory=list)
+
+
+class ServerSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    workers: int = Field(default=1, ge=1, le=64)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="COUNTERLENS_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    storage: StorageSettings = StorageSettings()
+    models: ModelSettings = ModelSettings()
+    index: IndexSettings = IndexSettings()
+    scoring: ScoringSettings = ScoringSettings()
+    intake: IntakeSettings = IntakeSettings()
+    server: ServerSettings = ServerSettings()
+
+    @property
+    def database_url(self) -> str:
+        return self.storage.database_url or f"sqlite:///{self.data_dir / 'counterlens.sqlite3'}"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def index_dir(self) -> Path:
+        return self.data_dir / "indexes"
