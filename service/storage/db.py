@@ -1,0 +1,225 @@
+"""Engines, sessions and migrations: everything that knows which database is behind the URL.
+
+:class:`Database` owns one engine and hands out short sessions: :meth:`Database.read` and
+:meth:`Database.write` each wrap one transaction, so repositories open one per public call and can be
+used from many threads at once.
+
+SQLite specifics, set on every new connection: WAL (readers never wait for the writer), foreign keys
+on, a busy timeout, ``synchronous=NORMAL`` (durable at checkpoints; WAL keeps the file consistent).
+SQLAlchemy emits BEGIN itself instead of the sqlite3 module, and write transactions start with
+``BEGIN IMMEDIATE``: a deferred transaction that read first and then wants to write fails at once with
+"database is locked" when another writer got there in between, whatever the busy timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.storage.errors import InvalidInputError
+
+log = logging.getLogger("counterlens.storage")
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+# Any fixed 64-bit number: the PostgreSQL advisory lock that serialises concurrent ``migrate`` calls.
+_PG_MIGRATION_LOCK = 0x636C5F6D69677261
+_WRITE_OPTION = "counterlens_write"
+
+
+def _json_default(value: object) -> Any:
+    # Signal evidence may carry numpy scalars or arrays; store them as plain JSON numbers and lists.
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def json_dumps(value: object) -> str:
+    return json.dumps(value, default=_json_default, separators=(",", ":"), allow_nan=False)
+
+
+def parse_url(database_url: str) -> URL:
+    """The URL, checked: only SQLite files and PostgreSQL; in-memory SQLite is refused (each pooled
+    connection would see its own empty database)."""
+    try:
+        url = make_url(database_url)
+    except Exception as exc:  # sqlalchemy raises ArgumentError, but be strict about any failure
+        raise InvalidInputError(f"storage.database_url is not a database URL: {exc}",
+                                "storage.database_url") from None
+    backend = url.get_backend_name()
+    if backend not in ("sqlite", "postgresql"):
+        raise InvalidInputError(f"storage.database_url must be sqlite or postgresql, got {backend!r}",
+                                "storage.database_url")
+    if backend == "sqlite" and (not url.database or url.database == ":memory:"
+                                or url.query.get("mode") == "memory"):
+        raise InvalidInputError("storage.database_url: in-memory SQLite is not supported, use a file",
+                                "storage.database_url")
+    return url
+
+
+def _sqlite_file(url: URL) -> Path | None:
+    if url.get_backend_name() != "sqlite" or not url.database:
+        return None
+    name = url.database
+    if name.startswith("file:"):
+        name = name[len("file:"):].split("?", 1)[0]
+    return Path(name)
+
+
+def create_engine(database_url: str, *, echo: bool = False, pool_size: int = 8) -> Engine:
+    """An engine for the URL, with the SQLite connection set-up described in the module docstring.
+
+    The parent folder of a SQLite file is created.
+    """
+    url = parse_url(database_url)
+    kwargs: dict[str, Any] = {"echo": echo, "json_serializer": json_dumps, "pool_size": pool_size,
+                              "max_overflow": pool_size * 2, "pool_timeout": 60}
+    sqlite_file = _sqlite_file(url)
+    if sqlite_file is not None:
+        sqlite_file.parent.mkdir(parents=True, exist_ok=True)
+        kwargs["connect_args"] = {"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
+        engine = sa.create_engine(url, **kwargs)
+        _install_sqlite_hooks(engine)
+    else:
+        engine = sa.create_engine(url, pool_pre_ping=True, **kwargs)
+    return engine
+
+
+def _install_sqlite_hooks(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take BEGIN away from the sqlite3 module (it would skip it before SELECTs and DDL).
+        dbapi_connection.isolation_level = None
+        cur = dbapi_connection.cursor()
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            cur.execute("PRAGMA synchronous=NORMAL")
+        finally:
+            cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        immediate = conn.get_execution_options().get(_WRITE_OPTION, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+class Database:
+    """One engine and its session factories; ``read()``/``write()`` give one-transaction sessions."""
+
+    def __init__(self, database_url: str, *, echo: bool = False, pool_size: int = 8) -> None:
+        self.url = parse_url(database_url)
+        self.engine = create_engine(database_url, echo=echo, pool_size=pool_size)
+        self.dialect = self.engine.dialect.name  # "sqlite" | "postgresql"
+        self._write_engine = self.engine.execution_options(**{_WRITE_OPTION: True})
+        self._reader = sessionmaker(self.engine, expire_on_commit=False, autoflush=False)
+        self._writer = sessionmaker(self._write_engine, expire_on_commit=False, autoflush=False)
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A session in one read transaction (a consistent snapshot), closed at the end."""
+        with self._reader() as session, session.begin():
+            yield session
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """A session in one write transaction, committed at the end or rolled back on error."""
+        with self._writer() as session, session.begin():
+            yield session
+
+    @contextmanager
+    def reading(self) -> Iterator[Connection]:
+        """A Core connection in one read transaction: for the hot paths, which skip the ORM session."""
+        with self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    @contextmanager
+    def writing(self) -> Iterator[Connection]:
+        """A Core connection in one write transaction, committed at the end or rolled back on error."""
+        with self._write_engine.connect() as conn, conn.begin():
+            yield conn
+
+    def migrate(self) -> str:
+        """Brings the schema to the newest revision (see :func:`migrate_engine`)."""
+        return migrate_engine(self.engine)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    def __repr__(self) -> str:
+        return f"Database({self.url.render_as_string(hide_password=True)!r})"
+
+
+def alembic_config() -> Config:
+    """The Alembic configuration of the packaged migrations (no alembic.ini needed).
+
+    To write a new revision during development::
+
+        cfg = alembic_config()
+        with Database(url).engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            alembic.command.revision(cfg, message="...", autogenerate=True)
+    """
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return cfg
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None, "no migrations packaged"
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def migrate_engine(engine: Engine) -> str:
+    """Upgrades the database behind ``engine`` to head in one transaction and returns the revision.
+
+    Safe to call from several processes starting at once: SQLite serialises them with ``BEGIN
+    IMMEDIATE`` (DDL is transactional there too, as SQLAlchemy emits BEGIN), PostgreSQL with an
+    advisory lock; the later callers find the schema current and do nothing.
+    """
+    cfg = alembic_config()
+    with engine.execution_options(**{_WRITE_OPTION: True}).begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
+        before = MigrationContext.configure(conn).get_current_revision()
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+        after = MigrationContext.configure(conn).get_current_revision()
+    if before != after:
+        log.info("database migrated from %s to %s", before or "empty", after)
+    assert after is not None
+    return after
+
+
+def migrate(database_url: str) -> str:
+    """Upgrades the database at ``database_url`` to the newest revision (``alembic upgrade head``)."""
+    engine = create_engine(database_url, pool_size=1)
+    try:
+        return migrate_engine(engine)
+    finally:
+        engine.dispose()

@@ -1,0 +1,87 @@
+"""The shared embedding cache in the database: one row per (image content sha256, model id + version).
+
+Implements :class:`~service.domain.ports.EmbeddingCache`. Reference images and listing photos share it,
+keyed by content, so a photo seen in a thousand listings is embedded once, and a re-index or a
+``--stored`` rescan never embeds a photo again for the same model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import cast
+
+import numpy as np
+import numpy.typing as npt
+import sqlalchemy as sa
+
+from service.storage import validate
+from service.storage._sql import chunked, dialect_insert
+from service.storage.db import Database
+from service.storage.errors import InvalidInputError
+from service.storage.models import Embedding
+
+# Stored as little-endian float32 whatever the machine, so a database file moves between machines.
+_DTYPE = np.dtype("<f4")
+
+
+_TABLE = cast(sa.Table, Embedding.__table__)
+
+
+class EmbeddingStore:
+    """Embeddings in the database; ``get_many`` and ``put_many`` are one statement per 500 hashes."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        t = _TABLE
+        # Built once: building statements (and ON CONFLICT's ``excluded`` alias) per call costs more
+        # than running them on SQLite.
+        self._select = sa.select(t.c.sha256, t.c.dim, t.c.vector).where(
+            t.c.model_id == sa.bindparam("model"), t.c.sha256.in_(sa.bindparam("shas", expanding=True)))
+        ins = dialect_insert(db.dialect, t)
+        self._upsert = ins.on_conflict_do_update(
+            index_elements=["sha256", "model_id"],
+            set_={"dim": ins.excluded.dim, "vector": ins.excluded.vector})
+
+    def get_many(self, model_id: str, sha256s: Iterable[str]) -> dict[str, npt.NDArray[np.float32]]:
+        """The stored vectors among ``sha256s`` (missing ones are simply absent). The arrays are
+        read-only views of the stored bytes: copy before changing them."""
+        model = validate.text(model_id, "model_id", 128)
+        keys = list(dict.fromkeys(sha256s))
+        out: dict[str, npt.NDArray[np.float32]] = {}
+        if not keys:
+            return out
+        with self._db.reading() as conn:
+            for chunk in chunked(keys):
+                for sha, dim, blob in conn.execute(self._select, {"model": model, "shas": chunk}):
+                    vec = np.frombuffer(blob, dtype=_DTYPE)
+                    if vec.shape[0] != dim:  # a torn or foreign row: treat as a miss, it gets re-embedded
+                        continue
+                    out[sha] = vec.astype(np.float32, copy=False)
+        return out
+
+    def put_many(self, model_id: str, vectors: Mapping[str, npt.NDArray[np.float32]]) -> None:
+        """Stores the vectors; an existing (sha256, model_id) row is overwritten (idempotent)."""
+        model = validate.text(model_id, "model_id", 128)
+        rows = []
+        for sha, v in vectors.items():
+            validate.sha256(sha, "sha256")
+            arr = np.asarray(v)
+            if arr.ndim != 1 or arr.shape[0] == 0:
+                raise InvalidInputError(f"embedding of {sha} must be a non-empty 1-D vector, "
+                                        f"got shape {arr.shape}", "vectors")
+            if not np.all(np.isfinite(arr)):
+                raise InvalidInputError(f"embedding of {sha} has NaN or infinite values", "vectors")
+            rows.append({"sha256": sha, "model_id": model, "dim": int(arr.shape[0]),
+                         "vector": np.ascontiguousarray(arr, dtype=_DTYPE).tobytes()})
+        if not rows:
+            return
+        with self._db.writing() as conn:
+            for chunk in chunked(rows):
+                conn.execute(self._upsert, chunk)
+
+    def count(self, model_id: str | None = None) -> int:
+        q = sa.select(sa.func.count()).select_from(_TABLE)
+        if model_id is not None:
+            q = q.where(_TABLE.c.model_id == model_id)
+        with self._db.reading() as conn:
+            return int(conn.scalar(q) or 0)

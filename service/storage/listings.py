@@ -1,0 +1,486 @@
+"""Scored listings: their latest state, score history, latest matches, and the brands' review queues.
+
+:class:`ListingRepository` records every score (the hot path of ``/score``: one transaction of a few
+statements), answers the history questions scoring asks (the domain port
+:class:`~service.domain.ports.ListingHistory`: market prices, sellers' confirmed counterfeits), feeds
+``rescan --stored``, and serves each brand its own review queue.
+
+Review-queue semantics of :meth:`ListingRepository.record_score`:
+
+* a score with a verdict other than ``clear`` and a brand opens an item in that brand's queue, or
+  updates the brand's open item of the listing (risk, verdict, reasons, score) — never a duplicate;
+* an item the brand already decided (``confirmed`` / ``rejected``) keeps its decision and is not touched;
+* open items of the listing in *other* brands' queues (or in every queue, when the new score is
+  ``clear``) become ``cleared``: nobody decided them, the newest score simply no longer flags them.
+  A later score that flags the listing for that brand again re-opens the item;
+* a flagged score without a brand (text-only evidence of an unknown brand) opens no item.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime
+from typing import Any, cast
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
+
+from service.domain.model import Listing, Money, ReferenceKind, ScoreResult, SellerInfo, Verdict
+from service.storage import validate
+from service.storage._sql import dialect_insert
+from service.storage.db import Database
+from service.storage.errors import InvalidInputError, NotFoundError
+from service.storage.models import (
+    Brand,
+    ListingMatch,
+    ListingScore,
+    ReferenceImage,
+    ReviewItem,
+    UTCDateTime,
+    utcnow,
+)
+from service.storage.models import Listing as ListingRow
+from service.storage.records import (
+    DECISIONS,
+    ListingRecord,
+    MatchRecord,
+    RecordedScore,
+    ReviewItemRecord,
+    ReviewStatus,
+    ScoreRecord,
+    ScoreSource,
+)
+
+_LISTINGS = cast(sa.Table, ListingRow.__table__)
+_SCORES = cast(sa.Table, ListingScore.__table__)
+_MATCHES = cast(sa.Table, ListingMatch.__table__)
+_REVIEWS = cast(sa.Table, ReviewItem.__table__)
+_REOPENABLE = (ReviewStatus.OPEN.value, ReviewStatus.CLEARED.value)
+# Columns a score from fresh platform data updates; a --stored rescan only updates the latest_* ones.
+_CONTENT_COLUMNS = ("title", "description", "price", "currency", "seller_id", "seller_account_age_days",
+                    "seller_units_sold_30d", "seller_stock", "image_sha256s", "last_seen_at")
+_LATEST_COLUMNS = ("last_scored_at", "latest_risk", "latest_verdict", "latest_brand_id")
+
+
+def result_json(result: ScoreResult) -> dict[str, Any]:
+    """The stored form of a score result (matches in their API contract shape)."""
+    return {
+        "listing_id": result.listing_id,
+        "risk": float(result.risk),
+        "verdict": Verdict(result.verdict).value,
+        "brand": result.brand,
+        "reasons": list(result.reasons),
+        "matches": [m.as_contract() for m in result.matches],
+        "signals": [{"name": s.name.value, "score": float(s.score), "ran": s.ran, "reasons": list(s.reasons),
+                     "evidence": s.evidence, "skipped_because": s.skipped_because}
+                    for s in result.signals],
+        "model_versions": dict(result.model_versions),
+    }
+
+
+def _money(amount: float | None, currency: str | None) -> Money | None:
+    return None if amount is None or currency is None else Money(float(amount), currency)
+
+
+def _listing_record(row: ListingRow, brand: str | None) -> ListingRecord:
+    seller = None
+    if row.seller_id is not None:
+        seller = SellerInfo(seller_id=row.seller_id, account_age_days=row.seller_account_age_days,
+                            units_sold_30d=row.seller_units_sold_30d, stock=row.seller_stock)
+    return ListingRecord(id=row.id, listing_id=row.listing_id, title=row.title, description=row.description,
+                         price=_money(row.price, row.currency), seller=seller,
+                         image_sha256s=tuple(row.image_sha256s or ()), first_seen=row.first_seen,
+                         last_seen_at=row.last_seen_at, last_scored_at=row.last_scored_at,
+                         latest_risk=row.latest_risk, latest_verdict=Verdict(row.latest_verdict),
+                         latest_brand=brand)
+
+
+def _listing_query() -> sa.Select[ListingRow, str]:
+    return sa.select(ListingRow, Brand.slug).outerjoin(Brand, Brand.id == ListingRow.latest_brand_id)
+
+
+def _review_query() -> sa.Select[ReviewItem, str, ListingRow]:
+    return (sa.select(ReviewItem, Brand.slug, ListingRow)
+            .join(Brand, Brand.id == ReviewItem.brand_id)
+            .join(ListingRow, ListingRow.id == ReviewItem.listing_pk))
+
+
+def _review_record(item: ReviewItem, brand: str, listing: ListingRow,
+                   result: dict[str, Any] | None = None) -> ReviewItemRecord:
+    return ReviewItemRecord(id=item.id, brand=brand, listing_id=listing.listing_id,
+                            status=ReviewStatus(item.status), risk=item.risk, verdict=Verdict(item.verdict),
+                            reasons=tuple(item.reasons or ()), created_at=item.created_at,
+                            updated_at=item.updated_at, decided_at=item.decided_at,
+                            decided_by=item.decided_by, score_id=item.score_id, title=listing.title,
+                            price=_money(listing.price, listing.currency), seller_id=listing.seller_id,
+                            result=result)
+
+
+def _source(value: ScoreSource | str) -> ScoreSource:
+    try:
+        return ScoreSource(value)
+    except ValueError:
+        allowed = ", ".join(s.value for s in ScoreSource)
+        raise InvalidInputError(f"source must be one of {allowed}, got {value!r}", "source") from None
+
+
+def _aware(value: datetime, field: str) -> datetime:
+    if value.tzinfo is None:
+        raise InvalidInputError(f"{field} must be a time-zone aware datetime", field)
+    return value
+
+
+class _Statements:
+    """The hot-path statements, built once per dialect: building a statement (above all ON CONFLICT's
+    ``excluded`` alias) costs more than running it on SQLite."""
+
+    def __init__(self, dialect: str) -> None:
+        listing = dialect_insert(dialect, _LISTINGS)
+
+        def upsert_listing(columns: Sequence[str]) -> sa.Executable:
+            return listing.on_conflict_do_update(
+                index_elements=["listing_id"], set_={c: listing.excluded[c] for c in columns},
+            ).returning(_LISTINGS.c.id)
+
+        self.upsert_listing = upsert_listing(_LATEST_COLUMNS + _CONTENT_COLUMNS)
+        self.upsert_listing_latest = upsert_listing(_LATEST_COLUMNS)
+        self.insert_score = sa.insert(_SCORES).returning(_SCORES.c.id)
+        self.delete_matches = sa.delete(_MATCHES).where(_MATCHES.c.listing_pk == sa.bindparam("p_listing"))
+        self.insert_matches = sa.insert(_MATCHES)
+        review = dialect_insert(dialect, _REVIEWS)
+        self.upsert_review = review.on_conflict_do_update(
+            index_elements=["brand_id", "listing_pk"],
+            set_={"status": ReviewStatus.OPEN.value, "risk": review.excluded.risk,
+                  "verdict": review.excluded.verdict, "reasons": review.excluded.reasons,
+                  "score_id": review.excluded.score_id, "updated_at": review.excluded.updated_at},
+            where=_REVIEWS.c.status.in_(_REOPENABLE),  # a brand's decision is never overwritten
+        ).returning(_REVIEWS.c.id)
+        self.clear_reviews = (
+            sa.update(_REVIEWS)
+            .where(_REVIEWS.c.listing_pk == sa.bindparam("p_listing"),
+                   _REVIEWS.c.status == ReviewStatus.OPEN.value, _REVIEWS.c.id != sa.bindparam("p_keep"))
+            .values(status=ReviewStatus.CLEARED.value, updated_at=sa.bindparam("p_now", type_=UTCDateTime())))
+        brand = sa.bindparam("p_brand", type_=sa.Integer())
+        confirmed = (sa.select(_REVIEWS.c.id)
+                     .where(_REVIEWS.c.listing_pk == _LISTINGS.c.id, _REVIEWS.c.brand_id == brand,
+                            _REVIEWS.c.status == ReviewStatus.CONFIRMED.value).exists())
+        matched = (sa.select(_MATCHES.c.listing_pk)
+                   .where(_MATCHES.c.brand_id == brand, _MATCHES.c.sku == sa.bindparam("p_sku")))
+        prices = (sa.select(_LISTINGS.c.price, _LISTINGS.c.currency)
+                  .where(_LISTINGS.c.id.in_(matched), _LISTINGS.c.price.is_not(None), ~confirmed)
+                  .order_by(_LISTINGS.c.last_seen_at.desc(), _LISTINGS.c.id.desc())
+                  # A literal LIMIT: with a parameter, PostgreSQL's generic plan (psycopg prepares
+                  # repeated statements) assumes a small limit and walks every listing by date.
+                  .limit(sa.bindparam("p_limit", type_=sa.Integer(), literal_execute=True)))
+        self.market_prices = prices
+        self.market_prices_excluding = prices.where(_LISTINGS.c.listing_id != sa.bindparam("p_exclude"))
+        self.confirmed_counterfeits = (
+            sa.select(sa.func.count(sa.distinct(_LISTINGS.c.id)))
+            .select_from(_REVIEWS.join(_LISTINGS, _LISTINGS.c.id == _REVIEWS.c.listing_pk))
+            .where(_LISTINGS.c.seller_id == sa.bindparam("p_seller"),
+                   _REVIEWS.c.status == ReviewStatus.CONFIRMED.value))
+        self.brand_ids = sa.select(Brand.id, Brand.slug).where(
+            Brand.slug.in_(sa.bindparam("p_slugs", expanding=True)))
+        self.brand_id = sa.select(Brand.id).where(Brand.slug == sa.bindparam("p_slug"))
+        self.existing_refs = sa.select(ReferenceImage.id).where(
+            ReferenceImage.id.in_(sa.bindparam("p_ids", expanding=True)))
+
+
+class ListingRepository:
+    """Scores, history, latest matches and review queues; also the ``ListingHistory`` port."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._sql = _Statements(db.dialect)
+        # slug -> id. Brands are never deleted or renamed, so an id once seen stays right; this saves a
+        # query on every record_score / market_prices call.
+        self._brand_ids: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ recording
+
+    def record_score(self, listing: Listing, result: ScoreResult,
+                     source: ScoreSource | str = ScoreSource.API, *,
+                     image_sha256s: Sequence[str] | None = None,
+                     scored_at: datetime | None = None) -> RecordedScore:
+        """Stores one score of a listing in one transaction: the listing row (created or updated by
+        ``listing_id``), a history row, the listing's latest matches, and its review items (see the
+        module docstring). Pixels are never stored: the image hashes come from ``image_sha256s`` or,
+        when it is None, from ``listing.images``.
+
+        A ``stored-rescan`` score leaves the listing's content and ``last_seen_at`` as they are.
+        """
+        src = _source(source)
+        lid = validate.text(listing.listing_id, "listing_id", 255)
+        if result.listing_id != lid:
+            raise InvalidInputError(f"result.listing_id {result.listing_id!r} is not listing_id {lid!r}",
+                                    "result.listing_id")
+        hashes = [im.sha256 for im in listing.images] if image_sha256s is None else list(image_sha256s)
+        shas = [validate.sha256(h, f"images[{i}].sha256") for i, h in enumerate(hashes)]
+        title = validate.text(listing.title, "title", 10_000, allow_empty=True)
+        description = validate.text(listing.description, "description", 200_000, allow_empty=True)
+        price, currency = validate.money(listing.price, "price")
+        seller = listing.seller
+        seller_id = validate.text(seller.seller_id, "seller.seller_id", 255) if seller else None
+        risk = float(result.risk)
+        if not math.isfinite(risk):
+            raise InvalidInputError(f"result.risk must be finite, got {result.risk!r}", "result.risk")
+        try:
+            verdict = Verdict(result.verdict)
+        except ValueError:
+            raise InvalidInputError(f"result.verdict {result.verdict!r} is not a verdict",
+                                    "result.verdict") from None
+        now = _aware(scored_at, "scored_at") if scored_at is not None else utcnow()
+        payload = result_json(result)
+        slugs = {m.reference.brand for m in result.matches}
+        if result.brand is not None:
+            slugs.add(result.brand)
+
+        seller_counts = (
+            validate.optional_count(seller.account_age_days if seller else None, "seller.account_age_days"),
+            validate.optional_count(seller.units_sold_30d if seller else None, "seller.units_sold_30d"),
+            validate.optional_count(seller.stock if seller else None, "seller.stock"),
+        )
+        rows = {
+            "listing_id": lid, "title": title, "description": description, "price": price,
+            "currency": currency, "seller_id": seller_id, "seller_account_age_days": seller_counts[0],
+            "seller_units_sold_30d": seller_counts[1], "seller_stock": seller_counts[2],
+            "image_sha256s": shas, "first_seen": now, "last_seen_at": now, "last_scored_at": now,
+            "latest_risk": risk, "latest_verdict": verdict.value,
+        }
+        try:
+            return self._record(rows, result, src, verdict, risk, now, payload, slugs, check_refs=False)
+        except sa.exc.IntegrityError:
+            # A matched reference was deleted from the catalog after the index returned it: store the
+            # match without its reference id (as the FK's ON DELETE SET NULL would have done).
+            return self._record(rows, result, src, verdict, risk, now, payload, slugs, check_refs=True)
+
+    def _record(self, listing_row: dict[str, Any], result: ScoreResult, src: ScoreSource, verdict: Verdict,
+                risk: float, now: datetime, payload: dict[str, Any], slugs: set[str],
+                check_refs: bool) -> RecordedScore:
+        st = self._sql
+        with self._db.writing() as conn:
+            bids = self._resolve_brands(conn, slugs)
+            flagged_bid = bids.get(result.brand) if result.brand is not None else None
+            upsert = st.upsert_listing_latest if src is ScoreSource.STORED_RESCAN else st.upsert_listing
+            listing_pk: int = conn.execute(
+                upsert, {**listing_row, "latest_brand_id": flagged_bid}).scalar_one()
+            score_id: int = conn.execute(st.insert_score, {
+                "listing_pk": listing_pk, "scored_at": now, "risk": risk, "verdict": verdict.value,
+                "brand_id": flagged_bid, "result": payload, "model_versions": dict(result.model_versions),
+                "source": src.value,
+            }).scalar_one()
+            conn.execute(st.delete_matches, {"p_listing": listing_pk})
+            if result.matches:
+                live: set[int] | None = None
+                if check_refs:
+                    live = set(conn.scalars(st.existing_refs, {"p_ids": [m.reference.image_id
+                                                                         for m in result.matches]}))
+                conn.execute(st.insert_matches, [
+                    {"listing_pk": listing_pk, "brand_id": bids[m.reference.brand], "sku": m.reference.sku,
+                     "reference_image_id": m.reference.image_id
+                     if live is None or m.reference.image_id in live else None,
+                     "ref_id": m.reference.ref_id,
+                     "kind": ReferenceKind(m.reference.kind).value, "signal": m.signal.value,
+                     "similarity": float(m.similarity), "image_index": int(m.image_index)}
+                    for m in result.matches])
+            item_id: int | None = None
+            if verdict is not Verdict.CLEAR and flagged_bid is not None:
+                item_id = conn.execute(st.upsert_review, {
+                    "brand_id": flagged_bid, "listing_pk": listing_pk, "score_id": score_id,
+                    "status": ReviewStatus.OPEN.value, "risk": risk, "verdict": verdict.value,
+                    "reasons": list(result.reasons), "created_at": now, "updated_at": now,
+                }).scalar_one_or_none()
+            conn.execute(st.clear_reviews, {"p_listing": listing_pk, "p_keep": item_id or 0, "p_now": now})
+        return RecordedScore(score_id=score_id, listing_pk=listing_pk, review_item_id=item_id)
+
+    # ------------------------------------------------------------------ listings
+
+    def get_listing(self, listing_id: str) -> ListingRecord | None:
+        with self._db.read() as s:
+            row = s.execute(_listing_query().where(ListingRow.listing_id == listing_id)).one_or_none()
+            return None if row is None else _listing_record(row[0], row[1])
+
+    def history(self, listing_id: str, limit: int = 100) -> list[ScoreRecord]:
+        """The listing's scores, newest first (empty for an unknown listing)."""
+        limit, _ = validate.page(limit, 0)
+        q = (sa.select(ListingScore, Brand.slug)
+             .join(ListingRow, ListingRow.id == ListingScore.listing_pk)
+             .outerjoin(Brand, Brand.id == ListingScore.brand_id)
+             .where(ListingRow.listing_id == listing_id)
+             .order_by(ListingScore.scored_at.desc(), ListingScore.id.desc()).limit(limit))
+        with self._db.read() as s:
+            return [ScoreRecord(id=sc.id, listing_id=listing_id, scored_at=sc.scored_at, risk=sc.risk,
+                                verdict=Verdict(sc.verdict), brand=slug, source=ScoreSource(sc.source),
+                                result=sc.result, model_versions=dict(sc.model_versions))
+                    for sc, slug in s.execute(q)]
+
+    def latest_matches(self, listing_id: str) -> list[MatchRecord]:
+        q = (sa.select(ListingMatch, Brand.slug)
+             .join(Brand, Brand.id == ListingMatch.brand_id)
+             .join(ListingRow, ListingRow.id == ListingMatch.listing_pk)
+             .where(ListingRow.listing_id == listing_id).order_by(ListingMatch.id))
+        with self._db.read() as s:
+            return [MatchRecord(brand=slug, sku=m.sku, reference_image_id=m.reference_image_id,
+                                ref_id=m.ref_id, kind=ReferenceKind(m.kind), signal=m.signal,
+                                similarity=m.similarity, image_index=m.image_index)
+                    for m, slug in s.execute(q)]
+
+    def iter_stored(self, brand: str | None = None, since: datetime | None = None,
+                    batch_size: int = 500) -> Iterator[ListingRecord]:
+        """Stored listings in id order, for ``rescan --stored``: all of them, or those whose latest
+        matches or review items involve ``brand``, and/or those the platform sent at or after ``since``
+        (``last_seen_at``). Read in pages of short transactions, so a long rescan holds no snapshot.
+        An unknown brand is :class:`NotFoundError` (raised at the first ``next``)."""
+        where = self._stored_filter(brand, since)
+        last = 0
+        while True:
+            with self._db.read() as s:
+                rows = [_listing_record(r[0], r[1]) for r in s.execute(
+                    _listing_query().where(ListingRow.id > last, *where)
+                    .order_by(ListingRow.id).limit(batch_size))]
+            yield from rows
+            if len(rows) < batch_size:
+                return
+            last = rows[-1].id
+
+    def count_stored(self, brand: str | None = None, since: datetime | None = None) -> int:
+        """How many listings :meth:`iter_stored` would yield (for progress reporting)."""
+        where = self._stored_filter(brand, since)
+        with self._db.read() as s:
+            return int(s.scalar(sa.select(sa.func.count()).select_from(ListingRow).where(*where)) or 0)
+
+    # ------------------------------------------------------------------ ListingHistory port
+
+    def market_prices(self, brand: str, sku: str, exclude_listing_id: str | None = None,
+                      limit: int = 1000) -> list[Money]:
+        """Prices of other listings whose latest matches include the brand's ``sku``, most recently
+        seen first; listings the brand confirmed as counterfeit are left out of the sample."""
+        with self._db.reading() as conn:
+            bid = self._brand_id(conn, brand)
+            if bid is None:
+                return []
+            params: dict[str, Any] = {"p_brand": bid, "p_sku": sku, "p_limit": int(limit)}
+            stmt = self._sql.market_prices
+            if exclude_listing_id is not None:
+                stmt, params["p_exclude"] = self._sql.market_prices_excluding, exclude_listing_id
+            return [Money(float(p), c) for p, c in conn.execute(stmt, params)]
+
+    def confirmed_counterfeits(self, seller_id: str) -> int:
+        """How many of the seller's listings some brand confirmed as counterfeit."""
+        with self._db.reading() as conn:
+            return int(conn.scalar(self._sql.confirmed_counterfeits, {"p_seller": seller_id}) or 0)
+
+    # ------------------------------------------------------------------ review queues (brand-scoped)
+
+    def review_queue(self, brand: str, status: ReviewStatus | str | None = ReviewStatus.OPEN,
+                     limit: int = 50, offset: int = 0) -> list[ReviewItemRecord]:
+        """One page of the brand's review items: open ones riskiest first, otherwise most recently
+        changed first; ``status=None`` lists every status."""
+        limit, offset = validate.page(limit, offset)
+        st = self._status(status) if status is not None else None
+        with self._db.read() as s:
+            bid = self._require_brand_id(s, brand)
+            q = _review_query().where(ReviewItem.brand_id == bid)
+            if st is not None:
+                q = q.where(ReviewItem.status == st.value)
+            if st is ReviewStatus.OPEN:
+                q = q.order_by(ReviewItem.risk.desc(), ReviewItem.id)
+            else:
+                q = q.order_by(ReviewItem.updated_at.desc(), ReviewItem.id.desc())
+            return [_review_record(item, slug, row) for item, slug, row in s.execute(q.limit(limit)
+                                                                                     .offset(offset))]
+
+    def review_counts(self, brand: str) -> dict[ReviewStatus, int]:
+        """Items per status in the brand's queue (every status present, zero when none)."""
+        with self._db.read() as s:
+            bid = self._require_brand_id(s, brand)
+            counts = {ReviewStatus(st): int(n) for st, n in s.execute(
+                sa.select(ReviewItem.status, sa.func.count()).where(ReviewItem.brand_id == bid)
+                .group_by(ReviewItem.status))}
+        return {st: counts.get(st, 0) for st in ReviewStatus}
+
+    def review_item(self, brand: str, item_id: int) -> ReviewItemRecord | None:
+        """One of the brand's items with the full result of the score behind it; None when the brand
+        has no such item (another brand's item included)."""
+        with self._db.read() as s:
+            bid = self._require_brand_id(s, brand)
+            row = s.execute(_review_query().where(ReviewItem.brand_id == bid,
+                                                  ReviewItem.id == int(item_id))).one_or_none()
+            if row is None:
+                return None
+            item, slug, listing = row
+            result = None
+            if item.score_id is not None:
+                result = s.scalar(sa.select(ListingScore.result).where(ListingScore.id == item.score_id))
+            return _review_record(item, slug, listing, result)
+
+    def decide(self, brand: str, item_id: int, status: ReviewStatus | str,
+               decided_by: str | None = None) -> ReviewItemRecord:
+        """Records the brand's decision (``confirmed`` or ``rejected``) on one of its own items; a
+        decision may be changed later. :class:`NotFoundError` when the brand has no such item."""
+        st = self._status(status)
+        if st not in DECISIONS:
+            raise InvalidInputError(f"status must be confirmed or rejected, got {st.value!r}", "status")
+        who = validate.optional_text(decided_by, "decided_by", 255)
+        now = utcnow()
+        with self._db.write() as s:
+            bid = self._require_brand_id(s, brand)
+            res = s.execute(sa.update(_REVIEWS)
+                            .where(_REVIEWS.c.id == int(item_id), _REVIEWS.c.brand_id == bid)
+                            .values(status=st.value, decided_at=now, decided_by=who, updated_at=now))
+            if not res.rowcount:  # type: ignore[attr-defined]
+                raise NotFoundError(f"brand {brand!r} has no review item {item_id}", "item_id")
+            item, slug, listing = s.execute(_review_query().where(ReviewItem.id == int(item_id))).one()
+            return _review_record(item, slug, listing)
+
+    # ------------------------------------------------------------------ helpers
+
+    @staticmethod
+    def _status(value: ReviewStatus | str) -> ReviewStatus:
+        try:
+            return ReviewStatus(value)
+        except ValueError:
+            allowed = ", ".join(s.value for s in ReviewStatus)
+            raise InvalidInputError(f"status must be one of {allowed}, got {value!r}", "status") from None
+
+    def _stored_filter(self, brand: str | None, since: datetime | None) -> list[sa.ColumnElement[bool]]:
+        """WHERE clauses of iter_stored/count_stored (an unknown brand is :class:`NotFoundError`)."""
+        where: list[sa.ColumnElement[bool]] = []
+        if since is not None:
+            where.append(ListingRow.last_seen_at >= _aware(since, "since"))
+        if brand is not None:
+            with self._db.read() as s:
+                bid = self._require_brand_id(s, brand)
+            where.append(sa.or_(
+                sa.select(_MATCHES.c.id).where(_MATCHES.c.listing_pk == ListingRow.id,
+                                               _MATCHES.c.brand_id == bid).exists(),
+                sa.select(_REVIEWS.c.id).where(_REVIEWS.c.listing_pk == ListingRow.id,
+                                               _REVIEWS.c.brand_id == bid).exists()))
+        return where
+
+    def _resolve_brands(self, conn: Connection, slugs: Iterable[str]) -> dict[str, int]:
+        wanted = set(slugs)
+        missing = [x for x in wanted if x not in self._brand_ids]
+        if missing:
+            for bid, slug in conn.execute(self._sql.brand_ids, {"p_slugs": missing}):
+                self._brand_ids[slug] = bid
+            unknown = sorted(x for x in missing if x not in self._brand_ids)
+            if unknown:
+                raise InvalidInputError(f"result names unknown brand(s) {unknown}", "result.brand")
+        return {x: self._brand_ids[x] for x in wanted}
+
+    def _brand_id(self, conn: Connection | Session, slug: str) -> int | None:
+        bid = self._brand_ids.get(slug)
+        if bid is None:
+            bid = conn.scalar(self._sql.brand_id, {"p_slug": slug})
+            if bid is not None:
+                self._brand_ids[slug] = bid
+        return bid
+
+    def _require_brand_id(self, conn: Connection | Session, slug: str) -> int:
+        bid = self._brand_id(conn, validate.slug(slug))
+        if bid is None:
+            raise NotFoundError(f"brand {slug!r} not found", "brand")
+        return bid

@@ -1,0 +1,1 @@
+"""Alembic revisions, oldest first; Alembic loads them by path and ignores this file."""

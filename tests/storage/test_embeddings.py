@@ -1,0 +1,67 @@
+"""The database embedding cache (the EmbeddingCache port) on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.domain.ports import EmbeddingCache
+from service.storage import InvalidInputError, Storage
+from tests.storage.factories import sha
+
+
+def _vectors(n: int, dim: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    m = rng.standard_normal((n, dim)).astype(np.float32)
+    m /= np.linalg.norm(m, axis=1, keepdims=True)
+    return {sha(f"img-{seed}-{i}"): m[i] for i in range(n)}
+
+
+def test_round_trip_is_bit_exact_across_chunks(storage: Storage) -> None:
+    cache: EmbeddingCache = storage.embeddings
+    vecs = _vectors(1203, 64, seed=1)  # more than one IN-list chunk
+    cache.put_many("sscd@1", vecs)
+    wanted = [*vecs, sha("never-stored")]
+    got = cache.get_many("sscd@1", wanted)
+    assert set(got) == set(vecs)
+    for key, v in vecs.items():
+        assert got[key].dtype == np.float32 and got[key].shape == (64,)
+        assert got[key].tobytes() == v.tobytes()
+    # Special values survive exactly too (denormals, signed zero, extremes).
+    odd = np.array([0.0, -0.0, 1e-45, -3.4028235e38, 3.4028235e38, 1 / 3], dtype=np.float32)
+    cache.put_many("sscd@1", {sha("odd"): odd})
+    assert cache.get_many("sscd@1", [sha("odd")])[sha("odd")].tobytes() == odd.tobytes()
+
+
+def test_put_is_an_idempotent_upsert_per_model(storage: Storage) -> None:
+    store = storage.embeddings
+    a = _vectors(3, 8, seed=2)
+    store.put_many("effnet@1", a)
+    store.put_many("effnet@1", a)
+    assert store.count("effnet@1") == 3
+    key = next(iter(a))
+    replacement = -a[key]
+    store.put_many("effnet@1", {key: replacement})
+    assert store.count("effnet@1") == 3
+    assert store.get_many("effnet@1", [key])[key].tobytes() == replacement.tobytes()
+    # Another model (or version) of the same photo is a separate row.
+    assert store.get_many("effnet@2", list(a)) == {}
+    store.put_many("effnet@2", {key: np.ones(16, dtype=np.float32)})
+    assert store.get_many("effnet@2", [key])[key].shape == (16,)
+    assert store.get_many("effnet@1", [key])[key].shape == (8,)
+    assert store.count() == 4
+    store.put_many("effnet@1", {})
+    assert store.get_many("effnet@1", []) == {}
+
+
+def test_bad_vectors_are_refused(storage: Storage) -> None:
+    store = storage.embeddings
+    for bad in (np.ones((2, 4), dtype=np.float32), np.array([1.0, np.nan], dtype=np.float32),
+                np.zeros(0, dtype=np.float32)):
+        with pytest.raises(InvalidInputError) as err:
+            store.put_many("m@1", {sha("x"): bad})
+        assert err.value.field == "vectors"
+    with pytest.raises(InvalidInputError) as err:
+        store.put_many("m@1", {"../../etc": np.ones(4, dtype=np.float32)})
+    assert err.value.field == "sha256"
+    assert store.count() == 0

@@ -1,0 +1,262 @@
+"""The listing repository on SQLite and PostgreSQL: score history, latest matches, review-queue
+semantics and brand scoping, market prices, sellers' records, stored rescans and concurrent writers."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pytest
+
+from service.domain.model import Money, SignalName, Verdict
+from service.domain.ports import ListingHistory
+from service.storage import (
+    InvalidInputError,
+    NotFoundError,
+    ReferenceRecord,
+    ReviewStatus,
+    ScoreSource,
+    Storage,
+)
+from tests.storage.factories import listing, match, result
+
+Refs = dict[str, ReferenceRecord]
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+
+
+def _score(st: Storage, lid: str, verdict: Verdict, brand: str | None, refs: list[ReferenceRecord], *,
+           price: float | None = 10.0, seller: str | None = "s1", at: datetime | None = None,
+           source: ScoreSource = ScoreSource.API):
+    lst, shas = listing(lid, price=price, seller=seller)
+    matches = [match(r, 0.9 - 0.1 * i, image_index=i % 2) for i, r in enumerate(refs)]
+    res = result(lid, verdict, brand, matches)
+    return st.listings.record_score(lst, res, source, image_sha256s=shas, scored_at=at)
+
+
+def test_history_and_latest_matches(storage: Storage, two_brands: Refs) -> None:
+    a1, alogo = two_brands["a1"], two_brands["alogo"]
+    lst, shas = listing("L1", price=1.5)
+    res = result("L1", Verdict.REVIEW, "alpro", [match(a1, 0.91), match(alogo, 0.7, SignalName.LOGO, 1)])
+    res.signals[0].evidence["similarities"] = np.array([0.91, 0.5], dtype=np.float32)  # numpy in evidence
+    first = storage.listings.record_score(lst, res, "api", image_sha256s=shas, scored_at=T0)
+    stored = storage.listings.get_listing("L1")
+    assert stored is not None and stored.id == first.listing_pk
+    assert (stored.title, stored.price, stored.image_sha256s, stored.latest_verdict, stored.latest_brand) == \
+        ("a listing", Money(1.5, "EUR"), tuple(shas), Verdict.REVIEW, "alpro")
+    assert stored.seller is not None and (stored.seller.seller_id, stored.seller.stock) == ("s1", 5000)
+    assert stored.first_seen == stored.last_scored_at == T0
+    latest = storage.listings.latest_matches("L1")
+    assert [(m.brand, m.sku, m.reference_image_id, m.signal) for m in latest] == \
+        [("alpro", "soy-milk", a1.id, "copy"), ("alpro", None, alogo.id, "logo")]
+
+    later = T0 + timedelta(hours=1)
+    second = _score(storage, "L1", Verdict.LIKELY_COUNTERFEIT, "alpro", [a1], at=later)
+    assert second.listing_pk == first.listing_pk and second.score_id != first.score_id
+    history = storage.listings.history("L1")
+    assert [h.verdict for h in history] == [Verdict.LIKELY_COUNTERFEIT, Verdict.REVIEW]  # newest first
+    assert history[1].result["matches"][0] == match(a1, 0.91).as_contract()
+    assert history[1].result["signals"][0]["evidence"]["similarities"] == pytest.approx([0.91, 0.5])
+    assert history[1].model_versions == {"copy": "sscd@test"} and history[1].source is ScoreSource.API
+    # The latest matches are replaced, not appended to.
+    assert [m.reference_image_id for m in storage.listings.latest_matches("L1")] == [a1.id]
+    again = storage.listings.get_listing("L1")
+    assert again is not None and (again.first_seen, again.last_scored_at) == (T0, later)
+    assert storage.listings.get_listing("nope") is None and storage.listings.history("nope") == []
+
+
+def test_review_item_semantics(storage: Storage, two_brands: Refs) -> None:
+    a1, o1 = two_brands["a1"], two_brands["o1"]
+    repo = storage.listings
+    first = _score(storage, "L1", Verdict.REVIEW, "alpro", [a1])
+    assert first.review_item_id is not None
+    [item] = repo.review_queue("alpro")
+    assert (item.id, item.listing_id, item.status, item.verdict) == (first.review_item_id, "L1",
+                                                                     ReviewStatus.OPEN, Verdict.REVIEW)
+    # A re-score updates the open item instead of adding one.
+    second = _score(storage, "L1", Verdict.LIKELY_COUNTERFEIT, "alpro", [a1])
+    [item] = repo.review_queue("alpro")
+    assert item.id == first.review_item_id == second.review_item_id
+    assert (item.verdict, item.risk, item.score_id) == (Verdict.LIKELY_COUNTERFEIT, 0.9, second.score_id)
+    # Now the listing is flagged for oatly: alpro's undecided item is cleared, oatly's opened.
+    third = _score(storage, "L1", Verdict.REVIEW, "oatly", [o1])
+    assert repo.review_queue("alpro") == []
+    assert [i.status for i in repo.review_queue("alpro", status="cleared")] == [ReviewStatus.CLEARED]
+    assert [i.id for i in repo.review_queue("oatly")] == [third.review_item_id]
+    # Clear: every open item is cleared.
+    _score(storage, "L1", Verdict.CLEAR, None, [])
+    assert repo.review_queue("oatly") == [] and repo.review_counts("oatly")[ReviewStatus.CLEARED] == 1
+    # Flagged for alpro again: the same item re-opens.
+    reopened = _score(storage, "L1", Verdict.REVIEW, "alpro", [a1])
+    assert reopened.review_item_id == first.review_item_id
+    # A decision is kept, whatever later scores say.
+    decided = repo.decide("alpro", first.review_item_id, "confirmed", decided_by="alice@alpro")
+    assert (decided.status, decided.decided_by) == (ReviewStatus.CONFIRMED, "alice@alpro")
+    assert decided.decided_at is not None
+    assert _score(storage, "L1", Verdict.REVIEW, "alpro", [a1]).review_item_id is None
+    _score(storage, "L1", Verdict.CLEAR, None, [])
+    [kept] = repo.review_queue("alpro", status=None)
+    assert (kept.status, kept.decided_by, kept.verdict) == (ReviewStatus.CONFIRMED, "alice@alpro",
+                                                            Verdict.REVIEW)
+    # A flagged score with no brand opens nothing.
+    assert _score(storage, "L2", Verdict.REVIEW, None, []).review_item_id is None
+    assert repo.review_counts("alpro") == {ReviewStatus.OPEN: 0, ReviewStatus.CONFIRMED: 1,
+                                           ReviewStatus.REJECTED: 0, ReviewStatus.CLEARED: 0}
+
+
+def test_review_queues_are_brand_scoped(storage: Storage, two_brands: Refs) -> None:
+    repo = storage.listings
+    ids = {lid: _score(storage, lid, v, "alpro", [two_brands["a1"]]).review_item_id
+           for lid, v in (("L1", Verdict.REVIEW), ("L2", Verdict.LIKELY_COUNTERFEIT), ("L3", Verdict.REVIEW))}
+    theirs = _score(storage, "L9", Verdict.REVIEW, "oatly", [two_brands["o1"]]).review_item_id
+    assert theirs is not None
+    queue = repo.review_queue("alpro")
+    assert [i.listing_id for i in queue] == ["L2", "L1", "L3"]  # riskiest first, then oldest
+    assert [i.listing_id for i in repo.review_queue("alpro", limit=1, offset=1)] == ["L1"]
+    assert all(i.brand == "alpro" for i in queue)
+    assert [i.listing_id for i in repo.review_queue("oatly")] == ["L9"]
+    # oatly can neither see nor decide alpro's items.
+    assert repo.review_item("oatly", ids["L2"]) is None  # type: ignore[arg-type]
+    with pytest.raises(NotFoundError):
+        repo.decide("oatly", ids["L2"], "rejected", decided_by="mallory")  # type: ignore[arg-type]
+    item = repo.review_item("alpro", ids["L2"])  # type: ignore[arg-type]
+    assert item is not None and item.status is ReviewStatus.OPEN and item.decided_by is None
+    assert item.result is not None and item.result["verdict"] == "likely_counterfeit"
+    # Decisions can be changed; only confirmed/rejected are decisions.
+    repo.decide("alpro", ids["L2"], ReviewStatus.REJECTED)  # type: ignore[arg-type]
+    assert repo.decide("alpro", ids["L2"], "confirmed", "bob").status is ReviewStatus.CONFIRMED  # type: ignore[arg-type]
+    for bad in ("open", "cleared", "maybe"):
+        with pytest.raises(InvalidInputError) as err:
+            repo.decide("alpro", ids["L1"], bad)  # type: ignore[arg-type]
+        assert err.value.field == "status"
+    with pytest.raises(NotFoundError):
+        repo.review_queue("nobody")
+    with pytest.raises(InvalidInputError):
+        repo.review_queue("alpro", limit=0)
+
+
+def test_market_prices(storage: Storage, two_brands: Refs) -> None:
+    a1, a2, o1 = two_brands["a1"], two_brands["a2"], two_brands["o1"]
+    history: ListingHistory = storage.listings
+    for lid, price, refs, at in (("L1", 1.0, [a1], 0), ("L2", 2.0, [a1, a2], 1), ("L3", None, [a1], 2),
+                                 ("L4", 4.0, [a2], 3), ("L5", 5.0, [o1], 4), ("L6", 6.0, [a1], 5)):
+        _score(storage, lid, Verdict.REVIEW, refs[0].brand, refs, price=price, at=T0 + timedelta(minutes=at))
+    assert history.market_prices("alpro", "soy-milk") == [Money(6.0, "EUR"), Money(2.0, "EUR"),
+                                                          Money(1.0, "EUR")]  # most recent first
+    assert history.market_prices("alpro", "soy-milk", exclude_listing_id="L6") == [Money(2.0, "EUR"),
+                                                                                   Money(1.0, "EUR")]
+    # A listing the brand confirmed as counterfeit leaves the price sample.
+    [l6] = [i for i in storage.listings.review_queue("alpro") if i.listing_id == "L6"]
+    storage.listings.decide("alpro", l6.id, "confirmed")
+    assert history.market_prices("alpro", "soy-milk") == [Money(2.0, "EUR"), Money(1.0, "EUR")]
+    assert history.market_prices("alpro", "soyghurt") == [Money(4.0, "EUR"), Money(2.0, "EUR")]
+    assert history.market_prices("oatly", "oat-milk") == [Money(5.0, "EUR")]
+    assert history.market_prices("oatly", "soy-milk") == []
+    assert history.market_prices("nobody", "soy-milk") == []
+    # Only the latest matches count: L1 re-scored without a match of soy-milk drops out.
+    _score(storage, "L1", Verdict.CLEAR, None, [], price=1.0)
+    assert history.market_prices("alpro", "soy-milk") == [Money(2.0, "EUR")]
+
+
+def test_confirmed_counterfeits(storage: Storage, two_brands: Refs) -> None:
+    a1, o1 = two_brands["a1"], two_brands["o1"]
+    repo = storage.listings
+    i1 = _score(storage, "L1", Verdict.REVIEW, "alpro", [a1], seller="bad").review_item_id
+    i2 = _score(storage, "L2", Verdict.REVIEW, "alpro", [a1], seller="bad").review_item_id
+    i3 = _score(storage, "L3", Verdict.REVIEW, "oatly", [o1], seller="bad").review_item_id
+    i4 = _score(storage, "L4", Verdict.REVIEW, "alpro", [a1], seller="good").review_item_id
+    assert repo.confirmed_counterfeits("bad") == 0  # open items are not confirmations
+    repo.decide("alpro", i1, "confirmed")  # type: ignore[arg-type]
+    repo.decide("alpro", i2, "rejected")  # type: ignore[arg-type]
+    repo.decide("oatly", i3, "confirmed")  # type: ignore[arg-type]
+    repo.decide("alpro", i4, "rejected")  # type: ignore[arg-type]
+    assert repo.confirmed_counterfeits("bad") == 2
+    assert repo.confirmed_counterfeits("good") == 0
+    assert repo.confirmed_counterfeits("unknown") == 0
+
+
+def test_stored_listings_for_rescan(storage: Storage, two_brands: Refs) -> None:
+    a1, o1 = two_brands["a1"], two_brands["o1"]
+    repo = storage.listings
+    for i in range(7):
+        refs = [a1] if i % 3 == 0 else [o1] if i % 3 == 1 else []
+        verdict = Verdict.REVIEW if refs else Verdict.CLEAR
+        _score(storage, f"L{i}", verdict, refs[0].brand if refs else None, refs, at=T0 + timedelta(days=i))
+    everything = list(repo.iter_stored(batch_size=2))  # several pages
+    assert [x.listing_id for x in everything] == [f"L{i}" for i in range(7)]
+    assert repo.count_stored() == 7
+    assert [x.listing_id for x in repo.iter_stored(brand="alpro", batch_size=2)] == ["L0", "L3", "L6"]
+    assert repo.count_stored(brand="oatly") == 2
+    since = T0 + timedelta(days=4)
+    assert [x.listing_id for x in repo.iter_stored(since=since)] == ["L4", "L5", "L6"]
+    assert [x.listing_id for x in repo.iter_stored(brand="alpro", since=since)] == ["L6"]
+    with pytest.raises(NotFoundError):
+        list(repo.iter_stored(brand="nobody"))
+    # A stored rescan starts from the stored listing and leaves its content and last_seen_at alone.
+    stored = repo.get_listing("L1")
+    assert stored is not None
+    rescan_at = T0 + timedelta(days=30)
+    res = result("L1", Verdict.REVIEW, "alpro", [match(a1)])
+    repo.record_score(stored.to_listing(), res, ScoreSource.STORED_RESCAN,
+                      image_sha256s=stored.image_sha256s, scored_at=rescan_at)
+    after = repo.get_listing("L1")
+    assert after is not None
+    assert (after.title, after.price, after.seller, after.image_sha256s, after.last_seen_at) == \
+        (stored.title, stored.price, stored.seller, stored.image_sha256s, stored.last_seen_at)
+    assert (after.last_scored_at, after.latest_brand) == (rescan_at, "alpro")
+    assert repo.history("L1")[0].source is ScoreSource.STORED_RESCAN
+    assert "L1" not in [x.listing_id for x in repo.iter_stored(since=since)]  # not seen again since
+
+
+def test_a_match_of_a_reference_deleted_meanwhile_is_kept_without_its_id(storage: Storage,
+                                                                         two_brands: Refs) -> None:
+    a1, a2 = two_brands["a1"], two_brands["a2"]
+    storage.catalog.delete_references("alpro", [a1.id])  # after the index returned it, before recording
+    recorded = _score(storage, "L1", Verdict.REVIEW, "alpro", [a1, a2])
+    assert recorded.review_item_id is not None
+    assert [(m.sku, m.reference_image_id) for m in storage.listings.latest_matches("L1")] == \
+        [("soy-milk", None), ("soyghurt", a2.id)]
+    assert len(storage.listings.history("L1")) == 1
+
+
+def test_bad_scores_are_refused(storage: Storage, two_brands: Refs) -> None:
+    lst, shas = listing("L1")
+    with pytest.raises(InvalidInputError) as err:
+        storage.listings.record_score(lst, result("L2", Verdict.CLEAR, None, []), image_sha256s=shas)
+    assert err.value.field == "result.listing_id"
+    with pytest.raises(InvalidInputError) as err:
+        storage.listings.record_score(lst, result("L1", Verdict.CLEAR, None, []), image_sha256s=["x"])
+    assert err.value.field == "images[0].sha256"
+    with pytest.raises(InvalidInputError) as err:
+        storage.listings.record_score(lst, result("L1", Verdict.REVIEW, "ghost", []), image_sha256s=shas)
+    assert err.value.field == "result.brand"
+    with pytest.raises(InvalidInputError) as err:
+        storage.listings.record_score(lst, result("L1", Verdict.CLEAR, None, []), "manual",
+                                      image_sha256s=shas)
+    assert err.value.field == "source"
+    assert storage.listings.get_listing("L1") is None  # nothing half-written
+
+
+def test_concurrent_writers(storage: Storage, two_brands: Refs) -> None:
+    a1 = two_brands["a1"]
+    errors: list[BaseException] = []
+
+    def worker(w: int) -> None:
+        try:
+            for i in range(15):
+                lid = f"L{(w * 15 + i) % 6}"
+                _score(storage, lid, Verdict.REVIEW if i % 2 else Verdict.LIKELY_COUNTERFEIT, "alpro", [a1])
+                storage.listings.market_prices("alpro", "soy-milk", exclude_listing_id=lid)
+                storage.embeddings.put_many("m@1", {a1.sha256: np.full(4, w, dtype=np.float32)})
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sum(len(storage.listings.history(f"L{i}")) for i in range(6)) == 60
+    assert storage.listings.review_counts("alpro")[ReviewStatus.OPEN] == 6  # one item per listing
+    assert all(len(storage.listings.latest_matches(f"L{i}")) == 1 for i in range(6))
