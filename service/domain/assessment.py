@@ -1,0 +1,289 @@
+"""The one scoring entry point: a listing's facts, matches and text in; risk, verdict, brand, signals
+and reasons out. ``/score``, the CLI rescan and a Ray map step all call :func:`assess`; nothing about
+scoring is written anywhere else.
+
+Pure: every input is a plain value the caller has already gathered (matches from the indexes, OCR
+text, the candidate brand's authorized sellers and market prices from storage), so :func:`assess`
+does no I/O and its inputs and outputs pickle.
+
+The caller's order of work::
+
+    scan = scan_text(title, description, brands=names)              # cheap
+    cands = candidate_brands(matches, scan.mentions, params.visual, params.brand_evidence)
+    if wants_closer_look(cands, scan): ... OCR, logo search -> more matches, photo text, rescan
+    contexts = {c.brand: BrandContext(c.brand, authorized, {c.sku: market prices}, brand policy)
+                for c in cands[: params.max_candidates]}
+    result = assess(facts, matches, scan, contexts, params, skipped={...})
+
+When several brands are candidates, each is assessed and the riskiest is reported: a listing is as
+suspicious as its most suspicious reading.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from service.domain.candidates import BrandCandidate, BrandEvidenceWeights, candidate_brands
+from service.domain.fusion import FusionFeatures, FusionOutcome, FusionWeights, fuse
+from service.domain.model import (
+    Listing,
+    Match,
+    Money,
+    ScoreResult,
+    SellerInfo,
+    Signal,
+    SignalName,
+    Verdict,
+)
+from service.domain.policy import VerdictPolicy
+from service.domain.pricing import CurrencyTable, PriceThresholds, price_signal
+from service.domain.seller import SellerThresholds, authorized_reason, seller_signal, seller_status
+from service.domain.textmatch import TextScan, TextWeights, mention_reason, text_signal, vocabulary_reason
+from service.domain.visual import VISUAL_SIGNALS, VisualThresholds, visual_signal
+
+SIGNAL_ORDER: tuple[SignalName, ...] = (
+    SignalName.COPY, SignalName.LOOKALIKE, SignalName.LOGO, SignalName.TEXT, SignalName.PRICE,
+    SignalName.SELLER,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ListingFacts:
+    """What scoring needs of the listing beyond its matches and text (which are passed apart)."""
+
+    listing_id: str
+    price: Money | None = None
+    seller: SellerInfo | None = None
+    # From ListingHistory.confirmed_counterfeits(seller_id); None: not looked up / unknown.
+    seller_confirmed_counterfeits: int | None = None
+
+    @classmethod
+    def of(cls, listing: Listing, seller_confirmed_counterfeits: int | None = None) -> ListingFacts:
+        return cls(listing.listing_id, listing.price, listing.seller, seller_confirmed_counterfeits)
+
+
+@dataclass(frozen=True)
+class BrandContext:
+    """What the catalog and the history say about one candidate brand.
+
+    ``market_prices`` maps a sku to other listings' prices of it (ListingHistory.market_prices,
+    excluding this listing); only the candidate's product sku is read. An empty
+    ``authorized_sellers`` means the brand keeps no list. ``policy`` overrides the default one.
+    """
+
+    brand: str
+    authorized_sellers: frozenset[str] = frozenset()
+    market_prices: Mapping[str, Sequence[Money]] = field(default_factory=dict)
+    policy: VerdictPolicy | None = None
+
+
+def _usd_only() -> CurrencyTable:
+    return CurrencyTable({"USD": 1.0})
+
+
+@dataclass(frozen=True)
+class ScoringParams:
+    """Every threshold and weight of scoring; the composition root fills it from ``ScoringSettings``."""
+
+    currencies: CurrencyTable = field(default_factory=_usd_only)
+    visual: VisualThresholds = field(default_factory=VisualThresholds)
+    text: TextWeights = field(default_factory=TextWeights)
+    price: PriceThresholds = field(default_factory=PriceThresholds)
+    seller: SellerThresholds = field(default_factory=SellerThresholds)
+    brand_evidence: BrandEvidenceWeights = field(default_factory=BrandEvidenceWeights)
+    weights: FusionWeights = field(default_factory=FusionWeights)
+    policy: VerdictPolicy = field(default_factory=VerdictPolicy)
+    max_candidates: int = 3
+    max_reasons: int = 5
+    # Contributions (logit units) smaller than this are not worth a reason.
+    min_reason_contribution: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.max_candidates < 1 or self.max_reasons < 1:
+            raise ValueError("scoring params need max_candidates >= 1 and max_reasons >= 1")
+
+
+@dataclass(slots=True)
+class Assessment:
+    """The outcome of :func:`assess` for one listing."""
+
+    listing_id: str
+    risk: float
+    verdict: Verdict
+    brand: str | None
+    signals: list[Signal]
+    reasons: list[str]
+    candidates: list[BrandCandidate]
+    features: FusionFeatures
+    fusion: FusionOutcome
+    policy: VerdictPolicy
+
+    def signal(self, name: SignalName) -> Signal | None:
+        return next((s for s in self.signals if s.name == name), None)
+
+    def to_result(
+        self, matches: Sequence[Match], model_versions: Mapping[str, str] | None = None
+    ) -> ScoreResult:
+        return ScoreResult(
+            listing_id=self.listing_id, risk=self.risk, verdict=self.verdict, brand=self.brand,
+            matches=list(matches), signals=self.signals, reasons=self.reasons,
+            model_versions=dict(model_versions or {}),
+        )
+
+
+def wants_closer_look(candidates: Sequence[BrandCandidate], scan: TextScan) -> bool:
+    """Whether the expensive signals (OCR, logo search in crops) are worth running: some brand is a
+    candidate already, or the text uses counterfeit vocabulary (then a brand may be in the photos)."""
+    return bool(candidates) or any(not h.negated for h in scan.hits)
+
+
+def _skipped(name: SignalName, why: str) -> Signal:
+    return Signal(name=name, ran=False, skipped_because=why)
+
+
+@dataclass(slots=True)
+class _Reading:
+    """One candidate brand's reading of the listing (or the no-brand reading)."""
+
+    candidate: BrandCandidate | None
+    signals: list[Signal]
+    features: FusionFeatures
+    fusion: FusionOutcome
+    reasons: list[tuple[float, str]]
+
+
+def assess(
+    facts: ListingFacts,
+    matches: Sequence[Match],
+    text: TextScan,
+    contexts: Mapping[str, BrandContext],
+    params: ScoringParams | None = None,
+    skipped: Mapping[SignalName, str] | None = None,
+) -> Assessment:
+    """Score one listing.
+
+    ``matches``: every copy, lookalike and logo match of its photos; ``text``: :func:`scan_text` of its
+    title, description and photo text; ``contexts``: per candidate brand, authorized sellers, market
+    prices and policy override (a candidate without one is assessed with nothing known about it);
+    ``skipped``: signals the caller did not run, with why (e.g. ``{LOGO: "no candidate brand"}``).
+
+    Raises ValueError (naming the field) for invalid prices or seller counts and
+    :class:`~service.domain.pricing.UnknownCurrencyError` for a currency the table does not know.
+    """
+    p = params or ScoringParams()
+    skip = dict(skipped or {})
+    if facts.price is not None:  # bad input fails whether or not a price comparison happens
+        p.currencies.to_usd(facts.price, "price")
+    text_sig = _skipped(SignalName.TEXT, skip[SignalName.TEXT]) if SignalName.TEXT in skip else (
+        text_signal(text, p.text))
+    candidates = candidate_brands(
+        [m for m in matches if m.signal not in skip], text.mentions if text_sig.ran else (), p.visual,
+        p.brand_evidence,
+    )
+    readings = [_read(facts, matches, text, text_sig, c, contexts.get(c.brand), p, skip)
+                for c in candidates[: p.max_candidates]]
+    if not readings:
+        readings = [_read(facts, matches, text, text_sig, None, None, p, skip)]
+    best = max(readings, key=lambda r: r.fusion.risk)  # first (strongest evidence) wins ties
+    brand = best.candidate.brand if best.candidate else None
+    ctx = contexts.get(brand) if brand else None
+    policy = ctx.policy if ctx is not None and ctx.policy is not None else p.policy
+    ranked = sorted(best.reasons, key=lambda r: -abs(r[0]))
+    reasons = list(dict.fromkeys(r for c, r in ranked if abs(c) >= p.min_reason_contribution))
+    return Assessment(
+        listing_id=facts.listing_id,
+        risk=best.fusion.risk,
+        verdict=policy.verdict(best.fusion.risk),
+        brand=brand,
+        signals=best.signals,
+        reasons=reasons[: p.max_reasons],
+        candidates=candidates,
+        features=best.features,
+        fusion=best.fusion,
+        policy=policy,
+    )
+
+
+def _read(
+    facts: ListingFacts,
+    matches: Sequence[Match],
+    text: TextScan,
+    text_sig: Signal,
+    cand: BrandCandidate | None,
+    ctx: BrandContext | None,
+    p: ScoringParams,
+    skip: Mapping[SignalName, str],
+) -> _Reading:
+    brand = cand.brand if cand else None
+    signals: dict[SignalName, Signal] = {}
+    for name in VISUAL_SIGNALS:
+        signals[name] = _skipped(name, skip[name]) if name in skip else visual_signal(
+            name, matches, p.visual, brand)
+    signals[SignalName.TEXT] = text_sig
+
+    if SignalName.PRICE in skip:
+        price = _skipped(SignalName.PRICE, skip[SignalName.PRICE])
+    elif cand is None or cand.product_match is None:
+        price = _skipped(SignalName.PRICE, "no candidate product to compare the price with")
+    else:
+        market = ctx.market_prices.get(cand.sku, ()) if ctx is not None and cand.sku else ()
+        price = price_signal(facts.price, cand.reference_price, market, p.currencies, p.price)
+    signals[SignalName.PRICE] = price
+
+    authorized_list = ctx.authorized_sellers if ctx is not None else frozenset()
+    if SignalName.SELLER in skip:
+        seller = _skipped(SignalName.SELLER, skip[SignalName.SELLER])
+        authorized = None
+    else:
+        seller = seller_signal(facts.seller, brand, authorized_list, facts.seller_confirmed_counterfeits,
+                               p.seller)
+        authorized = seller_status(facts.seller, authorized_list)
+    signals[SignalName.SELLER] = seller
+
+    features = FusionFeatures(
+        brand=cand.evidence if cand else 0.0,
+        price=price.score if price.ran else 0.0,
+        text=text_sig.score if text_sig.ran else 0.0,
+        seller=seller.score if seller.ran else 0.0,
+        authorized=bool(authorized),
+    )
+    outcome = fuse(features, p.weights)
+    return _Reading(cand, [signals[n] for n in SIGNAL_ORDER], features, outcome,
+                    _reasons(cand, signals, text, outcome, p, facts, brand))
+
+
+def _reasons(
+    cand: BrandCandidate | None,
+    signals: Mapping[SignalName, Signal],
+    text: TextScan,
+    outcome: FusionOutcome,
+    p: ScoringParams,
+    facts: ListingFacts,
+    brand: str | None,
+) -> list[tuple[float, str]]:
+    """(share of the logit, sentence) for everything that moved the risk."""
+    shares = outcome.contributions
+    out: list[tuple[float, str]] = []
+    if cand is not None:
+        # The brand's share is split over its pieces of evidence in proportion to their weight.
+        parts = cand.weighted_components(p.brand_evidence)
+        total = sum(parts.values())
+        for name in VISUAL_SIGNALS:
+            part = parts[name.value]
+            sig = signals[name]
+            if part > 0.0 and sig.reasons:
+                out.append((shares["brand"] * part / total, sig.reasons[0]))
+        if parts["mention"] > 0.0:
+            share = shares["brand"] * parts["mention"] / total
+            out.append((share, mention_reason(cand.brand, cand.mentions)))
+    vocab = vocabulary_reason(text)
+    if vocab and signals[SignalName.TEXT].ran:
+        out.append((shares["text"], vocab))
+    out += [(shares["price"], r) for r in signals[SignalName.PRICE].reasons]
+    seller_sig = signals[SignalName.SELLER]
+    own = authorized_reason(facts.seller.seller_id, brand) if facts.seller else None
+    out += [(shares["seller"], r) for r in seller_sig.reasons if r != own]
+    if shares["authorized"] < 0.0 and own:
+        out.append((shares["authorized"], f"{own} (lowers risk)"))
+    return out

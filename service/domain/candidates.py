@@ -1,0 +1,141 @@
+"""Candidate brands: which brand's product a listing presents, from its visual matches and the brands
+its texts name, with how strong that evidence is.
+
+This is the first half of "counterfeit = presents brand X's product AND something is off"; the
+strength (``BrandCandidate.evidence``) is the brand-evidence feature of fusion. It is cheap (no OCR, no
+logo search needed), so the score use case can also call it early to decide whether the expensive
+signals are worth running.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+
+from service.domain.curves import noisy_or, require_fraction
+from service.domain.model import Match, Money, ReferenceKind, SignalName
+from service.domain.textmatch import DESCRIPTION, TITLE, BrandMention
+from service.domain.visual import VisualThresholds, match_score
+
+
+@dataclass(frozen=True, slots=True)
+class BrandEvidenceWeights:
+    """How much each kind of evidence, when certain, says "this listing presents the brand's product".
+
+    A re-used official photo (copy) is proof; a logo nearly so; a lookalike may be a similar product
+    of another maker; a brand named in the title or printed in a photo is a claim, in the description
+    often keyword stuffing ("fits Acme, Beta, Gamma"). The pieces are combined by noisy-OR.
+    """
+
+    copy: float = 1.0
+    logo: float = 0.9
+    lookalike: float = 0.8
+    mention_title: float = 0.7
+    mention_photo: float = 0.7
+    mention_description: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("copy", "logo", "lookalike", "mention_title", "mention_photo", "mention_description"):
+            require_fraction(f"brand evidence weights {name}", getattr(self, name))
+
+    def for_signal(self, name: SignalName) -> float:
+        return {SignalName.COPY: self.copy, SignalName.LOGO: self.logo,
+                SignalName.LOOKALIKE: self.lookalike}.get(name, 0.0)
+
+    def for_mention(self, where: str) -> float:
+        if where == TITLE:
+            return self.mention_title
+        if where == DESCRIPTION:
+            return self.mention_description
+        return self.mention_photo
+
+
+@dataclass(frozen=True, slots=True)
+class BrandCandidate:
+    """One brand a listing may present, with its evidence.
+
+    ``copy``/``lookalike``/``logo`` are the best match scores of the brand on each signal's ramp and
+    ``mention`` the strongest weighted text mention; ``evidence`` is their weighted noisy-OR.
+    ``product_match`` is the brand's best product match (copy or lookalike): its reference tells the
+    product (``sku``) and the ``reference_price`` the price signal compares with.
+    """
+
+    brand: str
+    evidence: float
+    copy: float = 0.0
+    lookalike: float = 0.0
+    logo: float = 0.0
+    mention: float = 0.0
+    product_match: Match | None = None
+    mentions: tuple[BrandMention, ...] = field(default_factory=tuple)
+
+    @property
+    def sku(self) -> str | None:
+        return self.product_match.reference.sku if self.product_match else None
+
+    @property
+    def reference_price(self) -> Money | None:
+        return self.product_match.reference.reference_price if self.product_match else None
+
+    def weighted_components(self, weights: BrandEvidenceWeights) -> dict[str, float]:
+        """Each piece of evidence after its weight (the terms of the noisy-OR), by signal name."""
+        return {
+            SignalName.COPY.value: weights.copy * self.copy,
+            SignalName.LOOKALIKE.value: weights.lookalike * self.lookalike,
+            SignalName.LOGO.value: weights.logo * self.logo,
+            "mention": self.mention,
+        }
+
+
+def candidate_brands(
+    matches: Iterable[Match],
+    mentions: Sequence[BrandMention] = (),
+    thresholds: VisualThresholds | None = None,
+    weights: BrandEvidenceWeights | None = None,
+) -> list[BrandCandidate]:
+    """Every brand with some evidence (> 0), strongest first (ties by brand slug, for stable output).
+
+    Matches below their signal's floor are no evidence; text mentions count by where they were seen.
+    """
+    th = thresholds or VisualThresholds()
+    w = weights or BrandEvidenceWeights()
+    best: dict[str, dict[SignalName, float]] = {}
+    product: dict[str, tuple[float, int, float, Match]] = {}
+    for m in matches:
+        if m.signal not in (SignalName.COPY, SignalName.LOOKALIKE, SignalName.LOGO):
+            raise ValueError(f"match signal must be copy, lookalike or logo, got {m.signal.value!r}")
+        s = match_score(m, th)
+        if s <= 0.0:
+            continue
+        per = best.setdefault(m.reference.brand, {})
+        per[m.signal] = max(per.get(m.signal, 0.0), s)
+        if m.signal is not SignalName.LOGO and m.reference.kind is ReferenceKind.PRODUCT:
+            # The product is told by the strongest weighted product match; a copy beats a lookalike
+            # of equal strength because it names the exact catalog photo.
+            rank = (w.for_signal(m.signal) * s, int(m.signal is SignalName.COPY), m.similarity, m)
+            if m.reference.brand not in product or rank[:3] > product[m.reference.brand][:3]:
+                product[m.reference.brand] = rank
+    by_brand_mentions: dict[str, list[BrandMention]] = {}
+    for mention in mentions:
+        by_brand_mentions.setdefault(mention.brand, []).append(mention)
+
+    out: list[BrandCandidate] = []
+    for brand in set(best) | set(by_brand_mentions):
+        per = best.get(brand, {})
+        brand_mentions = tuple(by_brand_mentions.get(brand, ()))
+        cand = BrandCandidate(
+            brand=brand,
+            evidence=0.0,
+            copy=per.get(SignalName.COPY, 0.0),
+            lookalike=per.get(SignalName.LOOKALIKE, 0.0),
+            logo=per.get(SignalName.LOGO, 0.0),
+            mention=max((w.for_mention(x.where) for x in brand_mentions), default=0.0),
+            product_match=product[brand][3] if brand in product else None,
+            mentions=brand_mentions,
+        )
+        evidence = noisy_or(cand.weighted_components(w).values())
+        if evidence > 0.0:
+            out.append(replace(cand, evidence=evidence))
+    out.sort(key=lambda c: (-c.evidence, c.brand))
+    return out
+

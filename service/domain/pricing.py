@@ -1,0 +1,253 @@
+"""Prices: currency conversion, a robust market statistic over other listings of the same product, and
+the price signal (a listing priced far below the reference price or the market).
+
+All comparisons happen in USD; reasons show the amounts in the currencies they were given in. Market
+statistics are taken on log prices, where "half the price" and "twice the price" are equally far from
+the median and a few absurd listings (1.00 or 99999.00) cannot move the median.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from service.domain.curves import ramp
+from service.domain.model import Money, Signal, SignalName
+
+# 1.4826 * MAD estimates the standard deviation of normally distributed data.
+_MAD_TO_SIGMA = 1.4826
+
+
+class UnknownCurrencyError(ValueError):
+    """A price in a currency the rate table does not know."""
+
+    def __init__(self, currency: str, known: Sequence[str], field: str = "currency") -> None:
+        self.currency = currency
+        super().__init__(f"{field}: unknown currency {currency!r} (known: {', '.join(sorted(known))})")
+
+
+def check_money(money: Money, field: str = "price") -> None:
+    """Raise a ValueError naming ``field`` unless the amount is finite and not negative."""
+    if not isinstance(money.amount, int | float) or not math.isfinite(money.amount) or money.amount < 0:
+        raise ValueError(f"{field}.amount must be a finite number >= 0, got {money.amount!r}")
+    if not money.currency or not money.currency.isalpha():
+        raise ValueError(f"{field}.currency must be an ISO 4217 code, got {money.currency!r}")
+
+
+class CurrencyTable:
+    """Exchange rates as units of each currency per 1 USD (as ``ScoringSettings.currency_rates``)."""
+
+    def __init__(self, rates: Mapping[str, float]) -> None:
+        table: dict[str, float] = {}
+        for code, rate in rates.items():
+            c = code.strip().upper()
+            if not (len(c) == 3 and c.isalpha()):
+                raise ValueError(f"currency_rates: {code!r} is not an ISO 4217 code")
+            if not (isinstance(rate, int | float) and math.isfinite(rate) and rate > 0):
+                raise ValueError(f"currency_rates[{c}] must be a positive number, got {rate!r}")
+            table[c] = float(rate)
+        if abs(table.setdefault("USD", 1.0) - 1.0) > 1e-9:
+            raise ValueError(f"currency_rates[USD] must be 1 (rates are units per USD), got {table['USD']}")
+        self._rates = table  # never handed out mutable: see rates
+
+    @property
+    def rates(self) -> Mapping[str, float]:
+        return MappingProxyType(self._rates)
+
+    def __contains__(self, currency: object) -> bool:
+        return isinstance(currency, str) and currency.upper() in self._rates
+
+    def rate(self, currency: str, field: str = "currency") -> float:
+        try:
+            return self._rates[currency.upper()]
+        except KeyError:
+            raise UnknownCurrencyError(currency, list(self._rates), field) from None
+
+    def to_usd(self, money: Money, field: str = "price") -> float:
+        check_money(money, field)
+        return money.amount / self.rate(money.currency, f"{field}.currency")
+
+    def convert(self, money: Money, currency: str, field: str = "price") -> Money:
+        """``money`` in ``currency`` (upper-cased)."""
+        usd = self.to_usd(money, field)
+        return Money(usd * self.rate(currency), currency.upper())
+
+    def __repr__(self) -> str:
+        return f"CurrencyTable({dict(self._rates)!r})"
+
+
+def format_money(money: Money) -> str:
+    return f"{money.amount:.2f} {money.currency.upper()}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Market statistic
+
+
+@dataclass(frozen=True, slots=True)
+class MarketStats:
+    """A robust summary of other listings' prices for one product, in USD.
+
+    ``log_scale`` is the robust spread of log prices (1.4826 x MAD, floored), the unit of
+    :meth:`robust_z`. ``outliers`` were dropped (further than the cut from the first median);
+    ``skipped`` had a currency the table does not know or no positive amount.
+    """
+
+    median_usd: float
+    log_median: float
+    log_mad: float
+    log_scale: float
+    count: int
+    outliers: int
+    skipped: int
+
+    def robust_z(self, price_usd: float) -> float:
+        """How many robust deviations ``price_usd`` lies from the median on the log scale (< 0: cheaper)."""
+        return (math.log(price_usd) - self.log_median) / self.log_scale
+
+
+def market_stats(
+    prices: Sequence[Money],
+    currencies: CurrencyTable,
+    min_count: int = 5,
+    outlier_cut: float = 3.5,
+    min_log_scale: float = 0.1,
+) -> MarketStats | None:
+    """Median and MAD of log USD prices after dropping outliers, or None with fewer than ``min_count``
+    usable prices (before or after dropping).
+
+    Outliers are points whose modified z-score |log p - median| / (1.4826 MAD) exceeds ``outlier_cut``
+    (3.5, after Iglewicz and Hoaglin); the median and MAD are then taken again on the rest.
+    ``min_log_scale`` (0.1, about ±10 %) keeps a market where everyone asks the same price from calling
+    a 5 % discount anomalous.
+    """
+    if min_count < 1:
+        raise ValueError("market min_count must be >= 1")
+    logs: list[float] = []
+    skipped = 0
+    for p in prices:
+        if p.currency.upper() not in currencies or not math.isfinite(p.amount) or p.amount <= 0:
+            skipped += 1  # history may hold a currency no longer configured; it is not this listing's fault
+            continue
+        logs.append(math.log(currencies.to_usd(p, "market price")))
+    if len(logs) < min_count:
+        return None
+    med = statistics.median(logs)
+    # The same floored spread that measures the listing also cuts the outliers, so a market where most
+    # sellers ask exactly the same price (MAD 0) still keeps prices a few percent away.
+    scale = max(_MAD_TO_SIGMA * statistics.median(abs(v - med) for v in logs), min_log_scale)
+    keep = [v for v in logs if abs(v - med) / scale <= outlier_cut]
+    if len(keep) < min_count:
+        return None
+    med = statistics.median(keep)
+    mad = statistics.median(abs(v - med) for v in keep)
+    return MarketStats(
+        median_usd=math.exp(med),
+        log_median=med,
+        log_mad=mad,
+        log_scale=max(_MAD_TO_SIGMA * mad, min_log_scale),
+        count=len(keep),
+        outliers=len(logs) - len(keep),
+        skipped=skipped,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Price signal
+
+
+@dataclass(frozen=True, slots=True)
+class PriceThresholds:
+    """Where a low price starts to count and where it is certain.
+
+    Against the brand's reference price: from a ratio of 0.7 (30 % off happens in sales) to 0.3 (no
+    genuine product is sold at 30 % of its price). Against the market: from 2 to 5 robust deviations
+    below the median of at least ``min_market_count`` other listings of the product.
+    """
+
+    ratio_start: float = 0.7
+    ratio_certain: float = 0.3
+    z_start: float = -2.0
+    z_certain: float = -5.0
+    min_market_count: int = 5
+    outlier_cut: float = 3.5
+    min_log_scale: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.ratio_certain < self.ratio_start:
+            raise ValueError("price thresholds need 0 < ratio_certain < ratio_start")
+        if not self.z_certain < self.z_start <= 0.0:
+            raise ValueError("price thresholds need z_certain < z_start <= 0")
+        if self.min_market_count < 1 or self.outlier_cut <= 0 or self.min_log_scale <= 0:
+            raise ValueError(
+                "price thresholds need min_market_count >= 1, outlier_cut > 0 and min_log_scale > 0"
+            )
+
+
+def _pct(ratio: float) -> str:
+    return f"{ratio * 100:.0f}%"
+
+
+def price_signal(
+    price: Money | None,
+    reference_price: Money | None,
+    market_prices: Sequence[Money],
+    currencies: CurrencyTable,
+    thresholds: PriceThresholds | None = None,
+) -> Signal:
+    """How anomalously low the listing's price is: the larger of the reference-price score and the
+    market score (each in [0, 1]); prices above either baseline score 0.
+
+    Not run (``ran=False``) when the listing has no positive price or there is no baseline (no
+    reference price and too few market prices): a missing price is unknown, not suspicious.
+    Raises :class:`UnknownCurrencyError` (a ValueError naming the field) for the listing's or the
+    reference's currency; market prices in unknown currencies are skipped and counted.
+    """
+    th = thresholds or PriceThresholds()
+    sig = Signal(name=SignalName.PRICE)
+    if price is not None:
+        check_money(price, "price")
+    if price is None or price.amount == 0:
+        sig.ran, sig.skipped_because = False, "the listing has no positive price"
+        return sig
+    price_usd = currencies.to_usd(price, "price")
+    ev: dict[str, Any] = {"price": format_money(price), "price_usd": round(price_usd, 2)}
+    ref_score = market_score = 0.0
+    reasons: list[tuple[float, str]] = []
+    if reference_price is not None:
+        ref_usd = currencies.to_usd(reference_price, "reference_price")
+        if ref_usd > 0:
+            ratio = price_usd / ref_usd
+            ref_score = ramp(ratio, th.ratio_start, th.ratio_certain)
+            ev.update(reference_price=format_money(reference_price), reference_price_usd=round(ref_usd, 2),
+                      ratio=round(ratio, 4), reference_score=round(ref_score, 4))
+            if ratio < 1.0:
+                reasons.append((ref_score, f"price {format_money(price)} is {_pct(ratio)} of the reference "
+                                           f"price {format_money(reference_price)}"))
+    stats = market_stats(market_prices, currencies, th.min_market_count, th.outlier_cut, th.min_log_scale)
+    ev["market_listings"] = len(market_prices)
+    if stats is not None:
+        z = stats.robust_z(price_usd)
+        market_score = ramp(z, th.z_start, th.z_certain)
+        median = currencies.convert(Money(stats.median_usd, "USD"), price.currency, "market median")
+        ev.update(market_median=format_money(median), market_median_usd=round(stats.median_usd, 2),
+                  market_count=stats.count, market_outliers=stats.outliers, market_skipped=stats.skipped,
+                  robust_z=round(z, 3), market_score=round(market_score, 4))
+        if z < 0:
+            reasons.append((market_score, f"price {format_money(price)} is {abs(z):.1f} robust deviations "
+                                          f"below the market median {format_money(median)} "
+                                          f"({stats.count} other listings)"))
+    if "ratio" not in ev and stats is None:
+        sig.ran = False
+        sig.skipped_because = (f"no reference price and fewer than {th.min_market_count} market prices "
+                               "to compare with")
+        sig.evidence = ev
+        return sig
+    sig.score = max(ref_score, market_score)
+    sig.evidence = ev
+    sig.reasons = [r for s, r in sorted(reasons, key=lambda t: -t[0]) if s > 0.0]
+    return sig

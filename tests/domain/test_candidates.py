@@ -1,0 +1,70 @@
+"""Candidate brands: which brand a listing presents, and how strongly."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.domain.candidates import BrandEvidenceWeights, candidate_brands
+from service.domain.model import Money, SignalName
+from service.domain.textmatch import BrandMention
+from service.domain.visual import VisualThresholds
+from tests.domain.builders import copy_of, match
+
+
+def test_strongest_brand_first() -> None:
+    cands = candidate_brands([
+        match(SignalName.LOOKALIKE, 0.7, brand="beta"),
+        copy_of(0.95, brand="acme"),
+        match(SignalName.COPY, 0.1, brand="gamma"),  # below the floor: no evidence
+    ])
+    assert [c.brand for c in cands] == ["acme", "beta"]
+    assert cands[0].evidence == pytest.approx(1.0) and cands[0].copy == 1.0
+    assert 0.0 < cands[1].evidence < 0.8 and cands[1].lookalike > 0.0
+
+
+def test_text_mentions_make_candidates_weighted_by_place() -> None:
+    cands = candidate_brands([], [BrandMention("acme", "Acme", "description"),
+                                  BrandMention("beta", "Beta", "title"),
+                                  BrandMention("gamma", "GAMMA", "photo 2")])
+    w = BrandEvidenceWeights()
+    got = {c.brand: c.evidence for c in cands}
+    assert got == {"acme": w.mention_description, "beta": w.mention_title, "gamma": w.mention_photo}
+    assert cands[-1].brand == "acme" and cands[-1].product_match is None and cands[-1].sku is None
+
+
+def test_more_evidence_is_stronger() -> None:
+    look = match(SignalName.LOOKALIKE, 0.75)
+    logo = match(SignalName.LOGO, 0.6)
+    mention = BrandMention("acme", "Acme", "title")
+    one = candidate_brands([look])[0].evidence
+    two = candidate_brands([look, logo])[0].evidence
+    three = candidate_brands([look, logo], [mention])[0].evidence
+    assert 0.0 < one < two < three < 1.0
+
+
+def test_product_and_reference_price_come_from_the_best_product_match() -> None:
+    cands = candidate_brands([
+        match(SignalName.LOOKALIKE, 0.99, sku="SKU-L", price=Money(50.0, "USD")),
+        copy_of(0.95, sku="SKU-C", price=Money(120.0, "EUR")),
+        match(SignalName.LOGO, 0.99),
+    ])
+    assert cands[0].sku == "SKU-C"  # a certain copy beats a certain lookalike
+    assert cands[0].reference_price == Money(120.0, "EUR")
+    weaker_copy = candidate_brands([match(SignalName.LOOKALIKE, 0.85, sku="SKU-L"),
+                                    copy_of(0.5, sku="SKU-C")])
+    assert weaker_copy[0].sku == "SKU-L"
+    logo_only = candidate_brands([match(SignalName.LOGO, 0.99)])
+    assert logo_only[0].product_match is None and logo_only[0].logo == 1.0
+
+
+def test_thresholds_and_weights_are_used() -> None:
+    strict = VisualThresholds()
+    assert candidate_brands([copy_of(0.5)], thresholds=strict)[0].copy < 1.0
+    assert candidate_brands([copy_of(0.5)], weights=BrandEvidenceWeights(copy=0.0)) == []
+
+
+def test_only_visual_matches_are_accepted() -> None:
+    with pytest.raises(ValueError, match="copy, lookalike or logo"):
+        candidate_brands([match(SignalName.TEXT, 0.9)])
+    with pytest.raises(ValueError, match="mention_title"):
+        BrandEvidenceWeights(mention_title=1.2)

@@ -1,0 +1,81 @@
+"""Visual signals: similarity ramps, best match as evidence, reasons a reviewer can check."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from service.domain.model import SignalName
+from service.domain.visual import SimilarityRamp, VisualThresholds, visual_signal
+from service.settings import ScoringSettings
+from tests.domain.builders import copy_of, match
+
+
+def test_defaults_follow_the_settings_defaults() -> None:
+    s = ScoringSettings()
+    th = VisualThresholds()
+    assert (th.copy.floor, th.copy.certain) == (s.copy_floor, s.copy_certain)
+    assert (th.lookalike.floor, th.lookalike.certain) == (s.lookalike_floor, s.lookalike_certain)
+    assert (th.logo.floor, th.logo.certain) == (s.logo_floor, s.logo_certain)
+
+
+def test_ramp_is_zero_at_the_floor_one_when_certain_and_monotone() -> None:
+    ramp = SimilarityRamp(0.35, 0.75)
+    assert ramp.score(0.0) == 0.0 and ramp.score(0.35) == 0.0
+    assert ramp.score(0.55) == pytest.approx(0.5)
+    assert ramp.score(0.75) == 1.0 and ramp.score(1.0) == 1.0
+    scores = [ramp.score(x / 100) for x in range(101)]
+    assert all(a <= b for a, b in itertools.pairwise(scores))
+    with pytest.raises(ValueError, match="floor < certain"):
+        SimilarityRamp(0.8, 0.5)
+
+
+def test_copy_signal_takes_the_best_match_as_evidence() -> None:
+    matches = [
+        copy_of(0.5, image_index=0),
+        copy_of(0.91, image_index=1, sku="SKU-2", ref_id="r-13", image_id=13),
+        copy_of(0.99, brand="beta", image_index=2),
+        match(SignalName.LOOKALIKE, 0.99, image_index=0),
+    ]
+    sig = visual_signal(SignalName.COPY, matches, VisualThresholds(), brand="acme")
+    assert sig.name is SignalName.COPY and sig.ran
+    assert sig.score == 1.0
+    assert sig.reasons == ["photo 2 is a copy of acme's official photo SKU-2 (ref r-13), similarity 0.91"]
+    assert sig.evidence["best"] == {
+        "brand": "acme", "sku": "SKU-2", "ref_id": "r-13", "kind": "product", "signal": "copy",
+        "similarity": 0.91, "image_index": 1,
+    }
+    assert sig.evidence["matches"] == 2 and sig.evidence["images"] == [0, 1]
+    # Without a brand, every brand's matches count.
+    assert visual_signal(SignalName.COPY, matches, VisualThresholds()).evidence["best"]["brand"] == "beta"
+
+
+def test_below_the_floor_is_no_evidence() -> None:
+    sig = visual_signal(SignalName.COPY, [copy_of(0.2)], VisualThresholds())
+    assert sig.score == 0.0 and sig.reasons == [] and sig.evidence["best"]["similarity"] == 0.2
+    empty = visual_signal(SignalName.LOGO, [], VisualThresholds())
+    assert empty.score == 0.0 and empty.evidence["matches"] == 0 and "best" not in empty.evidence
+
+
+def test_lookalike_and_logo_reasons() -> None:
+    look_match = match(SignalName.LOOKALIKE, 0.8, image_index=1, ref_id="r-3")
+    look = visual_signal(SignalName.LOOKALIKE, [look_match], VisualThresholds())
+    assert look.reasons == ["photo 2 shows a product like acme's SKU-1 (ref r-3), similarity 0.80"]
+    assert 0.0 < look.score < 1.0
+    logo = visual_signal(SignalName.LOGO, [match(SignalName.LOGO, 0.81, box=(10, 20, 110, 60), ref_id="L-1",
+                                                 title="acme wordmark")], VisualThresholds())
+    assert logo.reasons == ["acme's logo acme wordmark (ref L-1) found in photo 1 at [10, 20, 110, 60], "
+                            "similarity 0.81"]
+    assert logo.evidence["best"]["box"] == [10, 20, 110, 60]
+
+
+def test_reference_without_names_falls_back_to_the_image_id() -> None:
+    unnamed = copy_of(0.9, sku=None, ref_id=None, image_id=77)
+    sig = visual_signal(SignalName.COPY, [unnamed], VisualThresholds())
+    assert sig.reasons == ["photo 1 is a copy of acme's official photo image 77, similarity 0.90"]
+
+
+def test_only_visual_signals() -> None:
+    with pytest.raises(ValueError, match="not a visual signal"):
+        visual_signal(SignalName.PRICE, [], VisualThresholds())
