@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Creates (or refreshes) the project's virtual environment in .venv with everything counterlens needs.
 # Idempotent: a second run with nothing changed costs a few seconds (a stamp file records the inputs).
-#   EXTRAS=dev,postgres,ray,demo bash scripts/bootstrap.sh
+#   EXTRAS=export,dev,postgres,ray,demo bash scripts/bootstrap.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS="${EXTRAS:-demo}"
+EXTRAS="${EXTRAS:-export,demo}"
 PY="${PYTHON:-python3}"
 VENV=.venv
 stamp="$VENV/.counterlens-stamp"

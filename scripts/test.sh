@@ -3,7 +3,7 @@
 # every extra, and a throw-away PostgreSQL on loopback for the storage tests.  Extra args go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS=dev,postgres,ray,demo bash scripts/bootstrap.sh
+EXTRAS=export,dev,postgres,ray,demo bash scripts/bootstrap.sh
 COUNTERLENS_TEST_POSTGRES_URL="$(bash scripts/pg_test_server.sh)"
 export COUNTERLENS_TEST_POSTGRES_URL
 .venv/bin/ruff check service embeddings index scripts tests

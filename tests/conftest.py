@@ -16,3 +16,53 @@ def grocery_dir() -> Path:
     if not (GROCERY / "labels.csv").is_file():
         pytest.fail(f"real test photos not found at {GROCERY}: the repo must sit beside shared/")
     return GROCERY
+
+
+# --------------------------------------------------------------------------------------------------
+# The configured models, exported once per test session and shared by every container a test builds.
+
+import io  # noqa: E402
+import shutil  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from service.settings import Settings  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def shared_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """(models_dir, embedders by name) for the default model roles, exported once per session."""
+    from service.container import build_embedders
+
+    root = tmp_path_factory.mktemp("models-home")
+    settings = Settings(data_dir=root)
+    embedders, _ = build_embedders(settings)
+    return settings.models_dir, embedders
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, shared_models: tuple[Path, dict[str, Any]]) -> Iterator[Any]:
+    """Settings on a fresh data dir whose models folder is the shared export (copied, not re-exported)."""
+
+    def make(**overrides: Any) -> Settings:
+        data = tmp_path / f"data{len(list(tmp_path.glob('data*')))}"
+        data.mkdir()
+        shutil.copytree(shared_models[0], data / "models", symlinks=True)
+        return Settings(data_dir=data, **overrides)
+
+    yield make
+
+
+def jpeg_bytes(pixels: np.ndarray, quality: int = 85) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    return buf.getvalue()

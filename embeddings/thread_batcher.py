@@ -1,0 +1,114 @@
+"""Dynamic micro-batching for callers on plain threads.
+
+The scoring path is synchronous and runs on worker threads (the API's thread pool, the rescan's
+workers), so concurrent listings meet here: each caller's images wait in a queue, one model thread takes
+everything waiting (up to ``max_batch`` images, or until the oldest has waited ``max_wait_ms``), runs it
+as one batch and hands each caller its rows. One model thread also means one ONNX Runtime call at a
+time, which is what its intra-op thread pool wants on a small machine.
+
+(:class:`embeddings.batcher.MicroBatcher` is the same idea for callers on an event loop.)
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future
+
+import numpy as np
+
+from service.domain.model import RGBImage, Vectors
+from service.domain.ports import ImageEmbedder
+
+
+class ThreadBatcher:
+    """An :class:`ImageEmbedder` that coalesces concurrent ``embed`` calls into shared batches."""
+
+    def __init__(self, embedder: ImageEmbedder, *, max_batch: int = 16, max_wait_ms: float = 2.0) -> None:
+        if max_batch < 1 or max_wait_ms < 0:
+            raise ValueError("max_batch must be >= 1 and max_wait_ms >= 0")
+        self.inner = embedder
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self._queue: deque[tuple[list[RGBImage], Future[Vectors], float]] = deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self.batches_run = 0
+        self.images_run = 0
+        self._thread = threading.Thread(target=self._run, name=f"batch-{embedder.name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    @property
+    def model_id(self) -> str:
+        return self.inner.model_id
+
+    @property
+    def dim(self) -> int:
+        return self.inner.dim
+
+    @property
+    def provider(self) -> str:
+        return self.inner.provider
+
+    def embed(self, images: Sequence[RGBImage]) -> Vectors:
+        if not images:
+            return np.zeros((0, self.dim), np.float32)
+        fut: Future[Vectors] = Future()
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the batcher is closed")
+            self._queue.append((list(images), fut, time.monotonic()))
+            self._cv.notify()
+        return fut.result()
+
+    def _take(self) -> list[tuple[list[RGBImage], Future[Vectors], float]] | None:
+        with self._cv:
+            while not self._queue and not self._closed:
+                self._cv.wait()
+            if self._closed and not self._queue:
+                return None
+            # Wait for company only while the batch is not full and the oldest request is young.
+            deadline = self._queue[0][2] + self.max_wait
+            while sum(len(r[0]) for r in self._queue) < self.max_batch and not self._closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cv.wait(left)
+            taken = [self._queue.popleft()]
+            n = len(taken[0][0])
+            while self._queue and n + len(self._queue[0][0]) <= self.max_batch:
+                req = self._queue.popleft()
+                n += len(req[0])
+                taken.append(req)
+            return taken
+
+    def _run(self) -> None:
+        while True:
+            taken = self._take()
+            if taken is None:
+                return
+            images = [im for req in taken for im in req[0]]
+            try:
+                vectors = self.inner.embed(images)
+            except BaseException as exc:  # every waiting caller gets the error, the thread lives on
+                for _, fut, _ in taken:
+                    fut.set_exception(exc)
+                continue
+            self.batches_run += 1
+            self.images_run += len(images)
+            start = 0
+            for req_images, fut, _ in taken:
+                fut.set_result(vectors[start:start + len(req_images)])
+                start += len(req_images)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join(timeout=10)

@@ -1,0 +1,1 @@
+"""The HTTP adapter: FastAPI app factory, lifespan, routers, schemas, errors and metrics."""

@@ -1,0 +1,131 @@
+"""FastAPI app factory.
+
+The lifespan builds the :class:`~service.container.Container` (models, indexes, storage) in a worker
+thread *after* the server starts listening, so ``/livez`` answers at once and ``/readyz`` says 503 until
+everything is loaded; routes that need the container answer 503 ``not_ready`` meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.api.errors import ApiError, install_error_handlers
+from service.api.metrics import Metrics
+from service.settings import Settings
+
+log = logging.getLogger("counterlens.api")
+
+ContainerFactory = Callable[[Settings], Any]
+
+
+class AppState:
+    """What the routers reach through ``request.app.state.cl``."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.container: Any = None
+        self.load_error: str | None = None
+        self.loading: asyncio.Task[None] | None = None
+
+    def require_container(self) -> Any:
+        if self.container is None:
+            raise ApiError(503, "not_ready", self.load_error or "models and indexes are still loading")
+        return self.container
+
+
+def _route_template(request: Request) -> str:
+    """The matched route's template (``/v1/brands/{brand}``), so metrics do not explode per id."""
+    route = request.scope.get("route")
+    return str(getattr(route, "path", "unmatched"))
+
+
+def create_app(settings: Settings, container_factory: ContainerFactory | None = None) -> FastAPI:
+    """Build the app. ``container_factory`` defaults to :func:`service.container.build_container`."""
+    if container_factory is None:
+        from service.container import build_container
+
+        container_factory = build_container
+    factory = container_factory
+    metrics = Metrics()
+    state = AppState(settings, metrics)
+
+    async def _load() -> None:
+        started = time.perf_counter()
+        try:
+            state.container = await asyncio.to_thread(factory, settings)
+        except Exception as exc:  # the service stays up and says why it is not ready
+            state.load_error = f"start-up failed: {type(exc).__name__}: {exc}"
+            log.exception("start-up failed")
+            return
+        metrics.ready.set(1)
+        log.info("ready", extra={"seconds": round(time.perf_counter() - started, 2),
+                                 **state.container.describe()})
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.loading = asyncio.create_task(_load())
+        try:
+            yield
+        finally:
+            if state.loading is not None and not state.loading.done():
+                await asyncio.wait({state.loading}, timeout=120)
+            if state.container is not None:
+                await asyncio.to_thread(state.container.close)
+
+    app = FastAPI(
+        title="counterlens",
+        version="0.1.0",
+        description="Counterfeit detection for online marketplaces: score listings against brand catalogs.",
+        lifespan=lifespan,
+    )
+    app.state.cl = state
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def _log_requests(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            elapsed = time.perf_counter() - started
+            route = _route_template(request)
+            metrics.requests.labels(request.method, route, str(status)).inc()
+            metrics.latency.labels(request.method, route).observe(elapsed)
+            log.info("request", extra={"method": request.method, "path": request.url.path, "status": status,
+                                       "ms": round(elapsed * 1000, 2)})
+
+    @app.get("/livez", tags=["health"])
+    async def livez() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/readyz", tags=["health"])
+    async def readyz() -> JSONResponse:
+        if state.container is None:
+            body = {"status": "error" if state.load_error else "loading", "detail": state.load_error}
+            return JSONResponse(body, status_code=503)
+        return JSONResponse({"status": "ready", **state.container.describe()})
+
+    @app.get("/metrics", tags=["health"], include_in_schema=False)
+    async def prometheus() -> Response:
+        if state.container is not None:
+            for name, size in state.container.index_sizes().items():
+                metrics.index_size.labels(name).set(size)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    from service.api.routers import register_routers
+
+    register_routers(app)
+    return app

@@ -1,0 +1,18 @@
+"""Import target for uvicorn workers: ``uvicorn --factory service.api.main:app_factory``.
+
+Each worker process builds its Settings from the environment exactly once, here.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from service.api.app import create_app
+from service.logs import configure_logging
+from service.settings import Settings
+
+
+def app_factory() -> FastAPI:
+    settings = Settings()
+    configure_logging(settings.server.log_level)
+    return create_app(settings)

@@ -1,0 +1,29 @@
+"""Prometheus metrics of one app instance (its own registry, so tests can build many apps)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter("counterlens_http_requests_total", "HTTP requests",
+                                ["method", "route", "status"], registry=r)
+        self.latency = Histogram("counterlens_http_request_seconds", "HTTP request latency",
+                                 ["method", "route"], registry=r,
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.verdicts = Counter("counterlens_verdicts_total", "Scored listings by verdict", ["verdict"],
+                                registry=r)
+        self.embedded_images = Counter("counterlens_embedded_images_total",
+                                       "Images run through a model (cache misses)", ["model"], registry=r)
+        self.cache_hits = Counter("counterlens_embedding_cache_hits_total",
+                                  "Images whose embedding came from the cache", ["model"], registry=r)
+        self.ready = Gauge("counterlens_ready", "1 once models and indexes are loaded", registry=r)
+        self.index_size = Gauge("counterlens_index_vectors", "Vectors per reference index",
+                                ["index"], registry=r)

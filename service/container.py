@@ -1,0 +1,177 @@
+"""The composition root: settings -> storage -> models -> indexes -> use cases.
+
+Built once by the API lifespan and once by each CLI command; nothing else wires objects together.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from embeddings.ocr import RapidOcrReader
+from embeddings.registry import build_image_embedder
+from embeddings.thread_batcher import ThreadBatcher
+from index.registry import ReferenceIndexes
+from service.domain.assessment import ScoringParams
+from service.domain.policy import VerdictPolicy
+from service.domain.ports import ImageEmbedder, TextReader
+from service.domain.pricing import CurrencyTable
+from service.domain.visual import SimilarityRamp, VisualThresholds
+from service.intake.fetch import SafeFetcher
+from service.intake.loader import ImageLoader
+from service.settings import Settings
+from service.storage.blobs import BlobStore
+from service.storage.catalog import CatalogRepository
+from service.storage.db import Database
+from service.storage.embeddings import EmbeddingStore
+from service.storage.listings import ListingRepository
+from service.usecases.catalog import CatalogService
+from service.usecases.embedding import CachedEmbedder
+from service.usecases.listing_input import ListingImageLoader
+from service.usecases.matching import MatchingConfig, ModelRoles, ReferenceMatcher
+from service.usecases.scoring import ListingScorer, ScorerOptions
+
+log = logging.getLogger("counterlens.container")
+
+
+def scoring_params(settings: Settings) -> ScoringParams:
+    s = settings.scoring
+    return ScoringParams(
+        currencies=CurrencyTable(s.currency_rates),
+        visual=VisualThresholds(SimilarityRamp(s.copy_floor, s.copy_certain),
+                                SimilarityRamp(s.lookalike_floor, s.lookalike_certain),
+                                SimilarityRamp(s.logo_floor, s.logo_certain)),
+        policy=VerdictPolicy(s.review_threshold, s.likely_threshold),
+    )
+
+
+class BrandPolicyLookup:
+    """Per-brand verdict thresholds from the catalog (None: the default policy applies)."""
+
+    def __init__(self, repo: CatalogRepository) -> None:
+        self._repo = repo
+
+    def brand_policy(self, brand: str) -> VerdictPolicy | None:
+        b = self._repo.get_brand(brand)
+        if b is None or (b.review_threshold is None and b.likely_threshold is None):
+            return None
+        default = VerdictPolicy()
+        review = b.review_threshold if b.review_threshold is not None else default.review_threshold
+        likely = b.likely_threshold if b.likely_threshold is not None else max(default.likely_threshold, review)
+        return VerdictPolicy(review, likely)
+
+
+class LazyOcr:
+    """The OCR reader, loaded on first use under a lock (most listings never need it)."""
+
+    def __init__(self, threads: int) -> None:
+        self._threads = threads
+        self._reader: RapidOcrReader | None = None
+        self._lock = threading.Lock()
+
+    def read(self, image: Any) -> Any:
+        with self._lock:
+            if self._reader is None:
+                self._reader = RapidOcrReader(intra_op_threads=self._threads)
+        return self._reader.read(image)
+
+
+@dataclass
+class Container:
+    settings: Settings
+    db: Database
+    catalog_repo: CatalogRepository
+    listings: ListingRepository
+    embedding_store: EmbeddingStore
+    blobs: BlobStore
+    embedders: dict[str, CachedEmbedder]
+    roles: ModelRoles
+    indexes: ReferenceIndexes
+    fetcher: SafeFetcher
+    images: ListingImageLoader
+    catalog: CatalogService
+    scorer: ListingScorer
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "models": {name: {"model_id": e.model_id, "dim": e.embedder.dim, "provider": e.embedder.provider}
+                       for name, e in self.embedders.items()},
+            "roles": {"copy": self.roles.copy, "semantic": self.roles.semantic, "logo": self.roles.logo},
+            "indexes": self.index_sizes(),
+            "database": self.db.dialect,
+        }
+
+    def index_sizes(self) -> dict[str, int]:
+        return {f"{name}/{kind.value}": index.ntotal for name, kind, index in self.indexes}
+
+    def close(self) -> None:
+        self.indexes.save_dirty()
+        for e in self.embedders.values():
+            if isinstance(e.embedder, ThreadBatcher):
+                e.embedder.close()
+        self.fetcher.close()
+        self.db.dispose()
+
+
+def build_embedders(settings: Settings) -> tuple[dict[str, ImageEmbedder], ModelRoles]:
+    m = settings.models
+    roles = ModelRoles(copy=m.copy_model, semantic=m.semantic_model or None, logo=m.logo_model or m.copy_model)
+    names = dict.fromkeys(n for n in (roles.copy, roles.semantic, roles.logo) if n)
+    built: dict[str, ImageEmbedder] = {}
+    for name in names:
+        built[name] = build_image_embedder(name, settings.models_dir, m)
+        log.info("model loaded", extra={"model": name, "model_id": built[name].model_id,
+                                        "provider": built[name].provider})
+    return built, roles
+
+
+def build_container(settings: Settings, *, reconcile: bool = True,
+                    embedders: dict[str, ImageEmbedder] | None = None) -> Container:
+    """Everything the API and the CLI need. ``embedders`` lets tests share already-built models."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    db = Database(settings.database_url, echo=settings.storage.echo_sql)
+    db.migrate()
+    catalog_repo = CatalogRepository(db)
+    listings = ListingRepository(db)
+    store = EmbeddingStore(db)
+    blobs = BlobStore(settings.data_dir / "blobs")
+    raw, roles = (embedders, _roles(settings)) if embedders is not None else build_embedders(settings)
+    # Concurrent listings (API requests, rescan workers) share model batches.
+    batchers = {name: ThreadBatcher(e, max_batch=settings.models.max_batch,
+                                    max_wait_ms=settings.models.batch_wait_ms) for name, e in raw.items()}
+    cached = {name: CachedEmbedder(b, store) for name, b in batchers.items()}
+    indexes = ReferenceIndexes(settings.index_dir, settings.index)
+    fetcher = SafeFetcher(settings.intake)
+    matcher = ReferenceMatcher(
+        lambda name, kind: _open_or_none(indexes, cached, name, kind), catalog_repo, roles,
+        MatchingConfig(top_k=settings.index.top_k))
+    ocr: TextReader | None = None if settings.models.ocr == "never" else LazyOcr(settings.models.intra_op_threads)
+    scorer = ListingScorer(
+        copy=cached[roles.copy], semantic=cached[roles.semantic] if roles.semantic else None,
+        logo=cached[roles.logo], matcher=matcher, catalog=catalog_repo, history=listings,
+        policies=BrandPolicyLookup(catalog_repo), ocr=ocr, params=scoring_params(settings),
+        options=ScorerOptions(logo_search=settings.scoring.logo_search, ocr=settings.models.ocr),
+        recorder=listings)
+    catalog = CatalogService(catalog_repo, blobs, indexes, cached, roles, settings.intake, fetcher,
+                             on_change=scorer.catalog_changed)
+    if reconcile:
+        catalog.reconcile()
+    return Container(settings=settings, db=db, catalog_repo=catalog_repo, listings=listings,
+                     embedding_store=store, blobs=blobs, embedders=cached, roles=roles, indexes=indexes,
+                     fetcher=fetcher, images=ListingImageLoader(ImageLoader(settings.intake, fetcher)),
+                     catalog=catalog, scorer=scorer)
+
+
+def _roles(settings: Settings) -> ModelRoles:
+    m = settings.models
+    return ModelRoles(copy=m.copy_model, semantic=m.semantic_model or None, logo=m.logo_model or m.copy_model)
+
+
+def _open_or_none(indexes: ReferenceIndexes, cached: dict[str, CachedEmbedder], name: str,
+                  kind: Any) -> Any:
+    emb = cached.get(name)
+    if emb is None:
+        return None
+    return indexes.open(name, kind, model_id=emb.model_id, dim=emb.embedder.dim)

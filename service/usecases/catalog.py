@@ -1,0 +1,353 @@
+"""Brand catalogs: adding and deleting reference images, importing manifests, reindexing.
+
+Every change to the catalog updates the indexes before it returns (and saves them), so the next score
+sees it. Reference bytes are kept in the content-addressed blob store so ``reindex`` can re-embed them
+after a model change; embeddings are stored per (sha256, model_id), so nothing is embedded twice.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from index.registry import Reconciliation, ReferenceIndexes
+from service.domain.model import ListingImage, Money, ReferenceKind, RGBImage
+from service.intake.errors import IntakeError
+from service.intake.fetch import SafeFetcher
+from service.intake.hashing import phash
+from service.intake.images import DecodedImage, ImageLimits, decode_image
+from service.storage.blobs import BlobStore
+from service.storage.catalog import CatalogRepository
+from service.storage.errors import StorageError
+from service.storage.records import ReferenceRecord, RemovedReferences
+from service.usecases.embedding import CachedEmbedder
+from service.usecases.matching import LOGO_ID_STRIDE, ModelRoles, derived_key, logo_variants
+
+log = logging.getLogger("counterlens.catalog")
+
+MANIFEST_COLUMNS = ("brand", "sku", "kind", "image", "ref_id", "title", "price", "currency")
+Progress = Callable[[int], None]
+
+
+class CatalogInputError(ValueError):
+    """Bad catalog input, naming the field."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.message = message
+        self.field = field
+
+
+@dataclass(frozen=True, slots=True)
+class ReferenceUpload:
+    brand: str
+    kind: ReferenceKind
+    data: bytes
+    source: str
+    sku: str | None = None
+    ref_id: str | None = None
+    title: str | None = None
+    price: Money | None = None
+    field: str = "image"
+
+
+@dataclass(frozen=True, slots=True)
+class AddedReference:
+    reference: ReferenceRecord
+    created: bool
+
+
+@dataclass(slots=True)
+class ImportReport:
+    rows: int = 0
+    added: int = 0
+    duplicates: int = 0
+    brands_created: int = 0
+    errors: list[tuple[int, str]] = field(default_factory=list)  # (line number, reason)
+
+
+def _logo_ids(image_ids: Iterable[int], variants: int) -> np.ndarray:
+    return np.array([i * LOGO_ID_STRIDE + v for i in image_ids for v in range(variants)], np.int64)
+
+
+class CatalogService:
+    def __init__(self, repo: CatalogRepository, blobs: BlobStore, indexes: ReferenceIndexes,
+                 embedders: dict[str, CachedEmbedder], roles: ModelRoles, limits: ImageLimits,
+                 fetcher: SafeFetcher | None = None,
+                 on_change: Callable[[], None] | None = None) -> None:
+        self.repo = repo
+        self.blobs = blobs
+        self.indexes = indexes
+        self.embedders = embedders  # by model name
+        self.roles = roles
+        self.limits = limits
+        self.fetcher = fetcher
+        self._on_change = on_change
+        # One writer at a time: the database row, the blob and the index entry change together.
+        self._write = threading.Lock()
+        n = len(logo_variants(np.zeros((4, 4, 3), np.uint8)))
+        assert n <= LOGO_ID_STRIDE
+        self.logo_variant_count = n
+
+    # ------------------------------------------------------------------ which model serves which index
+
+    def _product_models(self) -> list[str]:
+        names = [self.roles.copy]
+        if self.roles.semantic is not None and self.roles.semantic not in names:
+            names.append(self.roles.semantic)
+        return names
+
+    def index_plan(self) -> list[tuple[str, ReferenceKind]]:
+        return [(m, ReferenceKind.PRODUCT) for m in self._product_models()] + [
+            (self.roles.logo, ReferenceKind.LOGO)]
+
+    # ------------------------------------------------------------------ adding
+
+    def fetch_url(self, url: str, field: str) -> bytes:
+        if self.fetcher is None:
+            raise CatalogInputError("fetching URLs is not configured", field)
+        return self.fetcher.fetch_sync(url, field).content
+
+    def decode(self, data: bytes, field: str) -> DecodedImage:
+        return decode_image(data, self.limits, field)
+
+    def add(self, uploads: Sequence[ReferenceUpload], *, save: bool = True) -> list[AddedReference]:
+        """Add reference images (all or none are decoded first: bad bytes fail before anything is
+        stored). Duplicates (same bytes, same brand and kind) return the existing row, created False."""
+        decoded = [self.decode(u.data, u.field) for u in uploads]
+        out: list[AddedReference] = []
+        with self._write:
+            for u, img in zip(uploads, decoded, strict=True):
+                out.append(self._add_one(u, img))
+            if save:
+                self.indexes.save_dirty()
+        if any(a.created for a in out) and self._on_change:
+            self._on_change()
+        return out
+
+    def _add_one(self, u: ReferenceUpload, img: DecodedImage) -> AddedReference:
+        self.repo.get_or_create_brand(u.brand)
+        if u.sku:
+            existing = self.repo.get_product(u.brand, u.sku)
+            if existing is None or u.title or u.price is not None:
+                self.repo.upsert_product(u.brand, u.sku, u.title if u.title is not None else
+                                         (existing.title if existing else ""),
+                                         u.price if u.price is not None else
+                                         (existing.reference_price if existing else None))
+        blob = self.blobs.put(u.data, img.sha256)
+        h, w = img.pixels.shape[:2]
+        record, created = self.repo.add_reference(
+            u.brand, sha256=img.sha256, kind=u.kind, width=w, height=h, source=u.source, sku=u.sku or None,
+            ref_id=u.ref_id or None, phash=phash(img.pixels), blob_path=self.blobs.relative_path(blob))
+        if created:
+            self._index([record], [img.pixels])
+        return AddedReference(record, created)
+
+    def _index(self, records: Sequence[ReferenceRecord], pixels: Sequence[RGBImage]) -> None:
+        """Embed (through the cache) and add to the indexes; the caller saves."""
+        products = [(r, p) for r, p in zip(records, pixels, strict=True) if r.kind is ReferenceKind.PRODUCT]
+        logos = [(r, p) for r, p in zip(records, pixels, strict=True) if r.kind is ReferenceKind.LOGO]
+        if products:
+            ids = np.array([r.id for r, _ in products], np.int64)
+            images = [ListingImage(r.sha256, p) for r, p in products]
+            for model in self._product_models():
+                emb = self.embedders[model]
+                self._open(model, ReferenceKind.PRODUCT).add(ids, emb.embed(images).vectors)
+        if logos:
+            images, ids_list = [], []
+            for r, p in logos:
+                for v, variant in enumerate(logo_variants(p)):
+                    images.append(ListingImage(derived_key(r.sha256, f"logo-variant:{v}"), variant))
+                    ids_list.append(r.id * LOGO_ID_STRIDE + v)
+            emb = self.embedders[self.roles.logo]
+            self._open(self.roles.logo, ReferenceKind.LOGO).add(np.array(ids_list, np.int64),
+                                                                emb.embed(images).vectors)
+
+    def _open(self, model: str, kind: ReferenceKind):  # type: ignore[no-untyped-def]
+        emb = self.embedders[model]
+        return self.indexes.open(model, kind, model_id=emb.model_id, dim=emb.embedder.dim)
+
+    # ------------------------------------------------------------------ deleting
+
+    def _unindex(self, removed: RemovedReferences, kinds: dict[int, ReferenceKind]) -> None:
+        product_ids = np.array([i for i in removed.ids if kinds.get(i) is ReferenceKind.PRODUCT], np.int64)
+        logo_ids = [i for i in removed.ids if kinds.get(i) is ReferenceKind.LOGO]
+        if product_ids.size:
+            for model in self._product_models():
+                self._open(model, ReferenceKind.PRODUCT).remove(product_ids)
+        if logo_ids:
+            self._open(self.roles.logo, ReferenceKind.LOGO).remove(_logo_ids(logo_ids, LOGO_ID_STRIDE))
+        self.indexes.save_dirty()
+        for sha in removed.unreferenced_sha256s:
+            self.blobs.delete(sha)
+
+    def delete_references(self, brand: str, image_ids: Iterable[int]) -> RemovedReferences:
+        ids = list(image_ids)
+        with self._write:
+            kinds = {r.id: r.kind for r in (self.repo.get_reference(brand, i) for i in ids) if r is not None}
+            removed = self.repo.delete_references(brand, ids)
+            self._unindex(removed, kinds)
+        if removed.ids and self._on_change:
+            self._on_change()
+        return removed
+
+    def delete_product(self, brand: str, sku: str) -> RemovedReferences:
+        with self._write:
+            kinds = {r.id: r.kind for r in self.repo.list_references(brand) if r.sku == sku}
+            removed = self.repo.delete_product(brand, sku)
+            self._unindex(removed, kinds)
+        if self._on_change:
+            self._on_change()
+        return removed
+
+    # ------------------------------------------------------------------ manifests
+
+    def import_manifest(self, manifest: Path, progress: Progress | None = None) -> ImportReport:
+        """Import ``brand, sku, kind, image, ref_id, title, price, currency`` rows. Bad rows are reported
+        with their line number and skipped; re-running the same manifest adds nothing."""
+        report = ImportReport()
+        base = manifest.parent
+        known_brands = {b.slug for b in self.repo.list_brands()}
+        try:
+            fh = manifest.open(newline="", encoding="utf-8-sig")
+        except OSError as exc:
+            raise CatalogInputError(f"cannot read manifest: {exc.strerror}", "manifest") from None
+        with fh:
+            reader = csv.DictReader(fh)
+            missing = [c for c in ("brand", "kind", "image") if c not in (reader.fieldnames or [])]
+            if missing:
+                raise CatalogInputError(f"manifest lacks the column(s) {', '.join(missing)}", "manifest")
+            for row in reader:
+                line = reader.line_num
+                report.rows += 1
+                try:
+                    upload = self._row_upload(row, base, line)
+                    if upload.brand not in known_brands:
+                        known_brands.add(upload.brand)
+                        report.brands_created += 1
+                    added = self.add([upload], save=False)[0]
+                    if added.created:
+                        report.added += 1
+                    else:
+                        report.duplicates += 1
+                except (CatalogInputError, IntakeError, StorageError, ValueError) as exc:
+                    report.errors.append((line, str(exc)))
+                if progress:
+                    progress(1)
+        with self._write:
+            self.indexes.save_dirty()
+        return report
+
+    def _row_upload(self, row: dict[str, str | None], base: Path, line: int) -> ReferenceUpload:
+        def col(name: str) -> str:
+            return (row.get(name) or "").strip()
+
+        brand = col("brand").lower()
+        if not brand:
+            raise CatalogInputError("brand is empty", "brand")
+        try:
+            kind = ReferenceKind(col("kind").lower() or "product")
+        except ValueError:
+            raise CatalogInputError(f"kind must be product or logo, not {col('kind')!r}", "kind") from None
+        image = col("image")
+        if not image:
+            raise CatalogInputError("image is empty", "image")
+        if image.startswith(("http://", "https://")):
+            data = self.fetch_url(image, "image")
+        else:
+            path = (base / image).resolve()
+            # A manifest may only name files beside it or below: never /etc/passwd or ../../secrets.
+            if not path.is_relative_to(base.resolve()):
+                raise CatalogInputError(f"{image!r} is outside the manifest's folder", "image")
+            if not path.is_file():
+                raise CatalogInputError(f"no such file {image!r}", "image")
+            if path.stat().st_size > self.limits.max_image_bytes:
+                raise CatalogInputError(f"{image!r} is larger than {self.limits.max_image_bytes} bytes", "image")
+            data = path.read_bytes()
+        price: Money | None = None
+        if col("price"):
+            try:
+                amount = float(col("price"))
+            except ValueError:
+                raise CatalogInputError(f"price {col('price')!r} is not a number", "price") from None
+            if not amount >= 0 or amount != amount or amount == float("inf"):
+                raise CatalogInputError(f"price {col('price')!r} must be a finite number >= 0", "price")
+            price = Money(amount, (col("currency") or "USD").upper())
+        sku = col("sku") or None
+        if kind is ReferenceKind.PRODUCT and sku is None:
+            raise CatalogInputError("a product reference needs a sku", "sku")
+        return ReferenceUpload(brand=brand, kind=kind, data=data, source=f"manifest:{image}"[:500], sku=sku,
+                               ref_id=col("ref_id") or None, title=col("title") or None, price=price)
+
+    # ------------------------------------------------------------------ start-up and reindex
+
+    def _expected(self, kind: ReferenceKind) -> tuple[list[int], dict[int, str], dict[int, str]]:
+        """Vector ids the index of a kind must hold, the embedding key of each, and the sha256 of each
+        reference image."""
+        keys: dict[int, str] = {}
+        shas = dict(self.repo.iter_reference_hashes(kind))
+        for image_id, sha in shas.items():
+            if kind is ReferenceKind.LOGO:
+                for v in range(self.logo_variant_count):
+                    keys[image_id * LOGO_ID_STRIDE + v] = derived_key(sha, f"logo-variant:{v}")
+            else:
+                keys[image_id] = sha
+        return sorted(keys), keys, shas
+
+    def reindex(self, progress: Progress | None = None) -> list[Reconciliation]:
+        """After a model change: embed every reference the current models have no stored embedding of
+        (from the stored blobs) and rebuild the indexes. Embeddings of earlier model versions stay in
+        the store (a rollback re-uses them) until pruned."""
+        return self.reconcile(progress)
+
+    def reconcile(self, progress: Progress | None = None) -> list[Reconciliation]:
+        """At start: make every index agree with the database, from stored embeddings. References whose
+        embedding for the current model is not stored yet (a new model) are embedded from their blobs."""
+        done = []
+        with self._write:
+            for model, kind in self.index_plan():
+                emb = self.embedders[model]
+                ids, keys, shas = self._expected(kind)
+                self._embed_missing(model, kind, keys, shas, progress)
+
+                def stored(wanted: np.ndarray, _emb: CachedEmbedder = emb,
+                           _keys: dict[int, str] = keys) -> np.ndarray:
+                    ks = [_keys[int(i)] for i in wanted]
+                    got = _emb.lookup(ks)
+                    return np.stack([got[k] for k in ks]).astype(np.float32)
+
+                rec = self.indexes.reconcile(model, kind, model_id=emb.model_id, dim=emb.embedder.dim,
+                                             ids=ids, stored_vectors=stored)
+                log.info("index %s", rec.describe())
+                done.append(rec)
+        return done
+
+    def _embed_missing(self, model: str, kind: ReferenceKind, keys: dict[int, str], shas: dict[int, str],
+                       progress: Progress | None) -> int:
+        emb = self.embedders[model]
+        have = emb.lookup(list(keys.values()))
+        todo = sorted({i if kind is ReferenceKind.PRODUCT else i // LOGO_ID_STRIDE
+                       for i, k in keys.items() if k not in have})
+        if not todo:
+            return 0
+        log.info("embedding %d %s references for %s", len(todo), kind.value, emb.model_id)
+        for start in range(0, len(todo), 32):
+            chunk = [shas[i] for i in todo[start:start + 32]]
+            pixels = [self.decode(self.blobs.get(sha), "blob").pixels for sha in chunk]
+            images: list[ListingImage] = []
+            for sha, px in zip(chunk, pixels, strict=True):
+                if kind is ReferenceKind.LOGO:
+                    images += [ListingImage(derived_key(sha, f"logo-variant:{v}"), variant)
+                               for v, variant in enumerate(logo_variants(px))]
+                else:
+                    images.append(ListingImage(sha, px))
+            emb.embed(images)
+            if progress:
+                progress(len(chunk))
+        return len(todo)

@@ -1,0 +1,111 @@
+"""Embedding with a content-hash cache in front of the model.
+
+Marketplaces re-use the same photos across many listings, so every embedding is looked up by
+(image sha256, model_id) first: an in-process LRU for hot photos, then the shared store (the database,
+also used by rescans), and only the misses run through the model — in one batch.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.domain.model import ListingImage, Vectors
+from service.domain.ports import EmbeddingCache, ImageEmbedder
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedOutcome:
+    vectors: Vectors  # (n, d), row i belongs to images[i]
+    hits: int
+    misses: int
+
+
+class _Lru:
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._d: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> np.ndarray | None:
+        with self._lock:
+            v = self._d.get(key)
+            if v is not None:
+                self._d.move_to_end(key)
+            return v
+
+    def put(self, key: str, value: np.ndarray) -> None:
+        if self.capacity <= 0:
+            return
+        with self._lock:
+            self._d[key] = value
+            self._d.move_to_end(key)
+            while len(self._d) > self.capacity:
+                self._d.popitem(last=False)
+
+
+class CachedEmbedder:
+    """An :class:`ImageEmbedder` with the two-level content-hash cache in front of it."""
+
+    def __init__(self, embedder: ImageEmbedder, store: EmbeddingCache | None, lru_size: int = 20_000) -> None:
+        self.embedder = embedder
+        self.store = store
+        self._lru = _Lru(lru_size)
+
+    @property
+    def model_id(self) -> str:
+        return self.embedder.model_id
+
+    def lookup(self, sha256s: Sequence[str]) -> dict[str, np.ndarray]:
+        """Cached vectors for the given hashes (LRU, then the store); misses are simply absent."""
+        found: dict[str, np.ndarray] = {}
+        missing: list[str] = []
+        for sha in dict.fromkeys(sha256s):
+            v = self._lru.get(sha)
+            if v is None:
+                missing.append(sha)
+            else:
+                found[sha] = v
+        if missing and self.store is not None:
+            stored = self.store.get_many(self.model_id, missing)
+            for sha, v in stored.items():
+                self._lru.put(sha, v)
+            found.update(stored)
+        return found
+
+    # A photo's size, stored beside its embeddings (as a 2-d "vector" under a model id of its own), lets
+    # a stored rescan recompute the crop grid of a photo whose pixels it does not have.
+    GEOMETRY_MODEL = "geometry@1"
+
+    def remember_geometry(self, sha256: str, width: int, height: int) -> None:
+        if self.store is not None:
+            self.store.put_many(self.GEOMETRY_MODEL, {sha256: np.array([width, height], np.float32)})
+
+    def geometry(self, sha256s: Sequence[str]) -> dict[str, tuple[int, int]]:
+        if self.store is None:
+            return {}
+        got = self.store.get_many(self.GEOMETRY_MODEL, sha256s)
+        return {k: (int(v[0]), int(v[1])) for k, v in got.items()}
+
+    def embed(self, images: Sequence[ListingImage], persist: bool = True) -> EmbedOutcome:
+        if not images:
+            return EmbedOutcome(np.zeros((0, self.embedder.dim), np.float32), 0, 0)
+        found = self.lookup([im.sha256 for im in images])
+        todo: dict[str, ListingImage] = {}
+        for im in images:
+            if im.sha256 not in found and im.sha256 not in todo:
+                todo[im.sha256] = im
+        if todo:
+            fresh = self.embedder.embed([im.pixels for im in todo.values()])
+            new = {sha: fresh[i] for i, sha in enumerate(todo)}
+            if persist and self.store is not None:
+                self.store.put_many(self.model_id, new)
+            for sha, v in new.items():
+                self._lru.put(sha, v)
+            found.update(new)
+        vectors = np.stack([found[im.sha256] for im in images]).astype(np.float32, copy=False)
+        return EmbedOutcome(vectors, hits=len(images) - len(todo), misses=len(todo))

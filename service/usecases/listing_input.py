@@ -1,0 +1,63 @@
+"""A listing's image sources (URL, base64, uploaded bytes, or a local file named by a rescan input)
+to decoded :class:`ListingImage`s, through the intake's :class:`ImageLoader` so limits and error fields
+are the same everywhere."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.domain.model import ListingImage
+from service.intake.errors import IntakeError, IntakeErrorCode
+from service.intake.images import DecodedImage
+from service.intake.loader import ImageLoader
+
+
+@dataclass(frozen=True, slots=True)
+class ImageSource:
+    field: str
+    url: str | None = None
+    base64: str | None = None
+    data: bytes | None = None
+    path: Path | None = None
+
+
+class ListingImageLoader:
+    def __init__(self, loader: ImageLoader) -> None:
+        self.loader = loader
+
+    def _local(self, s: ImageSource) -> DecodedImage:
+        if s.base64 is not None:
+            return self.loader.from_base64(s.base64, s.field)
+        data = s.data
+        if s.path is not None:
+            limit = self.loader.settings.max_image_bytes
+            try:
+                if s.path.stat().st_size > limit:
+                    raise IntakeError(IntakeErrorCode.TOO_LARGE, f"{s.path.name} is larger than {limit} bytes",
+                                      s.field)
+                data = s.path.read_bytes()
+            except OSError as exc:
+                raise IntakeError(IntakeErrorCode.FETCH_FAILED, f"cannot read {s.path.name}: {exc.strerror}",
+                                  s.field) from None
+        if data is None:
+            raise IntakeError(IntakeErrorCode.INVALID_URL, "no image given", s.field)
+        return self.loader.from_bytes(data, s.field)
+
+    def load(self, sources: list[ImageSource]) -> list[ListingImage]:
+        """Blocking: for worker threads (rescans)."""
+        self.loader.check_count(len(sources))
+        return [(self.loader.from_url_sync(s.url, s.field) if s.url is not None else self._local(s)).listing_image()
+                for s in sources]
+
+    async def load_async(self, sources: list[ImageSource]) -> list[ListingImage]:
+        """For the API: URLs fetched concurrently on the event loop, decoding in worker threads."""
+        self.loader.check_count(len(sources))
+
+        async def one(s: ImageSource) -> ListingImage:
+            if s.url is not None:
+                return (await self.loader.from_url(s.url, s.field)).listing_image()
+            return (await asyncio.to_thread(self._local, s)).listing_image()
+
+        return list(await asyncio.gather(*(one(s) for s in sources)))

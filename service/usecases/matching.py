@@ -1,0 +1,173 @@
+"""From embeddings to matches: searching the reference indexes for copies, lookalikes and logos.
+
+Index layout (one FAISS index per (model name, kind)):
+
+* ``(copy model, product)``: official product photos, id = reference image id -> ``copy`` matches;
+* ``(semantic model, product)``: the same photos in the semantic space -> ``lookalike`` matches;
+* ``(logo model, logo)``: every logo as several *variants* (padded on white, on grey, inverted), id =
+  image id * ``LOGO_ID_STRIDE`` + variant, searched with listing photos whole and with crops of them
+  (a logo printed small on a product fills a crop, never the photo) -> ``logo`` matches with a box.
+
+Crops and logo variants are keyed in the embedding cache by a hash derived from the image's sha256 and
+the crop geometry, so a ``--stored`` rescan can re-match crops without pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from service.domain.model import Box, Match, ReferenceInfo, ReferenceKind, RGBImage, SignalName, Vectors
+from service.domain.ports import CatalogReader, VectorIndex
+
+LOGO_ID_STRIDE = 16
+"""Logo variants share an image id: vector id = image_id * LOGO_ID_STRIDE + variant."""
+
+IndexLookup = Callable[[str, ReferenceKind], VectorIndex | None]
+
+
+def derived_key(sha256: str, tag: str) -> str:
+    """A cache key for something computed from an image (a crop, a logo variant): a sha256 hex too."""
+    return hashlib.sha256(f"{sha256}|{tag}".encode()).hexdigest()
+
+
+def logo_variants(logo: RGBImage) -> list[RGBImage]:
+    """The renderings of a logo that go into the logo index.
+
+    A logo in a listing photo sits on some product, with margin around it in the crop that catches it;
+    the variants cover tight and loose framing, light and dark surroundings, and a negative print.
+    """
+    img = Image.fromarray(logo)
+    out: list[RGBImage] = [logo]
+    for pad, colour in ((0.25, (255, 255, 255)), (0.6, (255, 255, 255)), (0.25, (128, 128, 128)),
+                        (0.25, (30, 30, 30))):
+        w, h = img.size
+        side = int(max(w, h) * (1 + 2 * pad))
+        canvas = Image.new("RGB", (side, side), colour)
+        canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+        out.append(np.asarray(canvas))
+    out.append(255 - logo)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class CropGrid:
+    """Square windows of ``fractions`` of the shorter side, overlapping by half, over a photo."""
+
+    fractions: tuple[float, ...] = (0.35, 0.55)
+
+    def boxes(self, width: int, height: int) -> list[Box]:
+        boxes: list[Box] = []
+        short = min(width, height)
+        for frac in self.fractions:
+            side = max(8, int(short * frac))
+            step = max(1, side // 2)
+            xs = list(range(0, max(1, width - side + 1), step))
+            ys = list(range(0, max(1, height - side + 1), step))
+            # Always include the far edges, so a logo in a corner is covered as well as one in the middle.
+            if xs[-1] != width - side and width > side:
+                xs.append(width - side)
+            if ys[-1] != height - side and height > side:
+                ys.append(height - side)
+            boxes += [(x, y, x + side, y + side) for y in ys for x in xs]
+        return boxes
+
+    def crops(self, pixels: RGBImage) -> list[tuple[Box, RGBImage]]:
+        h, w = pixels.shape[:2]
+        return [(b, pixels[b[1]:b[3], b[0]:b[2]]) for b in self.boxes(w, h)]
+
+    def tag(self, box: Box) -> str:
+        return "crop:" + ",".join(map(str, box))
+
+
+@dataclass(frozen=True, slots=True)
+class MatchingConfig:
+    top_k: int = 10
+    # Matches below these similarities are not worth resolving (the domain's ramps start higher).
+    min_copy: float = 0.2
+    min_lookalike: float = 0.4
+    min_logo: float = 0.25
+    max_matches_per_signal: int = 5
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRoles:
+    """Which model (by registry name) serves which role."""
+
+    copy: str
+    semantic: str | None
+    logo: str
+
+
+@dataclass(slots=True)
+class ListingVectors:
+    """Embeddings of one listing's photos, per role; crops carry their photo index and box."""
+
+    copy: Vectors
+    semantic: Vectors | None = None
+    logo: Vectors | None = None  # whole photos in the logo model's space (None: same as copy)
+    crops: list[tuple[int, Box, np.ndarray]] = field(default_factory=list)
+
+
+class ReferenceMatcher:
+    def __init__(self, indexes: IndexLookup, catalog: CatalogReader, roles: ModelRoles,
+                 config: MatchingConfig | None = None) -> None:
+        self._indexes = indexes
+        self._catalog = catalog
+        self.roles = roles
+        self.config = config or MatchingConfig()
+
+    def _search(self, model: str, kind: ReferenceKind, queries: Vectors,
+                min_sim: float) -> list[tuple[int, int, float]]:
+        """(query row, vector id, similarity) above ``min_sim``."""
+        index = self._indexes(model, kind)
+        if index is None or index.ntotal == 0 or len(queries) == 0:
+            return []
+        sims, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), self.config.top_k)
+        rows, cols = np.nonzero((ids >= 0) & (sims >= min_sim))
+        return [(int(r), int(ids[r, c]), float(sims[r, c])) for r, c in zip(rows, cols, strict=True)]
+
+    def match(self, vectors: ListingVectors) -> list[Match]:
+        """Every match worth reporting, best first per signal (at most ``max_matches_per_signal`` each,
+        one per reference: the best photo or crop for it)."""
+        c = self.config
+        hits: list[tuple[SignalName, int, int, float, Box | None]] = []
+        for row, vid, sim in self._search(self.roles.copy, ReferenceKind.PRODUCT, vectors.copy, c.min_copy):
+            hits.append((SignalName.COPY, vid, row, sim, None))
+        if self.roles.semantic is not None and vectors.semantic is not None:
+            for row, vid, sim in self._search(self.roles.semantic, ReferenceKind.PRODUCT, vectors.semantic,
+                                              c.min_lookalike):
+                hits.append((SignalName.LOOKALIKE, vid, row, sim, None))
+        whole = vectors.logo if vectors.logo is not None else vectors.copy
+        for row, vid, sim in self._search(self.roles.logo, ReferenceKind.LOGO, whole, c.min_logo):
+            hits.append((SignalName.LOGO, vid // LOGO_ID_STRIDE, row, sim, None))
+        if vectors.crops:
+            crop_matrix = np.stack([v for _, _, v in vectors.crops]).astype(np.float32, copy=False)
+            for row, vid, sim in self._search(self.roles.logo, ReferenceKind.LOGO, crop_matrix, c.min_logo):
+                image_index, box, _ = vectors.crops[row]
+                hits.append((SignalName.LOGO, vid // LOGO_ID_STRIDE, image_index, sim, box))
+        return self._resolve(hits)
+
+    def _resolve(self, hits: Sequence[tuple[SignalName, int, int, float, Box | None]]) -> list[Match]:
+        best: dict[tuple[SignalName, int], tuple[int, float, Box | None]] = {}
+        for signal, image_id, row, sim, box in hits:
+            key = (signal, image_id)
+            if key not in best or sim > best[key][1]:
+                best[key] = (row, sim, box)
+        refs: dict[int, ReferenceInfo] = self._catalog.references({k[1] for k in best}) if best else {}
+        by_signal: dict[SignalName, list[Match]] = {}
+        for (signal, image_id), (row, sim, box) in best.items():
+            ref = refs.get(image_id)
+            if ref is None:  # deleted between search and resolve
+                continue
+            by_signal.setdefault(signal, []).append(
+                Match(reference=ref, signal=signal, similarity=sim, image_index=row, box=box))
+        out: list[Match] = []
+        for signal in (SignalName.COPY, SignalName.LOOKALIKE, SignalName.LOGO):
+            ms = sorted(by_signal.get(signal, []), key=lambda m: -m.similarity)
+            out += ms[: self.config.max_matches_per_signal]
+        return out

@@ -1,0 +1,535 @@
+"""Rescans: scoring a file of listings (``counterlens rescan LISTINGS --out RESULTS``) and re-matching
+stored listings against the current catalog (``counterlens rescan --stored``, or a background job after
+a brand's catalog changed).
+
+Both run the one scoring path, :class:`~service.usecases.scoring.ListingScorer`: a file rescan calls
+``score`` (embeddings from the content-hash cache or the models, persisted with source ``rescan``), a
+stored rescan calls ``rescore_stored`` (stored embeddings only, no model runs, source
+``stored-rescan``), so the review queues and histories see every rescan.
+
+A file rescan is an ordered pipeline. The driver reads and validates rows (bad lines go straight to
+the errors journal with their line number); an engine scores the valid rows and yields their outcomes
+in input order (:class:`ThreadedEngine` here: worker threads whose model calls meet in the shared
+micro-batcher, so decoding, inference and matching overlap; :class:`~service.usecases.rescan_ray.RayEngine`
+on a Ray cluster); the driver appends each outcome to the results or errors journal and commits both
+(whole lines, fsync) every ``checkpoint_every`` outcomes or ``checkpoint_seconds``. A resumed run reads
+the journals back and skips the listing ids already in the results and the lines already in the errors.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from service.domain.model import Listing, Verdict
+from service.domain.pricing import UnknownCurrencyError
+from service.intake.errors import IntakeError
+from service.storage.errors import StorageError
+from service.storage.listings import ListingRepository
+from service.storage.records import ListingRecord, ScoreSource
+from service.usecases.listing_input import ListingImageLoader
+from service.usecases.rescan_io import (
+    JsonlJournal,
+    ListingRow,
+    RescanInputError,
+    RowError,
+    check_input,
+    error_record,
+    image_source,
+    iter_raw_rows,
+    parse_row,
+    result_record,
+)
+from service.usecases.scoring import ListingScorer
+
+log = logging.getLogger("counterlens.rescan")
+
+Progress = Callable[[int], None]
+
+
+# ---------------------------------------------------------------------------------------------- one listing
+
+
+@dataclass(frozen=True, slots=True)
+class RowOutcome:
+    """What became of one listing: a results record or an errors record, plus model use."""
+
+    line: int
+    listing_id: str | None
+    record: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    embedded: dict[str, int] = field(default_factory=dict)
+    cache_hits: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"line": self.line, "listing_id": self.listing_id, "record": self.record, "error": self.error,
+                "embedded": self.embedded, "cache_hits": self.cache_hits}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> RowOutcome:
+        return cls(line=int(d["line"]), listing_id=d["listing_id"], record=d["record"], error=d["error"],
+                   embedded=dict(d.get("embedded") or {}), cache_hits=dict(d.get("cache_hits") or {}))
+
+    @classmethod
+    def failed(cls, line: int, listing_id: str | None, code: str, message: str,
+               field: str | None) -> RowOutcome:
+        return cls(line, listing_id, error=error_record(line, listing_id, code, message, field))
+
+
+class ListingRescanner:
+    """Loads one row's photos (paths inside ``base``, or URLs through the safe fetcher) and scores it.
+    Never raises: every failure becomes an errors record naming the field. Thread-safe."""
+
+    def __init__(self, scorer: ListingScorer, images: ListingImageLoader, base: Path, *,
+                 persist: bool = True) -> None:
+        self.scorer = scorer
+        self.images = images
+        self.base = base.resolve()
+        self.persist = persist
+
+    def rescan(self, row: ListingRow) -> RowOutcome:
+        try:
+            sources = [image_source(ref, self.base, i) for i, ref in enumerate(row.images)]
+            pictures = self.images.load(sources)
+            listing = Listing(listing_id=row.listing_id, title=row.title, description=row.description,
+                              price=row.price, seller=row.seller, images=tuple(pictures))
+            outcome = self.scorer.score(listing, source=ScoreSource.RESCAN.value, persist=self.persist)
+        except IntakeError as exc:
+            return RowOutcome.failed(row.line, row.listing_id, exc.code.value, exc.message, exc.field)
+        except UnknownCurrencyError as exc:
+            field = "price.currency" if row.price is not None else "currency"
+            return RowOutcome.failed(row.line, row.listing_id, "unknown_currency", str(exc), field)
+        except StorageError as exc:
+            return RowOutcome.failed(row.line, row.listing_id, "invalid_input", exc.message, exc.field)
+        except Exception as exc:  # one listing's failure must never abort a rescan of millions
+            log.exception("rescan of a listing failed",
+                          extra={"listing_id": row.listing_id, "line": row.line})
+            return RowOutcome.failed(row.line, row.listing_id, "internal",
+                                     f"{type(exc).__name__}: {exc}", None)
+        return RowOutcome(row.line, row.listing_id, record=result_record(outcome.result),
+                          embedded=dict(outcome.embedded), cache_hits=dict(outcome.cache_hits))
+
+
+# ---------------------------------------------------------------------------------------------- engines
+
+
+class RescanEngine(Protocol):
+    """Scores rows and yields their outcomes in the order of ``rows`` (pulling rows lazily)."""
+
+    def process(self, rows: Iterator[ListingRow]) -> Iterator[RowOutcome]: ...
+
+
+class ThreadedEngine:
+    """The local engine: ``workers`` threads, at most ``window`` listings in flight (the head of the
+    window is written first, so output follows input order and a slow listing stalls no worker)."""
+
+    def __init__(self, rescanner: ListingRescanner, workers: int = 6, window: int | None = None) -> None:
+        if workers < 1:
+            raise ValueError("workers must be >= 1")
+        self.rescanner = rescanner
+        self.workers = workers
+        self.window = window or workers * 8
+
+    def process(self, rows: Iterator[ListingRow]) -> Iterator[RowOutcome]:
+        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="rescan")
+        pending: deque[Future[RowOutcome]] = deque()
+        try:
+            for row in rows:
+                pending.append(pool.submit(self.rescanner.rescan, row))
+                while pending and (len(pending) >= self.window or pending[0].done()):
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ---------------------------------------------------------------------------------------------- file rescan
+
+
+@dataclass(slots=True)
+class RescanSummary:
+    """Counts of one run (a resumed run counts only what it did itself, plus ``skipped``)."""
+
+    scored: int = 0
+    errors: int = 0
+    skipped: int = 0  # done by an earlier, interrupted run (resume)
+    verdicts: Counter[str] = field(default_factory=Counter)
+    embedded: Counter[str] = field(default_factory=Counter)  # model id -> photos run through the model
+    cache_hits: Counter[str] = field(default_factory=Counter)
+    unknown_fields: set[str] = field(default_factory=set)
+    elapsed_s: float = 0.0
+    interrupted: bool = False
+
+    @property
+    def processed(self) -> int:
+        return self.scored + self.errors
+
+    @property
+    def rate(self) -> float:
+        """Listings (scored or failed) per second of this run."""
+        return self.processed / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"scored": self.scored, "errors": self.errors, "skipped": self.skipped,
+                "verdicts": {v.value: self.verdicts.get(v.value, 0) for v in Verdict},
+                "embedded": dict(self.embedded), "cache_hits": dict(self.cache_hits),
+                "elapsed_s": round(self.elapsed_s, 3), "listings_per_s": round(self.rate, 2),
+                "interrupted": self.interrupted}
+
+
+@dataclass(frozen=True, slots=True)
+class ResumePoint:
+    """What earlier runs finished: listing ids with a result, line numbers with an error."""
+
+    done_ids: frozenset[str] = frozenset()
+    handled_lines: frozenset[int] = frozenset()
+
+    @property
+    def count(self) -> int:
+        return len(self.done_ids) + len(self.handled_lines)
+
+
+def default_errors_path(results: Path) -> Path:
+    """``RESULTS.errors.jsonl`` beside the results (``out.jsonl`` -> ``out.errors.jsonl``)."""
+    return results.with_name(results.stem + ".errors.jsonl")
+
+
+class FileRescan:
+    """``counterlens rescan LISTINGS --out RESULTS [--errors ERRORS] [--resume]``: the driver.
+
+    :meth:`prepare` checks the files and reads the journals of an earlier run (raising
+    :class:`RescanInputError` for anything that should stop the command before models load);
+    :meth:`run` streams the rows through an engine and journals the outcomes.
+    """
+
+    def __init__(self, listings: Path, results: Path, errors: Path | None = None, *, resume: bool = False,
+                 overwrite: bool = False, checkpoint_every: int = 64,
+                 checkpoint_seconds: float = 1.0) -> None:
+        if resume and overwrite:
+            raise RescanInputError("--resume and --overwrite exclude each other")
+        if checkpoint_every < 1 or checkpoint_seconds <= 0:
+            raise RescanInputError("checkpoint_every must be >= 1 and checkpoint_seconds > 0")
+        self.listings = listings
+        self.results = results
+        self.errors = errors if errors is not None else default_errors_path(results)
+        self.resume = resume
+        self.overwrite = overwrite
+        self.checkpoint_every = checkpoint_every
+        self.checkpoint_seconds = checkpoint_seconds
+        self.format = ""
+        self.point = ResumePoint()
+
+    @property
+    def base(self) -> Path:
+        """The folder relative image paths are resolved in (and confined to)."""
+        return self.listings.resolve().parent
+
+    def prepare(self) -> ResumePoint:
+        self.format = check_input(self.listings)
+        paths = {"LISTINGS": self.listings.resolve(), "--out": self.results.resolve(),
+                 "--errors": self.errors.resolve()}
+        if len(set(paths.values())) < len(paths):
+            raise RescanInputError("LISTINGS, --out and --errors must be three different files")
+        for flag in ("--out", "--errors"):
+            p = paths[flag]
+            if p.exists() and not p.is_file():
+                raise RescanInputError(f"{flag} {p} exists and is not a file")
+            if not p.parent.is_dir():
+                raise RescanInputError(f"{flag}: the folder {p.parent} does not exist")
+        if self.resume:
+            done = {str(r.get("listing_id")) for r in JsonlJournal.recover(self.results)}
+            lines = {int(r["line"]) for r in JsonlJournal.recover(self.errors)
+                     if isinstance(r.get("line"), int)}
+            self.point = ResumePoint(frozenset(done), frozenset(lines))
+        elif not self.overwrite:
+            for flag in ("--out", "--errors"):
+                p = paths[flag]
+                if p.exists() and p.stat().st_size > 0:
+                    raise RescanInputError(f"{flag} {p} already holds results: pass --resume to continue "
+                                           "that run or --overwrite to start again")
+        return self.point
+
+    def run(self, engine: RescanEngine, progress: Progress | None = None) -> RescanSummary:
+        """Rescan every listing not finished yet; KeyboardInterrupt stops cleanly (what was finished is
+        committed, ``summary.interrupted`` is set) so ``--resume`` continues."""
+        if not self.format:
+            self.prepare()
+        summary = RescanSummary()
+        append = self.resume
+        results = JsonlJournal(self.results, append=append)
+        errors = JsonlJournal(self.errors, append=append)
+        last_commit = time.monotonic()
+        t0 = time.perf_counter()
+
+        def maybe_commit() -> None:
+            nonlocal last_commit
+            now = time.monotonic()
+            if (results.pending + errors.pending >= self.checkpoint_every
+                    or now - last_commit >= self.checkpoint_seconds):
+                results.commit()
+                errors.commit()
+                last_commit = now
+
+        def failed(record: dict[str, Any]) -> None:
+            errors.append(record)
+            summary.errors += 1
+            if progress:
+                progress(1)
+            maybe_commit()
+
+        def rows() -> Iterator[ListingRow]:
+            seen: dict[str, int] = {}
+            for raw in iter_raw_rows(self.listings):
+                if raw.line in self.point.handled_lines:
+                    summary.skipped += 1
+                    continue
+                try:
+                    row = parse_row(raw)
+                except RowError as exc:
+                    lid = raw.data.get("listing_id") if raw.data else None
+                    failed(error_record(raw.line, lid if isinstance(lid, str) else None, "invalid_line",
+                                        exc.message, exc.field))
+                    continue
+                summary.unknown_fields.update(row.unknown_fields)
+                first = seen.get(row.listing_id)
+                if first is not None:
+                    failed(error_record(raw.line, row.listing_id, "duplicate",
+                                        f"listing_id already appears on line {first}", "listing_id"))
+                    continue
+                seen[row.listing_id] = raw.line
+                if row.listing_id in self.point.done_ids:
+                    summary.skipped += 1
+                    continue
+                yield row
+
+        try:
+            for outcome in engine.process(rows()):
+                if outcome.record is not None:
+                    results.append(outcome.record)
+                    summary.scored += 1
+                    summary.verdicts[str(outcome.record["verdict"])] += 1
+                    summary.embedded.update(outcome.embedded)
+                    summary.cache_hits.update(outcome.cache_hits)
+                    if progress:
+                        progress(1)
+                    maybe_commit()
+                elif outcome.error is not None:
+                    failed(outcome.error)
+        except KeyboardInterrupt:
+            summary.interrupted = True
+        finally:
+            try:
+                results.close()
+            finally:
+                errors.close()
+            summary.elapsed_s = time.perf_counter() - t0
+        return summary
+
+
+# ---------------------------------------------------------------------------------------------- stored rescan
+
+
+@dataclass(slots=True)
+class StoredRescanReport:
+    """What a stored rescan did."""
+
+    brand: str | None = None
+    since: datetime | None = None
+    scanned: int = 0
+    rescored: int = 0
+    missing_embeddings: int = 0  # photos never embedded with the current models: rescan their file
+    errors: int = 0
+    changed: int = 0  # the verdict differs from the stored latest one
+    newly_flagged: int = 0  # was clear, now review or likely_counterfeit
+    verdicts: Counter[str] = field(default_factory=Counter)
+    elapsed_s: float = 0.0
+    cancelled: bool = False
+
+    @property
+    def rate(self) -> float:
+        return self.scanned / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"brand": self.brand, "since": self.since.isoformat() if self.since else None,
+                "scanned": self.scanned, "rescored": self.rescored,
+                "missing_embeddings": self.missing_embeddings, "errors": self.errors,
+                "changed": self.changed, "newly_flagged": self.newly_flagged,
+                "verdicts": {v.value: self.verdicts.get(v.value, 0) for v in Verdict},
+                "elapsed_s": round(self.elapsed_s, 3), "listings_per_s": round(self.rate, 2),
+                "cancelled": self.cancelled}
+
+
+class StoredRescanJob:
+    """Re-match stored listings with their stored embeddings against the current catalog and record the
+    new scores (review queues follow: see :meth:`ListingRepository.record_score`).
+
+    ``brand`` limits it to listings whose latest matches or review items involve the brand (after a
+    brand removed references, changed its thresholds or authorized sellers); new references can match
+    any listing, so after references are *added* run it without ``brand`` (``since`` bounds the work to
+    recently seen listings). Blocking and thread-safe; ``cancel`` stops it between listings.
+    """
+
+    def __init__(self, scorer: ListingScorer, listings: ListingRepository, *, brand: str | None = None,
+                 since: datetime | None = None, workers: int = 4, results: JsonlJournal | None = None,
+                 persist: bool = True) -> None:
+        if workers < 1:
+            raise ValueError("workers must be >= 1")
+        self.scorer = scorer
+        self.listings = listings
+        self.brand = brand
+        self.since = since
+        self.workers = workers
+        self.results = results
+        self.persist = persist
+
+    def count(self) -> int:
+        """How many listings the job will look at (NotFoundError for an unknown brand)."""
+        return self.listings.count_stored(self.brand, self.since)
+
+    def _one(self, rec: ListingRecord) -> tuple[ListingRecord, Any]:
+        try:
+            return rec, self.scorer.rescore_stored(rec.to_listing(), rec.image_sha256s, persist=self.persist,
+                                                   source=ScoreSource.STORED_RESCAN.value)
+        except Exception as exc:  # a listing whose rescore fails must not stop the job
+            log.exception("stored rescan of a listing failed", extra={"listing_id": rec.listing_id})
+            return rec, exc
+
+    def run(self, progress: Progress | None = None,
+            cancel: threading.Event | None = None) -> StoredRescanReport:
+        report = StoredRescanReport(brand=self.brand, since=self.since)
+        t0 = time.perf_counter()
+        records = self.listings.iter_stored(self.brand, self.since)
+        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="stored-rescan")
+        pending: deque[Future[tuple[ListingRecord, Any]]] = deque()
+        window = self.workers * 16
+        last_commit = time.monotonic()
+
+        def take(fut: Future[tuple[ListingRecord, Any]]) -> None:
+            nonlocal last_commit
+            rec, got = fut.result()
+            report.scanned += 1
+            if isinstance(got, Exception):
+                report.errors += 1
+            elif got is None:
+                report.missing_embeddings += 1
+            else:
+                r = got.result
+                report.rescored += 1
+                report.verdicts[r.verdict.value] += 1
+                if r.verdict is not rec.latest_verdict:
+                    report.changed += 1
+                    if rec.latest_verdict is Verdict.CLEAR:
+                        report.newly_flagged += 1
+                if self.results is not None:
+                    self.results.append(result_record(r))
+                    if self.results.pending >= 256 or time.monotonic() - last_commit > 1.0:
+                        self.results.commit()
+                        last_commit = time.monotonic()
+            if progress:
+                progress(1)
+
+        try:
+            for rec in records:
+                if cancel is not None and cancel.is_set():
+                    report.cancelled = True
+                    break
+                pending.append(pool.submit(self._one, rec))
+                while pending and (len(pending) >= window or pending[0].done()):
+                    take(pending.popleft())
+            while pending:
+                take(pending.popleft())
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            if self.results is not None:
+                self.results.commit()
+            report.elapsed_s = time.perf_counter() - t0
+        log.info("stored rescan done", extra=report.as_dict())
+        return report
+
+
+class StoredRescanScheduler:
+    """Runs stored rescans in one background thread, for the API after catalog changes.
+
+    ``request(brand)`` asks for a rescan of the listings involving ``brand``; ``request(None)`` for all
+    stored listings (what adding references needs). Requests arriving while a job runs are coalesced:
+    one run of "all" covers any brand asked for meanwhile, and a brand asked for twice runs once.
+    """
+
+    def __init__(self, make_job: Callable[[str | None], StoredRescanJob]) -> None:
+        self._make_job = make_job
+        self._lock = threading.Condition()
+        self._pending: set[str | None] = set()
+        self._cancel = threading.Event()
+        self._closed = False
+        self.running: str | bool | None = False  # False: idle; otherwise the scope being rescanned
+        self.last: StoredRescanReport | None = None
+        self.runs = 0
+        self._thread = threading.Thread(target=self._loop, name="stored-rescan-scheduler", daemon=True)
+        self._thread.start()
+
+    def request(self, brand: str | None = None) -> None:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the scheduler is closed")
+            if None in self._pending:
+                return
+            if brand is None:
+                self._pending = {None}
+            else:
+                self._pending.add(brand)
+            self._lock.notify()
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            return {"running": self.running is not False, "scope": None if self.running is False
+                    else self.running, "pending": sorted("*" if p is None else p for p in self._pending),
+                    "runs": self.runs, "last": self.last.as_dict() if self.last else None}
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """True once nothing is pending or running (for tests and orderly shutdown)."""
+        with self._lock:
+            return self._lock.wait_for(lambda: not self._pending and self.running is False, timeout)
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                self._lock.wait_for(lambda: self._pending or self._closed)
+                if self._closed:
+                    return
+                scope = None if None in self._pending else sorted(b for b in self._pending if b)[0]
+                self._pending.discard(scope)
+                self.running = scope
+            try:
+                report = self._make_job(scope).run(cancel=self._cancel)
+            except Exception:
+                log.exception("stored rescan job failed", extra={"brand": scope})
+                report = None
+            with self._lock:
+                self.running = False
+                self.runs += 1
+                if report is not None:
+                    self.last = report
+                self._lock.notify_all()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Cancel a running job (between listings) and stop the thread."""
+        with self._lock:
+            self._closed = True
+            self._pending.clear()
+            self._lock.notify_all()
+        self._cancel.set()
+        self._thread.join(timeout)
+
+
+__all__ = ["FileRescan", "ListingRescanner", "RescanEngine", "RescanInputError", "RescanSummary",
+           "RowOutcome", "StoredRescanJob", "StoredRescanReport", "StoredRescanScheduler", "ThreadedEngine",
+           "default_errors_path"]

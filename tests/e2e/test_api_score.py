@@ -1,0 +1,187 @@
+"""POST /v1/score end to end: real HTTP, real models, real FAISS and SQLite, real photos."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.demo import render_logo
+from tests.conftest import jpeg_bytes
+from tests.e2e.conftest import LiveServer, edited_copy, load
+
+pytestmark = pytest.mark.slow
+
+
+def _score(live: LiveServer, listing: dict[str, Any], photos: list[bytes]) -> dict[str, Any]:
+    body = dict(listing, images=[{"base64": base64.b64encode(p).decode()} for p in photos])
+    r = live.client.post("/v1/score", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+def _signals(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {s["name"]: s for s in result["signals"]}
+
+
+def test_edited_copy_at_30_percent_is_likely_counterfeit(live: LiveServer, grocery_dir: Path) -> None:
+    copy = edited_copy(load(grocery_dir / "catalogue" / "Arla-Standard-Milk.jpg"))
+    res = _score(live, {"listing_id": "cheap-copy", "title": "Organic milk 1L",
+                        "price": {"amount": 6.0, "currency": "USD"}, "seller": {"id": "deals-4-u"}}, [copy])
+    assert res["verdict"] == "likely_counterfeit", res
+    assert res["brand"] == "arla"
+    sig = _signals(res)
+    assert sig["copy"]["score"] > 0.5 and sig["price"]["score"] > 0.5
+    text = " ".join(res["reasons"])
+    assert "copy of arla" in text and "30% of the reference price" in text
+    best = res["matches"][0]
+    assert (best["brand"], best["sku"], best["image_index"]) == ("arla", "ARLA-MILK-1L", 0)
+
+
+def test_same_copy_at_full_price_from_authorized_seller_is_clear(live: LiveServer, grocery_dir: Path) -> None:
+    copy = edited_copy(load(grocery_dir / "catalogue" / "Arla-Standard-Milk.jpg"))
+    res = _score(live, {"listing_id": "official", "title": "Arla standard milk 1L",
+                        "price": {"amount": 20.0, "currency": "USD"},
+                        "seller": {"id": "arla-official-store"}}, [copy])
+    assert res["verdict"] == "clear", res
+    assert any(m["signal"] == "copy" and m["brand"] == "arla" for m in res["matches"])
+    cheap = live.client.get("/v1/listings/cheap-copy").json()["history"][0]["risk"]
+    assert res["risk"] < cheap - 0.3
+
+
+def test_price_in_other_currency_is_converted(live: LiveServer, grocery_dir: Path) -> None:
+    copy = edited_copy(load(grocery_dir / "catalogue" / "Tropicana-Apple-Juice.jpg"))
+    # 30 USD reference; 276 SEK ~ 26 USD at the default 10.5 SEK/USD: a normal price.
+    normal = _score(live, {"listing_id": "sek-normal", "title": "Apple juice",
+                           "price": {"amount": 276, "currency": "SEK"}}, [copy])
+    cheap = _score(live, {"listing_id": "sek-cheap", "title": "Apple juice",
+                          "price": {"amount": 60, "currency": "SEK"}}, [copy])
+    assert _signals(normal)["price"]["score"] < 0.2 < _signals(cheap)["price"]["score"]
+
+
+def test_unrelated_photo_is_clear(live: LiveServer) -> None:
+    import skimage.data
+
+    cat = np.asarray(Image.open(Path(skimage.data.__file__).parent / "chelsea.png").convert("RGB"))
+    res = _score(live, {"listing_id": "cat", "title": "Cat poster", "price": {"amount": 3.0}}, [jpeg_bytes(cat)])
+    assert res["verdict"] == "clear" and res["risk"] < 0.2, res
+    assert not [m for m in res["matches"] if m["signal"] in ("copy", "lookalike")]
+
+
+def test_logo_small_on_another_product_is_flagged_with_logo_evidence(live: LiveServer, grocery_dir: Path) -> None:
+    photo = Image.open(grocery_dir / "catalogue" / "Cabbage.jpg").convert("RGB")
+    w = int(photo.width * 0.28)
+    logo = render_logo("starbucks", w)
+    photo.paste(logo, (int(photo.width * 0.55), int(photo.height * 0.1)), logo)
+    res = _score(live, {"listing_id": "logo-on-cabbage", "title": "Travel mug",
+                        "price": {"amount": 9.0}, "seller": {"id": "new-shop", "account_age_days": 4,
+                                                             "stock": 800}},
+                 [jpeg_bytes(np.asarray(photo), 90)])
+    logos = [m for m in res["matches"] if m["signal"] == "logo"]
+    assert logos and logos[0]["brand"] == "starbucks", res
+    x0, y0, x1, y1 = logos[0]["box"]
+    # The box found overlaps the pasted logo.
+    lx0, ly0 = int(photo.width * 0.55), int(photo.height * 0.1)
+    assert x0 < lx0 + w and lx0 < x1 and y0 < ly0 + w and ly0 < y1
+    assert res["verdict"] != "clear", res
+    assert res["ran"]["logo_crops"] is True
+
+
+class _CountingHandler(http.server.BaseHTTPRequestHandler):
+    hits = 0
+
+    def do_GET(self) -> None:  # noqa: N802
+        type(self).hits += 1
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def counting_server() -> Iterator[int]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _CountingHandler)
+    _CountingHandler.hits = 0
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    yield server.server_address[1]
+    server.shutdown()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "127.1", "0x7f000001", "[::ffff:127.0.0.1]"])
+def test_private_address_urls_are_refused_without_a_request(live: LiveServer, counting_server: int,
+                                                            host: str) -> None:
+    r = live.client.post("/v1/score", json={"listing_id": "ssrf", "title": "x",
+                                            "images": [{"url": f"http://{host}:{counting_server}/a.jpg"}]})
+    assert r.status_code == 422
+    assert r.json()["error"]["code"] == "url_forbidden"
+    assert r.json()["error"]["field"] == "images[0].url"
+    assert _CountingHandler.hits == 0
+
+
+def test_metadata_address_is_refused(live: LiveServer) -> None:
+    r = live.client.post("/v1/score", json={"listing_id": "ssrf2", "images": [
+        {"url": "http://169.254.169.254/latest/meta-data/"}]})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "url_forbidden"
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"title": "no id"}, "listing_id"),
+    ({"listing_id": "p", "price": {"amount": -3}}, "price.amount"),
+    ({"listing_id": "p", "images": [{"base64": "!!!notbase64"}]}, "images[0].base64"),
+    ({"listing_id": "p", "images": [{"base64": base64.b64encode(b"<svg></svg>").decode()}]}, "images[0].base64"),
+    ({"listing_id": "p", "price": {"amount": 3, "currency": "XYZ"}}, "price.currency"),
+])
+def test_bad_input_names_the_field(live: LiveServer, body: dict[str, Any], field: str) -> None:
+    r = live.client.post("/v1/score", json=body)
+    assert 400 <= r.status_code < 500, r.text
+    assert r.json()["error"]["field"] == field, r.json()
+
+
+def test_multipart_upload_and_batch(live: LiveServer, grocery_dir: Path) -> None:
+    import json
+
+    copy = edited_copy(load(grocery_dir / "catalogue" / "Alpro-Shelf-Soy-Milk.jpg"))
+    r = live.client.post("/v1/score", data={"listing": json.dumps({"listing_id": "mp", "title": "soy milk",
+                                                                    "price": {"amount": 5}})},
+                         files=[("images", ("a.jpg", copy, "image/jpeg"))])
+    assert r.status_code == 200, r.text
+    assert r.json()["brand"] == "alpro"
+    batch = live.client.post("/v1/score/batch", json={"listings": [
+        {"listing_id": "b1", "images": [{"base64": base64.b64encode(copy).decode()}]},
+        {"listing_id": "b2", "images": [{"url": "http://10.0.0.1/x.jpg"}]},
+    ]})
+    assert batch.status_code == 200
+    items = {i["listing_id"]: i for i in batch.json()["results"]}
+    assert items["b1"]["result"]["brand"] == "alpro"
+    assert items["b2"]["error"]["code"] == "url_forbidden"
+    assert items["b2"]["error"]["field"] == "listings[1].images[0].url"
+
+
+def test_scores_are_stored_with_history_and_review_queue(live: LiveServer, grocery_dir: Path) -> None:
+    copy = edited_copy(load(grocery_dir / "catalogue" / "Arla-Natural-Yoghurt.jpg"))
+    for price in (24.0, 5.0):
+        _score(live, {"listing_id": "hist", "title": "yoghurt", "price": {"amount": price},
+                      "seller": {"id": "s-hist"}}, [copy])
+    got = live.client.get("/v1/listings/hist").json()
+    assert [h["verdict"] for h in got["history"]][:2] == ["likely_counterfeit", "clear"]
+    queue = live.container.listings.review_queue("arla")
+    assert any(item.listing_id == "hist" for item in queue)
+    assert not any(item.listing_id == "hist" for item in live.container.listings.review_queue("alpro"))
+
+
+def test_health_and_metrics(live: LiveServer) -> None:
+    ready = live.client.get("/readyz").json()
+    assert ready["status"] == "ready"
+    assert {m["provider"] for m in ready["models"].values()} == {"cpu"}
+    metrics = live.client.get("/metrics").text
+    assert "counterlens_http_requests_total" in metrics and 'route="/v1/score"' in metrics
+    assert live.client.get("/openapi.json").json()["paths"]["/v1/score"]
