@@ -6,7 +6,6 @@ Bad arguments exit with code 2 and a message; the composition root is the same o
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -227,4 +226,4 @@ def main() -> None:  # pragma: no cover - console-script shim
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

@@ -12,7 +12,7 @@ import re
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.progress import (
@@ -29,7 +29,18 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from service.cli import _container, console, fail, load_settings, out
+
+def _helpers() -> Any:
+    """service.cli, imported when a command runs: service.cli imports this module to register the command,
+    and under ``python -m service.cli`` an import back at module level would be circular."""
+    import service.cli
+
+    return service.cli
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    _helpers().fail(message, code)
+    raise AssertionError("unreachable: fail raises typer.Exit")
 
 
 class Engine(StrEnum):
@@ -48,7 +59,7 @@ class RateColumn(ProgressColumn):
 def _bar() -> Progress:
     return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TaskProgressColumn(), RateColumn(), TimeElapsedColumn(), TextColumn("ETA"),
-                    TimeRemainingColumn(), console=console)
+                    TimeRemainingColumn(), console=_helpers().console)
 
 
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
@@ -157,8 +168,8 @@ def _file(listings: Path, out_path: Path, errors: Path | None, resume: bool, ove
             import ray  # noqa: F401
         except ImportError:
             fail("--engine ray needs Ray: pip install 'counterlens[ray]'")
-    settings = load_settings()
-    c = _container(settings)
+    settings = _helpers().load_settings()
+    c = _helpers()._container(settings)
     runner: RescanEngine
     ray_engine: Any = None
     try:
@@ -167,14 +178,14 @@ def _file(listings: Path, out_path: Path, errors: Path | None, resume: bool, ove
 
             ray_engine = RayEngine(settings, job.base, address=address, actors=workers, actor_cpus=actor_cpus,
                                    actor_gpus=actor_gpus)
-            with console.status("connecting to Ray..."):
+            with _helpers().console.status("connecting to Ray..."):
                 actors = ray_engine.start()
-            console.print(f"Ray: {actors} scoring actor(s) of {actor_cpus:g} CPU, {actor_gpus:g} GPU")
+            _helpers().console.print(f"Ray: {actors} scoring actor(s) of {actor_cpus:g} CPU, {actor_gpus:g} GPU")
             runner = ray_engine
         else:
             runner = ThreadedEngine(ListingRescanner(c.scorer, c.images, job.base), workers=workers or 6)
         if point.count:
-            console.print(f"resuming: {len(point.done_ids)} results and {len(point.handled_lines)} "
+            _helpers().console.print(f"resuming: {len(point.done_ids)} results and {len(point.handled_lines)} "
                           "errors already written")
         with _bar() as bar:
             task = bar.add_task("rescanning", total=total, completed=min(total, point.count))
@@ -190,15 +201,15 @@ def _file(listings: Path, out_path: Path, errors: Path | None, resume: bool, ove
              ("listings/s", f"{summary.rate:,.1f}  ({summary.processed} in {summary.elapsed_s:,.1f} s)")]
     for model, n in sorted(summary.embedded.items()):
         rows.append((f"embedded {model}", f"{n} photos, {summary.cache_hits.get(model, 0)} from cache"))
-    out.print(_summary_table(f"rescan of {listings} -> {out_path}", rows))
+    _helpers().out.print(_summary_table(f"rescan of {listings} -> {out_path}", rows))
     if summary.unknown_fields:
         names = ", ".join(sorted(summary.unknown_fields))
-        console.print(f"[yellow]ignored unknown field(s):[/yellow] {names}")
+        _helpers().console.print(f"[yellow]ignored unknown field(s):[/yellow] {names}")
     if summary.interrupted:
-        console.print("[yellow]interrupted[/yellow]: finished listings are saved; continue with --resume")
+        _helpers().console.print("[yellow]interrupted[/yellow]: finished listings are saved; continue with --resume")
         raise typer.Exit(130)
     if summary.scored == 0 and (summary.errors > 0 or summary.skipped == 0):
-        console.print("[red]error:[/red] not one listing could be processed")
+        _helpers().console.print("[red]error:[/red] not one listing could be processed")
         raise typer.Exit(1)
 
 
@@ -219,8 +230,8 @@ def _stored(out_path: Path | None, overwrite: bool, workers: int | None, brand: 
             fail(f"--out {out_path} already holds results: pass --overwrite to replace it")
         if not out_path.parent.is_dir():
             fail(f"--out: the folder {out_path.parent} does not exist")
-    settings = load_settings()
-    c = _container(settings)
+    settings = _helpers().load_settings()
+    c = _helpers()._container(settings)
     journal = JsonlJournal(out_path, append=False) if out_path is not None else None
     try:
         job = StoredRescanJob(c.scorer, c.listings, brand=brand, since=since_at, workers=workers or 4,
@@ -234,7 +245,7 @@ def _stored(out_path: Path | None, overwrite: bool, workers: int | None, brand: 
             try:
                 report = job.run(progress=lambda n: bar.advance(task, n))
             except KeyboardInterrupt:
-                console.print("[yellow]interrupted[/yellow]")
+                _helpers().console.print("[yellow]interrupted[/yellow]")
                 raise typer.Exit(130) from None
     finally:
         if journal is not None:
@@ -245,9 +256,9 @@ def _stored(out_path: Path | None, overwrite: bool, workers: int | None, brand: 
              ("no stored embeddings", str(report.missing_embeddings)), ("errors", str(report.errors)),
              ("listings/s", f"{report.rate:,.1f}  ({report.scanned} in {report.elapsed_s:,.1f} s)")]
     scope = f"brand {brand}" if brand else "all brands"
-    out.print(_summary_table(f"stored rescan ({scope}{', since ' + since if since else ''})", rows))
+    _helpers().out.print(_summary_table(f"stored rescan ({scope}{', since ' + since if since else ''})", rows))
     if report.scanned and report.rescored == 0:
-        console.print("[red]error:[/red] not one stored listing could be re-matched")
+        _helpers().console.print("[red]error:[/red] not one stored listing could be re-matched")
         raise typer.Exit(1)
 
 

@@ -96,6 +96,11 @@ class ListingRescanner:
         self.persist = persist
 
     def rescan(self, row: ListingRow) -> RowOutcome:
+        if row.price is not None and row.price.currency not in self.scorer.params.currencies:
+            # Checked before the photos are loaded and embedded: the score would refuse it anyway.
+            known = ", ".join(sorted(self.scorer.params.currencies.rates))
+            return RowOutcome.failed(row.line, row.listing_id, "unknown_currency",
+                                     f"unknown currency {row.price.currency!r} (known: {known})", "currency")
         try:
             sources = [image_source(ref, self.base, i) for i, ref in enumerate(row.images)]
             pictures = self.images.load(sources)
@@ -105,8 +110,7 @@ class ListingRescanner:
         except IntakeError as exc:
             return RowOutcome.failed(row.line, row.listing_id, exc.code.value, exc.message, exc.field)
         except UnknownCurrencyError as exc:
-            field = "price.currency" if row.price is not None else "currency"
-            return RowOutcome.failed(row.line, row.listing_id, "unknown_currency", str(exc), field)
+            return RowOutcome.failed(row.line, row.listing_id, "unknown_currency", str(exc), "currency")
         except StorageError as exc:
             return RowOutcome.failed(row.line, row.listing_id, "invalid_input", exc.message, exc.field)
         except Exception as exc:  # one listing's failure must never abort a rescan of millions

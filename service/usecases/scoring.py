@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -20,11 +21,11 @@ from typing import Literal, Protocol
 import numpy as np
 
 from service.domain.assessment import BrandContext, ListingFacts, ScoringParams, assess, wants_closer_look
-from service.domain.candidates import candidate_brands
+from service.domain.candidates import BrandCandidate, candidate_brands
 from service.domain.model import Listing, ListingImage, Match, ScoreResult, SignalName, Vectors
 from service.domain.policy import VerdictPolicy
-from service.domain.ports import CatalogReader, ListingHistory, TextReader
-from service.domain.textmatch import BrandNames, PhotoText, scan_text
+from service.domain.ports import CatalogReader, ListingHistory, OcrLine, TextReader
+from service.domain.textmatch import BrandNames, PhotoText, TextScan, scan_text
 from service.usecases.embedding import CachedEmbedder
 from service.usecases.matching import CropGrid, ListingVectors, ReferenceMatcher, derived_key
 
@@ -44,8 +45,10 @@ class ScoreRecorder(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class ScorerOptions:
-    logo_search: Mode = "always"
+    logo_search: Mode = "cascade"
     ocr: Mode = "cascade"
+    # Below this preliminary risk a listing with a candidate brand is not worth the expensive signals.
+    cascade_floor: float = 0.15
     crop_grid: CropGrid = field(default_factory=CropGrid)
 
 
@@ -89,6 +92,7 @@ class ListingScorer:
         self.recorder = recorder
         self._names: BrandNames | None = None
         self._names_lock = threading.Lock()
+        self._ocr_cache: OrderedDict[str, list[OcrLine]] = OrderedDict()
 
     # ------------------------------------------------------------------ catalog snapshot
 
@@ -174,7 +178,10 @@ class ListingScorer:
         matches = self.matcher.match(vectors)
         scan = scan_text(listing.title, listing.description, brands=names, weights=p.text)
         candidates = candidate_brands(matches, scan.mentions, p.visual, p.brand_evidence)
-        closer = wants_closer_look(candidates, scan)
+        confirmed = (self.history.confirmed_counterfeits(listing.seller.seller_id)
+                     if listing.seller is not None else None)
+        facts = ListingFacts.of(listing, confirmed)
+        closer = self._worth_a_closer_look(facts, matches, scan, candidates)
         skipped: dict[SignalName, str] = {}
         hashes = list(sha256s) if sha256s is not None else [im.sha256 for im in images or []]
 
@@ -196,7 +203,7 @@ class ListingScorer:
         # OCR: text printed in the photos ("REPLICA", a brand name) — ~0.5 s a photo, so cascaded.
         if images and self.ocr is not None and self._should_run(self.options.ocr, closer):
             photo_texts = [PhotoText(i, line.text, line.confidence)
-                           for i, im in enumerate(images) for line in self.ocr.read(im.pixels)]
+                           for i, im in enumerate(images) for line in self._read_text(im)]
             if photo_texts:
                 scan = scan_text(listing.title, listing.description, photo_texts, brands=names,
                                  weights=p.text)
@@ -208,13 +215,41 @@ class ListingScorer:
 
         contexts = {c.brand: self._context(c.brand, c.sku, listing.listing_id)
                     for c in candidates[: p.max_candidates]}
-        confirmed = (self.history.confirmed_counterfeits(listing.seller.seller_id)
-                     if listing.seller is not None else None)
-        assessment = assess(ListingFacts.of(listing, confirmed), matches, scan, contexts, p, skipped)
+        assessment = assess(facts, matches, scan, contexts, p, skipped)
         result = assessment.to_result(_ordered(matches), self.model_versions())
         out.result = result
         if persist and self.recorder is not None:
             self.recorder.record_score(listing, result, source, image_sha256s=hashes)
+
+    def _worth_a_closer_look(self, facts: ListingFacts, matches: list[Match], scan: TextScan,
+                             candidates: list[BrandCandidate]) -> bool:
+        """The cascade's rule: spend OCR and crop search where they can change the verdict.
+
+        That is where the cheap signals leave the listing undecided (a preliminary risk between
+        ``cascade_floor`` and the likely threshold: a clear listing stays clear without a brand, an already
+        likely one needs no more evidence), or where the text uses counterfeit wording but no brand is a
+        candidate yet (the brand may be printed in the photos)."""
+        if not candidates:
+            return wants_closer_look(candidates, scan)
+        p = self.params
+        contexts = {c.brand: self._context(c.brand, c.sku, facts.listing_id) for c in candidates[: p.max_candidates]}
+        prelim = assess(facts, matches, scan, contexts, p)
+        return self.options.cascade_floor <= prelim.risk < prelim.policy.likely_threshold
+
+    def _read_text(self, image: ListingImage) -> list[OcrLine]:
+        """OCR through a content-hash LRU: a photo re-used across listings is read once."""
+        assert self.ocr is not None
+        with self._names_lock:
+            hit = self._ocr_cache.get(image.sha256)
+            if hit is not None:
+                self._ocr_cache.move_to_end(image.sha256)
+                return hit
+        lines = self.ocr.read(image.pixels)
+        with self._names_lock:
+            self._ocr_cache[image.sha256] = lines
+            while len(self._ocr_cache) > 10_000:
+                self._ocr_cache.popitem(last=False)
+        return lines
 
     def _should_run(self, mode: Mode, closer: bool) -> bool:
         return mode == "always" or (mode == "cascade" and closer)
@@ -234,13 +269,15 @@ class ListingScorer:
         if images is not None:
             todo: dict[str, ListingImage] = {}
             for i, im in enumerate(images):
-                h, w = im.pixels.shape[:2]
                 for box, crop in grid.crops(im.pixels):
                     key = derived_key(im.sha256, grid.tag(box))
                     wanted.append((i, box, key))
                     todo[key] = ListingImage(key, np.ascontiguousarray(crop))
-                self.logo.remember_geometry(im.sha256, w, h)
             got = self.logo.embed(list(todo.values()))
+            if got.misses:  # first time these crops were embedded: keep the photo's size for stored rescans
+                for im in images:
+                    h, w = im.pixels.shape[:2]
+                    self.logo.remember_geometry(im.sha256, w, h)
             vecs = {k: got.vectors[j] for j, k in enumerate(todo)}
         else:
             sizes = self.logo.geometry(hashes)

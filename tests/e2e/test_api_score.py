@@ -97,7 +97,7 @@ def test_logo_small_on_another_product_is_flagged_with_logo_evidence(live: LiveS
 class _CountingHandler(http.server.BaseHTTPRequestHandler):
     hits = 0
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         type(self).hits += 1
         self.send_response(200)
         self.end_headers()
