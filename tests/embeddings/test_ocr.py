@@ -1,0 +1,61 @@
+"""RapidOCR on a real product photo with a word drawn on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFont
+
+from embeddings.ocr import RapidOcrReader
+from embeddings.preprocess import PreprocessError
+
+
+@pytest.fixture(scope="module")
+def reader() -> RapidOcrReader:
+    return RapidOcrReader()
+
+
+@pytest.fixture(scope="module")
+def labelled_photo(grocery_dir: Path) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """A catalogue photo, enlarged, with a white band below it carrying the word COUNTERFEIT."""
+    with Image.open(grocery_dir / "catalogue" / "Bravo-Orange-Juice.jpg") as im:
+        photo = im.convert("RGB").resize((im.width * 2, im.height * 2), Image.Resampling.BICUBIC)
+    canvas = Image.new("RGB", (max(photo.width, 480), photo.height + 90), "white")
+    canvas.paste(photo, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=48)
+    origin = (20, photo.height + 20)
+    draw.text(origin, "COUNTERFEIT", fill="black", font=font)
+    x0, y0, x1, y1 = (int(v) for v in draw.textbbox(origin, "COUNTERFEIT", font=font))
+    return np.asarray(canvas), (x0, y0, x1, y1)
+
+
+@pytest.mark.slow
+def test_reads_the_drawn_word_with_its_box(
+    reader: RapidOcrReader, labelled_photo: tuple[np.ndarray, tuple[int, int, int, int]]
+) -> None:
+    image, (x0, y0, x1, y1) = labelled_photo
+    assert not reader.loaded  # models load on first use
+    lines = reader.read(image)
+    assert reader.loaded
+    hits = [line for line in lines if "COUNTERFEIT" in line.text.upper().replace(" ", "")]
+    assert hits, [line.text for line in lines]
+    hit = hits[0]
+    assert hit.confidence >= 0.8
+    bx0, by0, bx1, by1 = hit.box
+    # The detected box covers the drawn text (detection pads it a little).
+    assert bx0 <= x0 + 8 and by0 <= y0 + 8 and bx1 >= x1 - 8 and by1 >= y1 - 8
+    assert 0 <= bx0 < bx1 <= image.shape[1] and 0 <= by0 < by1 <= image.shape[0]
+
+
+def test_a_blank_image_has_no_lines(reader: RapidOcrReader) -> None:
+    assert reader.read(np.full((200, 300, 3), 255, dtype=np.uint8)) == []
+
+
+def test_bad_input_is_named(reader: RapidOcrReader) -> None:
+    with pytest.raises(PreprocessError, match="image: expected dtype uint8"):
+        reader.read(np.zeros((10, 10, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match="min_confidence"):
+        RapidOcrReader(min_confidence=2.0)

@@ -1,0 +1,112 @@
+"""The preprocessing config and transform: persistence, validation, and pixel-exact agreement with the
+torchvision pipelines the models were trained with."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pydantic import ValidationError
+from torchvision import transforms
+
+from embeddings.effnet import EFFNET_PREPROCESS
+from embeddings.preprocess import PREPROCESS_FILE, PreprocessConfig, PreprocessError, preprocess_batch
+from embeddings.sscd import SSCD_PREPROCESS
+from tests.embeddings.conftest import Photo
+
+
+def test_config_round_trips_through_preprocess_json(tmp_path: Path) -> None:
+    path = EFFNET_PREPROCESS.write(tmp_path)
+    assert path == tmp_path / PREPROCESS_FILE
+    assert PreprocessConfig.read(tmp_path) == EFFNET_PREPROCESS
+    # Canonical JSON: equal configs give equal bytes (they feed the model_id hash).
+    assert path.read_text() == EFFNET_PREPROCESS.to_json()
+
+
+def test_reading_a_missing_config_says_the_model_was_not_exported(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"preprocess\.json.*not exported"):
+        PreprocessConfig.read(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"resize_shortest": None}, "resize_shortest is required"),
+        ({"resize_shortest": 100}, "at least the crop"),
+        ({"mean": None}, "mean and std are required"),
+        ({"std": (0.5, 0.0, 0.5)}, "std must be positive"),
+        ({"input_dtype": "uint8"}, "must be absent"),
+        ({"resize_mode": "letterbox"}, "resize_mode"),
+    ],
+)
+def test_inconsistent_configs_are_rejected(changes: dict[str, object], message: str) -> None:
+    fields = EFFNET_PREPROCESS.model_dump()
+    fields.update(changes)
+    with pytest.raises(ValidationError, match=message):
+        PreprocessConfig(**fields)
+
+
+def test_shortest_crop_matches_torchvision_on_real_photos(photos: list[Photo]) -> None:
+    cfg = EFFNET_PREPROCESS
+    reference = transforms.Compose(
+        [
+            transforms.Resize(cfg.resize_shortest, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(cfg.size),
+            transforms.ToTensor(),
+            transforms.Normalize(cfg.mean, cfg.std),
+        ]
+    )
+    ours = preprocess_batch(cfg, [p.pixels for p in photos])
+    theirs = torch.stack([reference(Image.fromarray(p.pixels)) for p in photos]).numpy()
+    assert ours.dtype == np.float32
+    assert ours.shape == (len(photos), 3, 224, 224)
+    np.testing.assert_allclose(ours.astype(np.float32), theirs, atol=1e-5)
+
+
+def test_squash_gives_raw_uint8_nhwc_for_models_that_normalise_in_graph(photos: list[Photo]) -> None:
+    out = preprocess_batch(SSCD_PREPROCESS, [p.pixels for p in photos[:3]])
+    assert out.dtype == np.uint8
+    assert out.shape == (3, 320, 320, 3)
+    expected = np.asarray(Image.fromarray(photos[0].pixels).resize((320, 320), Image.Resampling.BILINEAR))
+    np.testing.assert_array_equal(out[0], expected)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (3, 900, 3), (900, 2, 3), (257, 255, 3)])
+def test_extreme_aspect_ratios_and_tiny_images_still_fill_the_input(shape: tuple[int, int, int]) -> None:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    out = preprocess_batch(EFFNET_PREPROCESS, [image])
+    assert out.shape == (1, 3, 224, 224)
+    assert np.isfinite(out).all()
+
+
+def test_a_non_contiguous_view_is_read_correctly(photos: list[Photo]) -> None:
+    flipped = photos[0].pixels[:, ::-1]
+    out = preprocess_batch(SSCD_PREPROCESS, [flipped])
+    np.testing.assert_array_equal(out, preprocess_batch(SSCD_PREPROCESS, [np.ascontiguousarray(flipped)]))
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (np.zeros((8, 8, 3), dtype=np.float32), r"images\[1\]: expected dtype uint8"),
+        (np.zeros((8, 8), dtype=np.uint8), r"images\[1\]: expected shape \(H, W, 3\)"),
+        (np.zeros((8, 8, 4), dtype=np.uint8), r"images\[1\]: expected shape \(H, W, 3\)"),
+        (np.zeros((0, 8, 3), dtype=np.uint8), r"images\[1\]: empty image"),
+        ([[0, 0, 0]], r"images\[1\]: expected a numpy array, got list"),
+    ],
+)
+def test_bad_images_are_named_in_the_error(bad: object, message: str) -> None:
+    good = np.zeros((8, 8, 3), dtype=np.uint8)
+    with pytest.raises(PreprocessError, match=message):
+        preprocess_batch(EFFNET_PREPROCESS, [good, bad])  # type: ignore[list-item]
+
+
+def test_a_stacked_array_is_accepted_but_a_single_image_is_not() -> None:
+    stacked = np.zeros((2, 10, 12, 3), dtype=np.uint8)
+    assert preprocess_batch(SSCD_PREPROCESS, stacked).shape == (2, 320, 320, 3)
+    with pytest.raises(PreprocessError, match=r"got an array of shape \(10, 12, 3\)"):
+        preprocess_batch(SSCD_PREPROCESS, stacked[0])
