@@ -84,12 +84,13 @@ class ScoringSettings(BaseModel):
     @field_validator("currency_rates")
     @classmethod
     def _rates_positive(cls, v: dict[str, float]) -> dict[str, float]:
-        bad = [k for k, r in v.items() if not r > 0]
+        rates = {k.upper(): r for k, r in v.items()}
+        bad = [k for k, r in rates.items() if not r > 0]
         if bad:
             raise ValueError(f"scoring.currency_rates must be positive, not for {bad}")
-        if "USD" not in v:
+        if "USD" not in rates:
             raise ValueError("scoring.currency_rates must contain USD")
-        return {k.upper(): r for k, r in v.items()}
+        return rates
 
 
 class IntakeSettings(BaseModel):

@@ -1,0 +1,87 @@
+"""The app's lifecycle over real HTTP: live at once, ready only once the container is built."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import httpx
+import uvicorn
+
+from service.api.app import create_app
+from service.settings import Settings
+from tests.e2e.conftest import _free_port
+
+
+class _FakeContainer:
+    """Only the lifecycle is under test here; the real container is covered by the e2e tests."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"models": {"m": {"provider": "cpu"}}}
+
+    def index_sizes(self) -> dict[str, int]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+def _serve(app: Any) -> tuple[uvicorn.Server, threading.Thread, str]:
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            httpx.get(f"{url}/livez", timeout=1)
+            break
+        except httpx.HTTPError:
+            threading.Event().wait(0.05)
+    return server, t, url
+
+
+def test_readyz_is_503_until_loaded(tmp_path: Any) -> None:
+    release = threading.Event()
+
+    def factory(_: Settings) -> Any:
+        release.wait(30)
+        return _FakeContainer()
+
+    server, t, url = _serve(create_app(Settings(data_dir=tmp_path), container_factory=factory))
+    try:
+        assert httpx.get(f"{url}/livez").status_code == 200
+        r = httpx.get(f"{url}/readyz")
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        score = httpx.post(f"{url}/v1/score", json={"listing_id": "x"})
+        assert score.status_code == 503 and score.json()["error"]["code"] == "not_ready"
+        release.set()
+        for _ in range(100):
+            if httpx.get(f"{url}/readyz").status_code == 200:
+                break
+            threading.Event().wait(0.05)
+        ready = httpx.get(f"{url}/readyz")
+        assert ready.status_code == 200 and ready.json()["models"]["m"]["provider"] == "cpu"
+        assert "counterlens_ready 1.0" in httpx.get(f"{url}/metrics").text
+    finally:
+        release.set()
+        server.should_exit = True
+        t.join(timeout=10)
+
+
+def test_failed_start_is_reported_not_hidden(tmp_path: Any) -> None:
+    def factory(_: Settings) -> Any:
+        raise RuntimeError("model file missing")
+
+    server, t, url = _serve(create_app(Settings(data_dir=tmp_path), container_factory=factory))
+    try:
+        for _ in range(100):
+            body = httpx.get(f"{url}/readyz").json()
+            if body["status"] == "error":
+                break
+            threading.Event().wait(0.05)
+        assert body["status"] == "error" and "model file missing" in body["detail"]
+        assert httpx.get(f"{url}/nope").json()["error"]["code"] == "not_found"
+    finally:
+        server.should_exit = True
+        t.join(timeout=10)

@@ -1,0 +1,46 @@
+"""Settings: environment names, nested groups, validation with clear errors (also through the CLI)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from service.settings import Settings
+from tests.conftest import REPO_ROOT
+
+
+def test_env_prefix_and_nested_groups(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("COUNTERLENS_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("COUNTERLENS_SCORING__REVIEW_THRESHOLD", "0.4")
+    monkeypatch.setenv("COUNTERLENS_MODELS__COPY_MODEL", "sscd")
+    monkeypatch.setenv("COUNTERLENS_SCORING__CURRENCY_RATES", '{"usd": 1, "eur": 0.9}')
+    s = Settings()
+    assert s.data_dir == tmp_path
+    assert s.scoring.review_threshold == 0.4 and s.models.copy_model == "sscd"
+    assert s.scoring.currency_rates == {"USD": 1.0, "EUR": 0.9}
+    assert s.database_url == f"sqlite:///{tmp_path / 'counterlens.sqlite3'}"
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    ({"scoring": {"review_threshold": 0.9, "likely_threshold": 0.5}}, "must not exceed"),
+    ({"scoring": {"currency_rates": {"EUR": 0.9}}}, "must contain USD"),
+    ({"scoring": {"currency_rates": {"USD": 1, "EUR": 0}}}, "must be positive"),
+    ({"models": {"provider": "tpu"}}, "provider"),
+    ({"server": {"port": 70000}}, "port"),
+])
+def test_invalid_settings_are_refused(overrides: dict[str, object], needle: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        Settings(**overrides)  # type: ignore[arg-type]
+    assert needle in str(err.value)
+
+
+def test_cli_exits_2_naming_the_variable(tmp_path: Path) -> None:
+    env = dict(os.environ, COUNTERLENS_DATA_DIR=str(tmp_path), COUNTERLENS_INTAKE__MAX_IMAGES="0")
+    r = subprocess.run([str(REPO_ROOT / ".venv" / "bin" / "counterlens"), "serve"], env=env, text=True,
+                       capture_output=True, timeout=60)
+    assert r.returncode == 2
+    assert "COUNTERLENS_INTAKE__MAX_IMAGES" in r.stderr
