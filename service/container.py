@@ -28,6 +28,7 @@ from service.storage.db import Database
 from service.storage.embeddings import EmbeddingStore
 from service.storage.listings import ListingRepository
 from service.usecases.catalog import CatalogService
+from service.usecases.catalog_cache import CachedCatalog
 from service.usecases.embedding import CachedEmbedder
 from service.usecases.listing_input import ListingImageLoader
 from service.usecases.matching import MatchingConfig, ModelRoles, ReferenceMatcher
@@ -144,14 +145,15 @@ def build_container(settings: Settings, *, reconcile: bool = True,
     cached = {name: CachedEmbedder(b, store) for name, b in batchers.items()}
     indexes = ReferenceIndexes(settings.index_dir, settings.index)
     fetcher = SafeFetcher(settings.intake)
+    catalog_view = CachedCatalog(catalog_repo, BrandPolicyLookup(catalog_repo).brand_policy)
     matcher = ReferenceMatcher(
-        lambda name, kind: _open_or_none(indexes, cached, name, kind), catalog_repo, roles,
+        lambda name, kind: _open_or_none(indexes, cached, name, kind), catalog_view, roles,
         MatchingConfig(top_k=settings.index.top_k))
     ocr: TextReader | None = None if settings.models.ocr == "never" else LazyOcr(settings.models.intra_op_threads)
     scorer = ListingScorer(
         copy=cached[roles.copy], semantic=cached[roles.semantic] if roles.semantic else None,
-        logo=cached[roles.logo], matcher=matcher, catalog=catalog_repo, history=listings,
-        policies=BrandPolicyLookup(catalog_repo), ocr=ocr, params=scoring_params(settings),
+        logo=cached[roles.logo], matcher=matcher, catalog=catalog_view, history=listings,
+        policies=catalog_view, ocr=ocr, params=scoring_params(settings),
         options=ScorerOptions(logo_search=settings.scoring.logo_search, ocr=settings.models.ocr),
         recorder=listings)
     catalog = CatalogService(catalog_repo, blobs, indexes, cached, roles, settings.intake, fetcher,

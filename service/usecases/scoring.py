@@ -97,9 +97,12 @@ class ListingScorer:
     # ------------------------------------------------------------------ catalog snapshot
 
     def catalog_changed(self) -> None:
-        """Forget cached brand names; called by the catalog use cases after every change."""
+        """Forget cached catalog facts; called by the catalog use cases after every change."""
         with self._names_lock:
             self._names = None
+        invalidate = getattr(self.catalog, "invalidate", None)
+        if invalidate is not None:
+            invalidate()
 
     def _brand_names(self) -> BrandNames:
         with self._names_lock:

@@ -320,6 +320,7 @@ async def add_seller(request: Request, brand: str, body: SellerAuthIn) -> Seller
     await _brand(c, brand)
     s = await anyio.to_thread.run_sync(lambda: c.catalog_repo.add_authorized_seller(brand, body.seller_id,
                                                                                      body.note))
+    c.scorer.catalog_changed()
     return _seller_out(s[0])
 
 
@@ -328,4 +329,5 @@ async def remove_seller(request: Request, brand: str, seller_id: str) -> Respons
     c = _c(request)
     if not await anyio.to_thread.run_sync(c.catalog_repo.remove_authorized_seller, brand, seller_id):
         raise NotFoundError(f"brand {brand!r} has no authorized seller {seller_id!r}", "seller_id")
+    c.scorer.catalog_changed()
     return Response(status_code=204)
