@@ -1,0 +1,31 @@
+"""FAISS reference indexes per (embedder, kind): exact and approximate search over catalog embeddings
+keyed by catalog image id, incremental add/remove, atomic persistence with a manifest, and the registry
+that loads, reconciles against the database and saves them."""
+
+from index.faiss_index import (
+    FaissReferenceIndex,
+    IndexCorruptError,
+    IndexLoadError,
+    IndexMismatchError,
+    IndexNotFoundError,
+    IndexTuning,
+    IndexType,
+    VectorSource,
+    ids_checksum,
+)
+from index.registry import Reconciliation, ReferenceIndexes, StoredVectors
+
+__all__ = [
+    "FaissReferenceIndex",
+    "IndexCorruptError",
+    "IndexLoadError",
+    "IndexMismatchError",
+    "IndexNotFoundError",
+    "IndexTuning",
+    "IndexType",
+    "Reconciliation",
+    "ReferenceIndexes",
+    "StoredVectors",
+    "VectorSource",
+    "ids_checksum",
+]
