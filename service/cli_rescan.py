@@ -9,6 +9,10 @@ listing could be processed, 2 on bad arguments, 130 when interrupted (continue w
 from __future__ import annotations
 
 import re
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
@@ -60,6 +64,29 @@ def _bar() -> Progress:
     return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TaskProgressColumn(), RateColumn(), TimeElapsedColumn(), TextColumn("ETA"),
                     TimeRemainingColumn(), console=_helpers().console)
+
+
+@contextmanager
+def _ctrl_c_stops() -> Iterator[threading.Event]:
+    """While inside: the first Ctrl-C sets the event (the run ends after the listings in flight, with
+    everything finished saved), a second one raises KeyboardInterrupt as usual."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        _helpers().console.print("[yellow]stopping after the listings in flight "
+                                 "(Ctrl-C again to abort at once)...[/yellow]")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
@@ -154,6 +181,8 @@ def _file(listings: Path, out_path: Path, errors: Path | None, resume: bool, ove
     from service.usecases.rescan import FileRescan, ListingRescanner, RescanEngine, ThreadedEngine
     from service.usecases.rescan_io import RescanInputError, count_rows
 
+    cli = _helpers()
+
     try:
         job = FileRescan(listings, out_path, errors, resume=resume, overwrite=overwrite,
                          checkpoint_every=checkpoint_every)
@@ -168,8 +197,8 @@ def _file(listings: Path, out_path: Path, errors: Path | None, resume: bool, ove
             import ray  # noqa: F401
         except ImportError:
             fail("--engine ray needs Ray: pip install 'counterlens[ray]'")
-    settings = _helpers().load_settings()
-    c = _helpers()._container(settings)
+    settings = cli.load_settings()
+    c = cli._container(settings)
     runner: RescanEngine
     ray_engine: Any = None
     try:
@@ -178,18 +207,19 @@ def _file(listings: Path, out_path: Path, errors: Path | None, resume: bool, ove
 
             ray_engine = RayEngine(settings, job.base, address=address, actors=workers, actor_cpus=actor_cpus,
                                    actor_gpus=actor_gpus)
-            with _helpers().console.status("connecting to Ray..."):
+            with cli.console.status("connecting to Ray..."):
                 actors = ray_engine.start()
-            _helpers().console.print(f"Ray: {actors} scoring actor(s) of {actor_cpus:g} CPU, {actor_gpus:g} GPU")
+            cli.console.print(f"Ray: {actors} scoring actor(s) of {actor_cpus:g} CPU, {actor_gpus:g} GPU")
             runner = ray_engine
         else:
             runner = ThreadedEngine(ListingRescanner(c.scorer, c.images, job.base), workers=workers or 6)
         if point.count:
-            _helpers().console.print(f"resuming: {len(point.done_ids)} results and {len(point.handled_lines)} "
-                          "errors already written")
+            cli.console.print(f"resuming: {len(point.done_ids)} results and {len(point.handled_lines)} "
+                              "errors already written")
         with _bar() as bar:
             task = bar.add_task("rescanning", total=total, completed=min(total, point.count))
-            summary = job.run(runner, progress=lambda n: bar.advance(task, n))
+            with _ctrl_c_stops() as stop:
+                summary = job.run(runner, progress=lambda n: bar.advance(task, n), stop=stop)
     finally:
         if ray_engine is not None:
             ray_engine.close()
@@ -201,15 +231,15 @@ def _file(listings: Path, out_path: Path, errors: Path | None, resume: bool, ove
              ("listings/s", f"{summary.rate:,.1f}  ({summary.processed} in {summary.elapsed_s:,.1f} s)")]
     for model, n in sorted(summary.embedded.items()):
         rows.append((f"embedded {model}", f"{n} photos, {summary.cache_hits.get(model, 0)} from cache"))
-    _helpers().out.print(_summary_table(f"rescan of {listings} -> {out_path}", rows))
+    cli.out.print(_summary_table(f"rescan of {listings} -> {out_path}", rows))
     if summary.unknown_fields:
         names = ", ".join(sorted(summary.unknown_fields))
-        _helpers().console.print(f"[yellow]ignored unknown field(s):[/yellow] {names}")
+        cli.console.print(f"[yellow]ignored unknown field(s):[/yellow] {names}")
     if summary.interrupted:
-        _helpers().console.print("[yellow]interrupted[/yellow]: finished listings are saved; continue with --resume")
+        cli.console.print("[yellow]interrupted[/yellow]: finished listings are saved; continue with --resume")
         raise typer.Exit(130)
     if summary.scored == 0 and (summary.errors > 0 or summary.skipped == 0):
-        _helpers().console.print("[red]error:[/red] not one listing could be processed")
+        cli.console.print("[red]error:[/red] not one listing could be processed")
         raise typer.Exit(1)
 
 
@@ -218,6 +248,8 @@ def _stored(out_path: Path | None, overwrite: bool, workers: int | None, brand: 
     from service.storage.errors import NotFoundError
     from service.usecases.rescan import StoredRescanJob
     from service.usecases.rescan_io import JsonlJournal
+
+    cli = _helpers()
 
     try:
         since_at = parse_since(since) if since is not None else None
@@ -230,8 +262,8 @@ def _stored(out_path: Path | None, overwrite: bool, workers: int | None, brand: 
             fail(f"--out {out_path} already holds results: pass --overwrite to replace it")
         if not out_path.parent.is_dir():
             fail(f"--out: the folder {out_path.parent} does not exist")
-    settings = _helpers().load_settings()
-    c = _helpers()._container(settings)
+    settings = cli.load_settings()
+    c = cli._container(settings)
     journal = JsonlJournal(out_path, append=False) if out_path is not None else None
     try:
         job = StoredRescanJob(c.scorer, c.listings, brand=brand, since=since_at, workers=workers or 4,
@@ -243,10 +275,14 @@ def _stored(out_path: Path | None, overwrite: bool, workers: int | None, brand: 
         with _bar() as bar:
             task = bar.add_task("re-matching stored listings", total=total)
             try:
-                report = job.run(progress=lambda n: bar.advance(task, n))
+                with _ctrl_c_stops() as stop:
+                    report = job.run(progress=lambda n: bar.advance(task, n), cancel=stop)
             except KeyboardInterrupt:
-                _helpers().console.print("[yellow]interrupted[/yellow]")
-                raise typer.Exit(130) from None
+                report = None
+            if report is None or report.cancelled:
+                cli.console.print("[yellow]interrupted[/yellow]: the listings re-matched so far "
+                                         "are recorded")
+                raise typer.Exit(130)
     finally:
         if journal is not None:
             journal.close()
@@ -256,9 +292,9 @@ def _stored(out_path: Path | None, overwrite: bool, workers: int | None, brand: 
              ("no stored embeddings", str(report.missing_embeddings)), ("errors", str(report.errors)),
              ("listings/s", f"{report.rate:,.1f}  ({report.scanned} in {report.elapsed_s:,.1f} s)")]
     scope = f"brand {brand}" if brand else "all brands"
-    _helpers().out.print(_summary_table(f"stored rescan ({scope}{', since ' + since if since else ''})", rows))
+    cli.out.print(_summary_table(f"stored rescan ({scope}{', since ' + since if since else ''})", rows))
     if report.scanned and report.rescored == 0:
-        _helpers().console.print("[red]error:[/red] not one stored listing could be re-matched")
+        cli.console.print("[red]error:[/red] not one stored listing could be re-matched")
         raise typer.Exit(1)
 
 

@@ -22,19 +22,23 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import islice
 from pathlib import Path
 from typing import Any, Protocol
 
-from service.domain.model import Listing, Verdict
+import numpy as np
+
+from service.domain.model import Listing, ScoreResult, Verdict
 from service.domain.pricing import UnknownCurrencyError
 from service.intake.errors import IntakeError
 from service.storage.errors import StorageError
 from service.storage.listings import ListingRepository
 from service.storage.records import ListingRecord, ScoreSource
+from service.usecases.embedding import CachedEmbedder
 from service.usecases.listing_input import ListingImageLoader
 from service.usecases.rescan_io import (
     JsonlJournal,
@@ -53,6 +57,20 @@ from service.usecases.scoring import ListingScorer
 log = logging.getLogger("counterlens.rescan")
 
 Progress = Callable[[int], None]
+
+# Scores are recorded one writer at a time per process. SQLite admits one writer; a thread that finds
+# the write lock taken sleeps in SQLite's busy handler (1, 2, 5, 10, 15, 20, 25 ... ms), which with
+# several rescan threads cost more wall time than the writes themselves. A Python lock hands over in
+# microseconds. (Reads are unaffected: WAL readers never wait.)
+_RECORD_LOCK = threading.Lock()
+
+
+def record(scorer: ListingScorer, listing: Listing, result: ScoreResult, source: ScoreSource,
+           sha256s: Sequence[str]) -> None:
+    """Store a score as ``ListingScorer`` would with ``persist=True``, serialised within the process."""
+    if scorer.recorder is not None:
+        with _RECORD_LOCK:
+            scorer.recorder.record_score(listing, result, source.value, image_sha256s=sha256s)
 
 
 # ---------------------------------------------------------------------------------------------- one listing
@@ -106,7 +124,10 @@ class ListingRescanner:
             pictures = self.images.load(sources)
             listing = Listing(listing_id=row.listing_id, title=row.title, description=row.description,
                               price=row.price, seller=row.seller, images=tuple(pictures))
-            outcome = self.scorer.score(listing, source=ScoreSource.RESCAN.value, persist=self.persist)
+            outcome = self.scorer.score(listing, source=ScoreSource.RESCAN.value, persist=False)
+            if self.persist:
+                record(self.scorer, listing, outcome.result, ScoreSource.RESCAN,
+                       [im.sha256 for im in pictures])
         except IntakeError as exc:
             return RowOutcome.failed(row.line, row.listing_id, exc.code.value, exc.message, exc.field)
         except UnknownCurrencyError as exc:
@@ -262,9 +283,11 @@ class FileRescan:
                                            "that run or --overwrite to start again")
         return self.point
 
-    def run(self, engine: RescanEngine, progress: Progress | None = None) -> RescanSummary:
-        """Rescan every listing not finished yet; KeyboardInterrupt stops cleanly (what was finished is
-        committed, ``summary.interrupted`` is set) so ``--resume`` continues."""
+    def run(self, engine: RescanEngine, progress: Progress | None = None,
+            stop: threading.Event | None = None) -> RescanSummary:
+        """Rescan every listing not finished yet. Setting ``stop`` (the CLI does on Ctrl-C) ends the run
+        after the outcome at hand: what was finished is committed and ``summary.interrupted`` is set, so
+        ``--resume`` continues. A KeyboardInterrupt is handled the same way."""
         if not self.format:
             self.prepare()
         summary = RescanSummary()
@@ -315,8 +338,9 @@ class FileRescan:
                     continue
                 yield row
 
+        outcomes = engine.process(rows())
         try:
-            for outcome in engine.process(rows()):
+            for outcome in outcomes:
                 if outcome.record is not None:
                     results.append(outcome.record)
                     summary.scored += 1
@@ -328,9 +352,15 @@ class FileRescan:
                     maybe_commit()
                 elif outcome.error is not None:
                     failed(outcome.error)
+                if stop is not None and stop.is_set():
+                    summary.interrupted = True
+                    break
         except KeyboardInterrupt:
             summary.interrupted = True
         finally:
+            close = getattr(outcomes, "close", None)  # a generator engine: stop its workers now
+            if close is not None:
+                close()
             try:
                 results.close()
             finally:
@@ -348,7 +378,9 @@ class StoredRescanReport:
 
     brand: str | None = None
     since: datetime | None = None
-    scanned: int = 0
+    near_references: int = 0  # how many new references the job was limited to (0: not limited)
+    scanned: int = 0  # stored listings looked at
+    not_near: int = 0  # skipped: no photo comes near a new reference, nothing can change
     rescored: int = 0
     missing_embeddings: int = 0  # photos never embedded with the current models: rescan their file
     errors: int = 0
@@ -364,9 +396,9 @@ class StoredRescanReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {"brand": self.brand, "since": self.since.isoformat() if self.since else None,
-                "scanned": self.scanned, "rescored": self.rescored,
-                "missing_embeddings": self.missing_embeddings, "errors": self.errors,
-                "changed": self.changed, "newly_flagged": self.newly_flagged,
+                "near_references": self.near_references, "scanned": self.scanned, "not_near": self.not_near,
+                "rescored": self.rescored, "missing_embeddings": self.missing_embeddings,
+                "errors": self.errors, "changed": self.changed, "newly_flagged": self.newly_flagged,
                 "verdicts": {v.value: self.verdicts.get(v.value, 0) for v in Verdict},
                 "elapsed_s": round(self.elapsed_s, 3), "listings_per_s": round(self.rate, 2),
                 "cancelled": self.cancelled}
@@ -376,46 +408,127 @@ class StoredRescanJob:
     """Re-match stored listings with their stored embeddings against the current catalog and record the
     new scores (review queues follow: see :meth:`ListingRepository.record_score`).
 
-    ``brand`` limits it to listings whose latest matches or review items involve the brand (after a
-    brand removed references, changed its thresholds or authorized sellers); new references can match
-    any listing, so after references are *added* run it without ``brand`` (``since`` bounds the work to
-    recently seen listings). Blocking and thread-safe; ``cancel`` stops it between listings.
+    Which listings:
+
+    * all of them (``since``: only those the platforms sent since then);
+    * ``brand``: those whose latest matches or review items involve the brand — what a brand needs after
+      it removed references or changed its thresholds or authorized sellers;
+    * ``near_references`` (content hashes of newly added *product* references): only listings with a
+      photo whose stored embedding reaches the copy or lookalike signal's floor against one of them.
+      Below the floors a match is no evidence, so for every other listing risk, verdict, brand and
+      review items cannot change (only a weak match would be missing from its stored match list): after
+      a brand adds references this re-matches the few listings concerned and only reads the others'
+      embeddings.
+
+    Blocking and thread-safe; ``cancel`` stops it between listings.
     """
 
     def __init__(self, scorer: ListingScorer, listings: ListingRepository, *, brand: str | None = None,
-                 since: datetime | None = None, workers: int = 4, results: JsonlJournal | None = None,
-                 persist: bool = True) -> None:
+                 since: datetime | None = None, near_references: Sequence[str] = (), workers: int = 4,
+                 results: JsonlJournal | None = None, persist: bool = True) -> None:
         if workers < 1:
             raise ValueError("workers must be >= 1")
         self.scorer = scorer
         self.listings = listings
         self.brand = brand
         self.since = since
+        self.near_references = tuple(dict.fromkeys(near_references))
         self.workers = workers
         self.results = results
         self.persist = persist
 
     def count(self) -> int:
-        """How many listings the job will look at (NotFoundError for an unknown brand)."""
+        """How many stored listings the job will look at (NotFoundError for an unknown brand)."""
         return self.listings.count_stored(self.brand, self.since)
 
     def _one(self, rec: ListingRecord) -> tuple[ListingRecord, Any]:
         try:
-            return rec, self.scorer.rescore_stored(rec.to_listing(), rec.image_sha256s, persist=self.persist,
-                                                   source=ScoreSource.STORED_RESCAN.value)
+            listing = rec.to_listing()
+            got = self.scorer.rescore_stored(listing, rec.image_sha256s, persist=False,
+                                             source=ScoreSource.STORED_RESCAN.value)
+            if got is not None and self.persist:
+                record(self.scorer, listing, got.result, ScoreSource.STORED_RESCAN, rec.image_sha256s)
+            return rec, got
         except Exception as exc:  # a listing whose rescore fails must not stop the job
             log.exception("stored rescan of a listing failed", extra={"listing_id": rec.listing_id})
             return rec, exc
 
+    def _models(self) -> list[tuple[CachedEmbedder, float]]:
+        """The product-matching models with the similarity from which a match counts as evidence (the
+        signal's floor; the matcher does not report below its own minimum either)."""
+        config, visual = self.scorer.matcher.config, self.scorer.params.visual
+        out = [(self.scorer.copy, max(config.min_copy, visual.copy.floor))]
+        if self.scorer.semantic is not None:
+            out.append((self.scorer.semantic, max(config.min_lookalike, visual.lookalike.floor)))
+        return out
+
+    def _reference_vectors(self) -> list[tuple[CachedEmbedder, float, np.ndarray]] | None:
+        """(model, floor, vectors of the new references); None when one is not stored (then every
+        listing is re-matched: correct, only slower)."""
+        out = []
+        for emb, floor in self._models():
+            got = emb.lookup(self.near_references)
+            if any(sha not in got for sha in self.near_references):
+                log.warning("a new reference has no stored embedding: re-matching every listing",
+                            extra={"model": emb.model_id})
+                return None
+            out.append((emb, floor, np.stack([got[sha] for sha in self.near_references])))
+        return out
+
+    def _pages(self, records: Iterator[ListingRecord], report: StoredRescanReport,
+               page: int = 256) -> Iterator[ListingRecord]:
+        """The records to re-match, a page at a time. Each page's stored embeddings are read ahead in one
+        query per model (they land in the embedders' in-process LRU, so ``rescore_stored`` finds them
+        without a database round trip each), and with ``near_references`` the listings that come near
+        none of the new references are counted and dropped here."""
+        embedders = list({id(e): e for e in (self.scorer.copy, self.scorer.semantic, self.scorer.logo)
+                          if e is not None}.values())
+        refs = self._reference_vectors() if self.near_references else None
+        while True:
+            chunk = list(islice(records, page))
+            if not chunk:
+                return
+            shas = list(dict.fromkeys(sha for rec in chunk for sha in rec.image_sha256s))
+            found = {id(emb): emb.lookup(shas) for emb in embedders}
+            near = self._near_photos(shas, refs, found) if refs is not None else None
+            for rec in chunk:
+                if near is not None and not any(near.get(sha, True) for sha in rec.image_sha256s):
+                    report.scanned += 1
+                    report.not_near += 1
+                    continue
+                yield rec
+
+    @staticmethod
+    def _near_photos(shas: list[str], refs: list[tuple[CachedEmbedder, float, np.ndarray]],
+                     found: dict[int, dict[str, np.ndarray]]) -> dict[str, bool]:
+        """For each photo of a page: does it reach a floor against a new reference (one matrix product
+        per model for the whole page)? A photo without a stored embedding is absent: its listing goes on
+        to ``rescore_stored``, which reports it."""
+        near = dict.fromkeys(shas, False)
+        for emb, floor, matrix in refs:
+            vectors = found[id(emb)]
+            have = [sha for sha in shas if sha in vectors]
+            for sha in shas:
+                if sha not in vectors:
+                    near.pop(sha, None)
+            if have:
+                best = (np.stack([vectors[sha] for sha in have]) @ matrix.T).max(axis=1)
+                for sha, sim in zip(have, best.tolist(), strict=True):
+                    if sim >= floor and sha in near:
+                        near[sha] = True
+        return near
+
     def run(self, progress: Progress | None = None,
             cancel: threading.Event | None = None) -> StoredRescanReport:
-        report = StoredRescanReport(brand=self.brand, since=self.since)
+        report = StoredRescanReport(brand=self.brand, since=self.since,
+                                    near_references=len(self.near_references))
         t0 = time.perf_counter()
         records = self.listings.iter_stored(self.brand, self.since)
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="stored-rescan")
         pending: deque[Future[tuple[ListingRecord, Any]]] = deque()
         window = self.workers * 16
         last_commit = time.monotonic()
+        skipped_before = 0
 
         def take(fut: Future[tuple[ListingRecord, Any]]) -> None:
             nonlocal last_commit
@@ -442,7 +555,10 @@ class StoredRescanJob:
                 progress(1)
 
         try:
-            for rec in records:
+            for rec in self._pages(records, report):
+                if progress and report.not_near > skipped_before:
+                    progress(report.not_near - skipped_before)
+                    skipped_before = report.not_near
                 if cancel is not None and cancel.is_set():
                     report.cancelled = True
                     break
@@ -451,6 +567,8 @@ class StoredRescanJob:
                     take(pending.popleft())
             while pending:
                 take(pending.popleft())
+            if progress and report.not_near > skipped_before:
+                progress(report.not_near - skipped_before)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             if self.results is not None:
@@ -460,65 +578,101 @@ class StoredRescanJob:
         return report
 
 
+@dataclass(frozen=True, slots=True)
+class RescanRequest:
+    """What the scheduler is asked to re-match: everything (``brand`` None and no ``near_references``),
+    one brand's listings, or the listings near newly added references."""
+
+    brand: str | None = None
+    near_references: frozenset[str] = frozenset()
+
+
 class StoredRescanScheduler:
     """Runs stored rescans in one background thread, for the API after catalog changes.
 
-    ``request(brand)`` asks for a rescan of the listings involving ``brand``; ``request(None)`` for all
-    stored listings (what adding references needs). Requests arriving while a job runs are coalesced:
-    one run of "all" covers any brand asked for meanwhile, and a brand asked for twice runs once.
+    * ``request(near_references=shas)`` after references were added (their content hashes: the
+      ``sha256`` of the added reference records);
+    * ``request(brand=slug)`` after a brand removed references or changed thresholds or sellers;
+    * ``request()`` for every stored listing.
+
+    Requests arriving while a job runs are coalesced: a pending rescan of everything covers every other
+    request, added references are merged into one job, a brand asked for twice runs once.
     """
 
-    def __init__(self, make_job: Callable[[str | None], StoredRescanJob]) -> None:
+    def __init__(self, make_job: Callable[[RescanRequest], StoredRescanJob]) -> None:
         self._make_job = make_job
         self._lock = threading.Condition()
-        self._pending: set[str | None] = set()
+        self._everything = False
+        self._brands: set[str] = set()
+        self._near: set[str] = set()
         self._cancel = threading.Event()
         self._closed = False
-        self.running: str | bool | None = False  # False: idle; otherwise the scope being rescanned
+        self.running: RescanRequest | None = None
         self.last: StoredRescanReport | None = None
         self.runs = 0
         self._thread = threading.Thread(target=self._loop, name="stored-rescan-scheduler", daemon=True)
         self._thread.start()
 
-    def request(self, brand: str | None = None) -> None:
+    def request(self, brand: str | None = None, near_references: Sequence[str] = ()) -> None:
+        if brand is not None and near_references:
+            raise ValueError("give a brand or near_references, not both")
         with self._lock:
             if self._closed:
                 raise RuntimeError("the scheduler is closed")
-            if None in self._pending:
-                return
-            if brand is None:
-                self._pending = {None}
+            if brand is not None:
+                self._brands.add(brand)
+            elif near_references:
+                self._near.update(near_references)
             else:
-                self._pending.add(brand)
-            self._lock.notify()
+                self._everything = True
+            if self._everything:
+                self._brands.clear()
+                self._near.clear()
+            self._lock.notify_all()
+
+    def _has_pending(self) -> bool:
+        return self._everything or bool(self._brands) or bool(self._near)
 
     def status(self) -> dict[str, Any]:
         with self._lock:
-            return {"running": self.running is not False, "scope": None if self.running is False
-                    else self.running, "pending": sorted("*" if p is None else p for p in self._pending),
-                    "runs": self.runs, "last": self.last.as_dict() if self.last else None}
+            pending: list[str] = ["*"] if self._everything else []
+            pending += sorted(self._brands) + ([f"near {len(self._near)} new reference(s)"] if self._near else [])
+            running = None if self.running is None else {
+                "brand": self.running.brand, "near_references": len(self.running.near_references)}
+            return {"running": running, "pending": pending, "runs": self.runs,
+                    "last": self.last.as_dict() if self.last else None}
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """True once nothing is pending or running (for tests and orderly shutdown)."""
         with self._lock:
-            return self._lock.wait_for(lambda: not self._pending and self.running is False, timeout)
+            return self._lock.wait_for(lambda: not self._has_pending() and self.running is None, timeout)
+
+    def _next(self) -> RescanRequest:
+        if self._everything:
+            self._everything = False
+            return RescanRequest()
+        if self._near:
+            req = RescanRequest(near_references=frozenset(self._near))
+            self._near.clear()
+            return req
+        brand = min(self._brands)
+        self._brands.discard(brand)
+        return RescanRequest(brand=brand)
 
     def _loop(self) -> None:
         while True:
             with self._lock:
-                self._lock.wait_for(lambda: self._pending or self._closed)
+                self._lock.wait_for(lambda: self._has_pending() or self._closed)
                 if self._closed:
                     return
-                scope = None if None in self._pending else sorted(b for b in self._pending if b)[0]
-                self._pending.discard(scope)
-                self.running = scope
+                req = self.running = self._next()
             try:
-                report = self._make_job(scope).run(cancel=self._cancel)
+                report: StoredRescanReport | None = self._make_job(req).run(cancel=self._cancel)
             except Exception:
-                log.exception("stored rescan job failed", extra={"brand": scope})
+                log.exception("stored rescan job failed", extra={"brand": req.brand})
                 report = None
             with self._lock:
-                self.running = False
+                self.running = None
                 self.runs += 1
                 if report is not None:
                     self.last = report
@@ -528,12 +682,25 @@ class StoredRescanScheduler:
         """Cancel a running job (between listings) and stop the thread."""
         with self._lock:
             self._closed = True
-            self._pending.clear()
+            self._everything = False
+            self._brands.clear()
+            self._near.clear()
             self._lock.notify_all()
         self._cancel.set()
         self._thread.join(timeout)
 
 
-__all__ = ["FileRescan", "ListingRescanner", "RescanEngine", "RescanInputError", "RescanSummary",
-           "RowOutcome", "StoredRescanJob", "StoredRescanReport", "StoredRescanScheduler", "ThreadedEngine",
-           "default_errors_path"]
+__all__ = [
+    "FileRescan",
+    "ListingRescanner",
+    "RescanEngine",
+    "RescanInputError",
+    "RescanRequest",
+    "RescanSummary",
+    "RowOutcome",
+    "StoredRescanJob",
+    "StoredRescanReport",
+    "StoredRescanScheduler",
+    "ThreadedEngine",
+    "default_errors_path",
+]

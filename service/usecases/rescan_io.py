@@ -456,14 +456,16 @@ class JsonlJournal:
         """Write the buffered records (whole lines, one write) and fsync."""
         if not self._buffer:
             return
+        # Taken out of the buffer before writing: if an exception (KeyboardInterrupt) lands after the
+        # write, a second commit must not write the same records again.
         data = b"".join(self._buffer)
+        self.written += len(self._buffer)
+        self._buffer.clear()
         view = memoryview(data)
         while view:  # a regular file takes it all in one write; loop in case of a short write
             n = os.write(self._fd, view)
             view = view[n:]
         os.fsync(self._fd)
-        self.written += len(self._buffer)
-        self._buffer.clear()
 
     def close(self) -> None:
         try:

@@ -181,22 +181,35 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_results(rescan_world: Wor
 
     data = fresh_data_dir(w, tmp_path / "data")
     out = tmp_path / "results.jsonl"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "rescan", str(src), "--out", str(out), "--checkpoint-every", "4",
-         "--workers", "2"], cwd=REPO, env={**os.environ, **env(data)}, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 240
-    while complete_lines(out) < 12 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert proc.stderr is not None
-    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()!r}"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+    command = [sys.executable, "-m", "service.cli", "rescan", str(src), "--out", str(out), "--checkpoint-every",
+               "4", "--workers", "2"]
+
+    def start_and_stop_at(lines: int, sig: signal.Signals, *extra: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen([*command, *extra], cwd=REPO, env={**os.environ, **env(data)},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 240
+        while complete_lines(out) < lines and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert proc.stderr is not None
+        assert proc.poll() is None, f"the run ended before it could be stopped: {proc.stderr.read()!r}"
+        os.kill(proc.pid, sig)
+        proc.wait(timeout=120)
+        return proc
+
+    # Ctrl-C: the run stops cleanly, saying how to continue.
+    stopped = start_and_stop_at(8, signal.SIGINT)
+    assert stopped.returncode == 130 and stopped.stderr is not None
+    assert b"--resume" in stopped.stderr.read()
+    interrupted_at = complete_lines(out)
+    assert 8 <= interrupted_at < len(rows) and out.read_bytes().endswith(b"\n")
+
+    # kill -9 of the resumed run: nothing finished is lost, no line is corrupt.
+    killed = start_and_stop_at(interrupted_at + 8, signal.SIGKILL, "--resume")
+    assert killed.returncode == -signal.SIGKILL
     killed_at = complete_lines(out)
-    assert 12 <= killed_at < len(rows)
-    for raw in out.read_bytes().split(b"\n")[:killed_at]:  # every complete line is a whole record
-        assert json.loads(raw)["listing_id"]
+    assert interrupted_at + 8 <= killed_at < len(rows)
+    ids = [json.loads(raw)["listing_id"] for raw in out.read_bytes().split(b"\n")[:killed_at]]
+    assert len(ids) == len(set(ids)) == killed_at  # whole records, none twice
 
     result = cli(data, str(src), "--out", str(out), "--resume")
     assert result.exit_code == 0, result.output

@@ -1,0 +1,301 @@
+"""Rescan throughput on this machine: listings per second of ``counterlens rescan`` (the same use case and
+engine as the CLI, in-process) for
+
+``cold``    every photo new: decoded, embedded by every configured model, matched, stored;
+``cached``  the same file again in a fresh container: every embedding comes from the database cache;
+``stored``  ``rescan --stored``: every stored listing re-matched from its stored embeddings;
+``near``    the background job after a brand added one reference: listings near it re-matched, the
+            others only read;
+
+beside the raw embedding throughput of the configured models measured in the same run (photos per
+second through all of them, preprocessing included, batches of ``models.max_batch``), and the ratio of
+the cold rate to it (1.0 would mean a rescan costs no more than the models do).
+
+The input: ``--n`` listings (default 2000) with one photo each, all distinct: the grocery-dev photos
+and re-encoded, cropped, brightened variants of them; the catalog: grocery-dev's 41 catalogue photos as
+the references of 12 brands. Everything lives in a temporary data dir (``--keep`` keeps it).
+
+    .venv/bin/python scripts/bench_rescan.py [--n 2000] [--workers 6] [--logo-search never|always]
+                                             [--profile cold|cached|stored] [--json out.json]
+
+``--profile PHASE`` runs that phase under cProfile (every thread, via ``threading.setprofile``) and
+prints the top functions by cumulative and own time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import csv
+import io
+import json
+import os
+import pstats
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+GROCERY = REPO.parent / "shared" / "data" / "grocery-dev"
+
+from PIL import Image, ImageEnhance  # noqa: E402
+
+from embeddings.thread_batcher import ThreadBatcher  # noqa: E402
+from service.container import Container, build_container, build_embedders  # noqa: E402
+from service.domain.model import ReferenceKind  # noqa: E402
+from service.settings import Settings  # noqa: E402
+from service.usecases.catalog import ReferenceUpload  # noqa: E402
+from service.usecases.rescan import (  # noqa: E402
+    FileRescan,
+    ListingRescanner,
+    StoredRescanJob,
+    ThreadedEngine,
+)
+from service.usecases.rescan_io import JsonlJournal  # noqa: E402
+
+
+def brand_of(cls: str) -> str:
+    head = cls.split("-")[0].lower()
+    return head if head in {"alpro", "arla", "bravo", "garant", "god", "tropicana", "yoggi"} else "fresh"
+
+
+def write_catalog(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    manifest = folder / "manifest.csv"
+    with manifest.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["brand", "sku", "kind", "image", "ref_id", "title", "price", "currency"])
+        for p in sorted((GROCERY / "catalogue").glob("*.jpg")):
+            shutil.copy(p, folder / p.name)
+            w.writerow([brand_of(p.stem), p.stem, "product", p.name, f"ref-{p.stem}", p.stem.replace("-", " "),
+                        "20.00", "USD"])
+    return manifest
+
+
+def variant(src: Path, k: int) -> bytes:
+    """The k-th distinct re-encoding of a photo (k = 0: the file as it is)."""
+    if k == 0:
+        return src.read_bytes()
+    with Image.open(src) as opened:
+        im = opened.convert("RGB")
+    w, h = im.size
+    d = 1 + k % 7
+    im = im.crop((d, d, w - d, h - d))
+    im = ImageEnhance.Brightness(im).enhance(1.0 + 0.03 * ((k % 5) - 2))
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=70 + (k * 7) % 25)
+    return buf.getvalue()
+
+
+def write_listings(folder: Path, n: int) -> Path:
+    """``n`` listings with one distinct photo each, one a line."""
+    photos = folder / "photos"
+    photos.mkdir(parents=True)
+    with (GROCERY / "labels.csv").open(newline="") as fh:
+        sources = [GROCERY / r["path"] for r in csv.DictReader(fh)]
+    listings = folder / "listings.jsonl"
+    with listings.open("w") as fh:
+        for i in range(n):
+            src = sources[i % len(sources)]
+            name = f"p{i:06d}.jpg"
+            (photos / name).write_bytes(variant(src, i // len(sources)))
+            price = 20.0 if i % 10 else 4.0  # one listing in ten cheap
+            fh.write(json.dumps({"listing_id": f"L{i:06d}", "title": src.parent.name.replace("-", " "),
+                                 "price": price, "currency": "USD", "seller_id": f"seller-{i % 97}",
+                                 "images": [f"photos/{name}"]}) + "\n")
+    return listings
+
+
+class ThreadProfile:
+    """cProfile over every thread started while it is active (the engine's workers included)."""
+
+    def __init__(self) -> None:
+        self.profiles: list[cProfile.Profile] = []
+        self._lock = threading.Lock()
+
+    def _thread_hook(self, *_: Any) -> None:
+        p = cProfile.Profile()
+        with self._lock:
+            self.profiles.append(p)
+        sys.setprofile(None)  # this thread's hook has done its job; cProfile takes over
+        p.enable()
+
+    def __enter__(self) -> ThreadProfile:
+        main = cProfile.Profile()
+        self.profiles.append(main)
+        threading.setprofile(self._thread_hook)
+        main.enable()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        threading.setprofile(None)
+        for p in self.profiles:
+            p.disable()
+
+    def report(self, top: int = 30) -> str:
+        out = io.StringIO()
+        stats = pstats.Stats(self.profiles[0], stream=out)
+        for p in self.profiles[1:]:
+            with contextlib.suppress(TypeError):  # a thread that never ran profiled code
+                stats.add(p)
+        stats.sort_stats("cumulative").print_stats(top)
+        stats.sort_stats("tottime").print_stats(top)
+        return out.getvalue()
+
+
+def models_run(c: Container) -> int:
+    return sum(e.embedder.images_run for e in c.embedders.values() if isinstance(e.embedder, ThreadBatcher))
+
+
+def raw_embedding_rate(embedders: dict[str, Any], paths: list[Path], batch: int, seconds: float = 8.0) -> float:
+    """Photos per second through every configured model (decoded pixels in, vectors out)."""
+    pixels = []
+    for p in paths:
+        with Image.open(p) as im:
+            pixels.append(np.asarray(im.convert("RGB")))
+    for e in embedders.values():
+        e.embed(pixels[:batch])  # warm-up
+    done, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        chunk = [pixels[(done + j) % len(pixels)] for j in range(batch)]
+        for e in embedders.values():
+            e.embed(chunk)
+        done += batch
+    return done / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=2000, help="listings (one distinct photo each)")
+    ap.add_argument("--workers", type=int, default=6, help="scoring threads of the local engine")
+    ap.add_argument("--logo-search", choices=["never", "cascade", "always"], default="never")
+    ap.add_argument("--ocr", choices=["never", "cascade", "always"], default="never")
+    ap.add_argument("--profile", choices=["cold", "cached", "stored"], default=None)
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary data dir")
+    args = ap.parse_args()
+    if args.n < 1:
+        ap.error("--n must be >= 1")
+
+    root = Path(tempfile.mkdtemp(prefix="bench-rescan-"))
+    try:
+        data = root / "data"
+        settings = Settings(data_dir=data, scoring={"logo_search": args.logo_search},
+                            models={"ocr": args.ocr})
+        print(f"preparing {args.n} listings and the catalog under {root} ...", flush=True)
+        t = time.perf_counter()
+        listings = write_listings(root / "in", args.n)
+        manifest = write_catalog(root / "catalog")
+        embedders, _ = build_embedders(settings)
+        c = build_container(settings, embedders=embedders)
+        report = c.catalog.import_manifest(manifest)
+        assert not report.errors, report.errors
+        c.close()
+        print(f"  ready in {time.perf_counter() - t:.1f} s ({report.added} references)", flush=True)
+
+        figures: dict[str, Any] = {"n": args.n, "workers": args.workers, "logo_search": args.logo_search,
+                                   "ocr": args.ocr, "cpus": os.cpu_count(),
+                                   "load_1m": os.getloadavg()[0],
+                                   "models": {k: e.model_id for k, e in embedders.items()}}
+
+        def file_phase(name: str, out: str) -> None:
+            c = build_container(settings, embedders=embedders, reconcile=False)
+            try:
+                job = FileRescan(listings, root / out, overwrite=True)
+                job.prepare()
+                engine = ThreadedEngine(ListingRescanner(c.scorer, c.images, job.base), workers=args.workers)
+                before = models_run(c)
+                prof = ThreadProfile() if args.profile == name else None
+                if prof:
+                    with prof:
+                        s = job.run(engine)
+                else:
+                    s = job.run(engine)
+                figures[name] = {"listings_per_s": s.rate, "seconds": s.elapsed_s, "scored": s.scored,
+                                 "errors": s.errors, "photos_embedded": models_run(c) - before,
+                                 "verdicts": dict(s.verdicts)}
+                print(f"  {name}: {s.rate:,.1f} listings/s ({s.scored} in {s.elapsed_s:.1f} s, "
+                      f"{models_run(c) - before} model runs)", flush=True)
+                if prof:
+                    print(prof.report())
+            finally:
+                c.close()
+
+        print("cold run (empty embedding cache) ...", flush=True)
+        file_phase("cold", "cold.jsonl")
+        print("cached run (a fresh container: embeddings from the database) ...", flush=True)
+        file_phase("cached", "cached.jsonl")
+
+        print("stored run (rescan --stored) ...", flush=True)
+        c = build_container(settings, embedders=embedders, reconcile=False)
+        try:
+            journal = JsonlJournal(root / "stored.jsonl", append=False)
+            job = StoredRescanJob(c.scorer, c.listings, workers=4, results=journal)
+            before = models_run(c)
+            prof = ThreadProfile() if args.profile == "stored" else None
+            if prof:
+                with prof:
+                    r = job.run()
+            else:
+                r = job.run()
+            journal.close()
+            figures["stored"] = {"listings_per_s": r.rate, "seconds": r.elapsed_s, "scanned": r.scanned,
+                                 "rescored": r.rescored, "photos_embedded": models_run(c) - before}
+            print(f"  stored: {r.rate:,.1f} listings/s ({r.scanned} in {r.elapsed_s:.1f} s)", flush=True)
+            if prof:
+                print(prof.report())
+
+            # What the API's background job does after a brand adds a reference: only the listings near it
+            # are re-matched, the others only have their stored embeddings read.
+            print("stored run near one new reference ...", flush=True)
+            new = c.catalog.add([ReferenceUpload(
+                brand="newbrand", kind=ReferenceKind.PRODUCT, source="bench", sku="NEW-1",
+                data=variant(GROCERY / "catalogue" / "Alpro-Shelf-Soy-Milk.jpg", 3))])
+            before = models_run(c)
+            job = StoredRescanJob(c.scorer, c.listings, workers=4,
+                                  near_references=[new[0].reference.sha256])
+            r = job.run()
+            figures["stored_near_new_reference"] = {
+                "listings_per_s": r.rate, "seconds": r.elapsed_s, "scanned": r.scanned, "rescored": r.rescored,
+                "photos_embedded": models_run(c) - before}
+            print(f"  near: {r.rate:,.1f} listings/s ({r.scanned} in {r.elapsed_s:.1f} s, "
+                  f"{r.rescored} re-matched)", flush=True)
+        finally:
+            c.close()
+
+        print("raw embedding throughput of the configured models ...", flush=True)
+        paths = sorted((root / "in" / "photos").glob("*.jpg"))[:256]
+        raw = raw_embedding_rate(embedders, paths, settings.models.max_batch)
+        figures["raw_embedding_photos_per_s"] = raw
+        figures["cold_over_raw"] = figures["cold"]["listings_per_s"] / raw
+
+        print()
+        print(f"{'run':<34}{'listings/s':>12}{'seconds':>10}{'model runs':>12}")
+        for name in ("cold", "cached", "stored", "stored_near_new_reference"):
+            f = figures[name]
+            label = name.replace("_", " ") + (f" ({f['rescored']} re-matched)" if "near" in name else "")
+            print(f"{label:<34}{f['listings_per_s']:>12,.1f}{f['seconds']:>10.1f}{f['photos_embedded']:>12}")
+        models = "+".join(figures["models"])
+        print(f"{'raw embedding, photos/s (' + models + ')':<34}{raw:>12,.1f}")
+        print(f"{'cold / raw embedding':<34}{figures['cold_over_raw']:>12.2f}")
+        print(f"(load average at start {figures['load_1m']:.1f} on {figures['cpus']} CPUs; "
+              f"logo search {args.logo_search}, OCR {args.ocr}, {args.workers} workers)")
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=2))
+    finally:
+        if args.keep:
+            print(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

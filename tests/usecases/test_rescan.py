@@ -1,0 +1,218 @@
+"""Rescans on real models, photos, FAISS indexes and SQLite: a file rescan through the threaded engine,
+stored rescans (no model runs) after a brand adds a reference, and the background scheduler."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from embeddings.thread_batcher import ThreadBatcher
+from service.container import Container, build_container
+from service.domain.model import Listing, Money, ReferenceKind, ScoreResult, Verdict
+from service.storage.records import ReviewStatus, ScoreSource
+from service.usecases.catalog import ReferenceUpload
+from service.usecases.rescan import (
+    FileRescan,
+    ListingRescanner,
+    RescanRequest,
+    StoredRescanJob,
+    StoredRescanScheduler,
+    ThreadedEngine,
+)
+from service.usecases.rescan_io import JsonlJournal
+from tests.usecases.rescan_world import (
+    CATALOG,
+    LATE_REFERENCE,
+    World,
+    fresh_data_dir,
+    listing,
+    listings_dir,
+    read_jsonl,
+    settings,
+    world,
+    write_jsonl,
+)
+
+pytestmark = pytest.mark.slow
+
+RESULT_KEYS = {"listing_id", "risk", "verdict", "brand", "matches", "reasons"}
+MATCH_KEYS = {"brand", "sku", "ref_id", "kind", "signal", "similarity", "image_index"}
+OWNER = {sku: brand for brand, skus in CATALOG.items() for sku in skus}
+
+
+@pytest.fixture(scope="session")
+def rescan_world(tmp_path_factory: pytest.TempPathFactory, grocery_dir: Path,
+                 shared_models: tuple[Path, dict[str, Any]]) -> World:
+    return world(tmp_path_factory.mktemp("rescan-world"), grocery_dir, shared_models)
+
+
+@pytest.fixture
+def container(rescan_world: World, tmp_path: Path) -> Iterator[Container]:
+    c = build_container(settings(fresh_data_dir(rescan_world, tmp_path / "data")),
+                        embedders=rescan_world.embedders)
+    yield c
+    c.close()
+
+
+def run_file(c: Container, listings: Path, out: Path, **kw: Any) -> Any:
+    job = FileRescan(listings, out, **kw)
+    job.prepare()
+    return job.run(ThreadedEngine(ListingRescanner(c.scorer, c.images, job.base), workers=4))
+
+
+def images_run(c: Container) -> int:
+    return sum(e.embedder.images_run for e in c.embedders.values() if isinstance(e.embedder, ThreadBatcher))
+
+
+def test_a_file_rescan_scores_real_photos_into_the_contract(rescan_world: World, container: Container,
+                                                            tmp_path: Path) -> None:
+    w = rescan_world
+    folder = listings_dir(w, tmp_path / "in")
+    copies = ["Arla-Standard-Milk", "Alpro-Shelf-Soy-Milk", "Tropicana-Apple-Juice", "Garant-Ecological-Standard-Milk"]
+    rows = [listing(f"copy-{i}", w.copies[sku], price=3.0) for i, sku in enumerate(copies)]
+    rows += [listing(f"store-{i}", name) for i, (_, name) in enumerate(w.instore[:4])]
+    rows += [listing("two-photos", None, images=[f"photos/{w.instore[5][1]}", f"photos/{w.copies['Arla-Sour-Milk']}"]),
+             listing("no-photo", None, title="plain text listing")]
+    src = write_jsonl(folder / "listings.jsonl", rows)
+
+    summary = run_file(container, src, tmp_path / "out.jsonl")
+    results = read_jsonl(tmp_path / "out.jsonl")
+    assert [r["listing_id"] for r in results] == [r["listing_id"] for r in rows]  # input order
+    assert summary.scored == len(rows) and summary.errors == 0
+    assert sum(summary.verdicts.values()) == len(rows)
+    assert summary.verdicts == {v: sum(r["verdict"] == v for r in results) for v in summary.verdicts}
+    distinct_photos = len({p for r in rows for p in r["images"]})
+    assert all(n == distinct_photos for n in summary.embedded.values())
+    for r in results:
+        assert set(r) == RESULT_KEYS
+        assert r["verdict"] in {v.value for v in Verdict} and 0.0 <= r["risk"] <= 1.0
+        sims = [m["similarity"] for m in r["matches"]]
+        assert sims == sorted(sims, reverse=True)
+        for m in r["matches"]:
+            assert set(m) == MATCH_KEYS and m["kind"] == "product"
+
+    by_id = {r["listing_id"]: r for r in results}
+    for i, sku in enumerate(copies):
+        r = by_id[f"copy-{i}"]
+        assert r["verdict"] != "clear", r  # a cheap edited copy of the brand's own photo
+        assert r["brand"] == OWNER[sku]
+        best_copy = next(m for m in r["matches"] if m["signal"] == "copy")
+        assert (best_copy["brand"], best_copy["sku"], best_copy["ref_id"]) == (OWNER[sku], sku, f"ref-{sku}")
+        assert best_copy["image_index"] == 0
+    second = next(m for m in by_id["two-photos"]["matches"] if m["signal"] == "copy")
+    assert (second["sku"], second["image_index"]) == ("Arla-Sour-Milk", 1)
+    assert by_id["no-photo"]["matches"] == [] and by_id["no-photo"]["verdict"] == "clear"
+
+    # Stored like any score: the review queue and the history see the rescan.
+    stored = container.listings.get_listing("copy-0")
+    assert stored is not None and stored.latest_verdict.value == by_id["copy-0"]["verdict"]
+    assert container.listings.history("copy-0")[0].source is ScoreSource.RESCAN
+    queue = container.listings.review_queue("arla")
+    assert "copy-0" in {item.listing_id for item in queue}
+
+    # Photos seen once are never embedded again: a second run is all cache hits and scores the same.
+    before = images_run(container)
+    again = run_file(container, src, tmp_path / "again.jsonl")
+    assert images_run(container) == before
+    assert sum(again.embedded.values()) == 0 and sum(again.cache_hits.values()) == 2 * distinct_photos
+    assert [(r["listing_id"], r["verdict"], r["matches"]) for r in read_jsonl(tmp_path / "again.jsonl")] == \
+           [(r["listing_id"], r["verdict"], r["matches"]) for r in results]
+
+
+def test_stored_rescan_flags_a_listing_once_its_brand_adds_the_reference(rescan_world: World,
+                                                                          container: Container,
+                                                                          tmp_path: Path) -> None:
+    w = rescan_world
+    brand, sku = LATE_REFERENCE
+    folder = listings_dir(w, tmp_path / "in")
+    rows = [listing("late-copy", w.copies[sku], price=3.0, title="vanilla yoghurt")]
+    rows += [listing(f"store-{i}", name) for i, (_, name) in enumerate(w.instore[:5])]
+    run_file(container, write_jsonl(folder / "listings.jsonl", rows), tmp_path / "first.jsonl")
+    before = {r["listing_id"]: r for r in read_jsonl(tmp_path / "first.jsonl")}
+    assert before["late-copy"]["verdict"] == "clear"
+    assert all(m["brand"] != brand for m in before["late-copy"]["matches"])
+    # A listing stored from elsewhere whose photo was never embedded with these models.
+    ghost = ScoreResult(listing_id="ghost", risk=0.0, verdict=Verdict.CLEAR, brand=None, matches=[],
+                        signals=[], reasons=[])
+    container.listings.record_score(Listing("ghost", "x"), ghost, "api", image_sha256s=["0" * 64])
+
+    added = container.catalog.add([ReferenceUpload(
+        brand=brand, kind=ReferenceKind.PRODUCT, data=w.late_photo.read_bytes(), source="test", sku=sku,
+        ref_id=f"ref-{sku}", price=Money(20.0, "USD"))])
+    models_before = images_run(container)
+
+    # Limited to the listings near the new reference: the copy is re-matched, the others are not.
+    journal = JsonlJournal(tmp_path / "near.jsonl", append=False)
+    near = StoredRescanJob(container.scorer, container.listings, workers=2, results=journal,
+                           near_references=[added[0].reference.sha256]).run()
+    journal.close()
+    near_ids = [r["listing_id"] for r in read_jsonl(tmp_path / "near.jsonl")]
+    assert "late-copy" in near_ids and "ghost" not in near_ids
+    assert near.scanned == 7 and near.not_near == 7 - near.rescored - near.missing_embeddings > 0
+    assert near.newly_flagged == 1 and near.missing_embeddings == 1
+    assert images_run(container) == models_before  # stored embeddings only: no model ran
+    assert container.listings.history("late-copy")[0].source is ScoreSource.STORED_RESCAN
+
+    # Everything: the same verdicts, and still no model run.
+    journal = JsonlJournal(tmp_path / "stored.jsonl", append=False)
+    report = StoredRescanJob(container.scorer, container.listings, workers=2, results=journal).run()
+    journal.close()
+    assert images_run(container) == models_before
+    assert (report.scanned, report.rescored, report.missing_embeddings, report.errors) == (7, 6, 1, 0)
+    assert report.newly_flagged == 0 and report.not_near == 0  # the near job already flagged it
+    after = {r["listing_id"]: r for r in read_jsonl(tmp_path / "stored.jsonl")}
+    assert after.keys() == before.keys()
+    flagged = after["late-copy"]
+    assert flagged["verdict"] != "clear" and flagged["brand"] == brand
+    best = next(m for m in flagged["matches"] if m["signal"] == "copy")
+    assert (best["brand"], best["sku"]) == (brand, sku)
+    stored = container.listings.get_listing("late-copy")
+    assert stored is not None and stored.latest_brand == brand and stored.latest_verdict is not Verdict.CLEAR
+    assert container.listings.history("late-copy")[0].source is ScoreSource.STORED_RESCAN
+    items = container.listings.review_queue(brand)
+    assert [(i.listing_id, i.status) for i in items] == [("late-copy", ReviewStatus.OPEN)]
+    for lid, r in before.items():  # listings the new reference does not concern keep their verdicts
+        if lid != "late-copy":
+            assert after[lid]["verdict"] == r["verdict"], lid
+
+    # Limited to the brand: only listings whose latest matches or review items involve it.
+    scoped = StoredRescanJob(container.scorer, container.listings, brand=brand)
+    n = scoped.count()
+    assert n >= 1
+    again = scoped.run()
+    assert (again.scanned, again.rescored, again.changed) == (n, n, 0)
+
+
+def test_the_scheduler_runs_requested_rescans_in_the_background(rescan_world: World, container: Container,
+                                                                 tmp_path: Path) -> None:
+    folder = listings_dir(rescan_world, tmp_path / "in")
+    rows = [listing(f"s-{i}", name) for i, (_, name) in enumerate(rescan_world.instore[:3])]
+    run_file(container, write_jsonl(folder / "l.jsonl", rows), tmp_path / "o.jsonl")
+    asked: list[RescanRequest] = []
+
+    def make(req: RescanRequest) -> StoredRescanJob:
+        asked.append(req)
+        return StoredRescanJob(container.scorer, container.listings, brand=req.brand,
+                               near_references=sorted(req.near_references))
+
+    scheduler = StoredRescanScheduler(make)
+    try:
+        scheduler.request(brand="arla")
+        scheduler.request()
+        scheduler.request(brand="alpro")  # covered by the pending rescan of everything
+        scheduler.request(near_references=["0" * 64])
+        assert scheduler.wait_idle(timeout=120)
+        assert asked in ([RescanRequest(brand="arla"), RescanRequest()], [RescanRequest()])
+        assert scheduler.runs == len(asked)
+        last = scheduler.status()["last"]
+        assert last is not None and last["brand"] is None and last["scanned"] == 3 and last["rescored"] == 3
+        assert scheduler.status()["running"] is None and scheduler.status()["pending"] == []
+        with pytest.raises(ValueError):
+            scheduler.request(brand="arla", near_references=["0" * 64])
+    finally:
+        scheduler.close()
+    with pytest.raises(RuntimeError):
+        scheduler.request()
