@@ -27,11 +27,12 @@ from service.storage.catalog import CatalogRepository
 from service.storage.db import Database
 from service.storage.embeddings import EmbeddingStore
 from service.storage.listings import ListingRepository
-from service.usecases.catalog import CatalogService
+from service.usecases.catalog import CatalogChange, CatalogService
 from service.usecases.catalog_cache import CachedCatalog
 from service.usecases.embedding import CachedEmbedder
 from service.usecases.listing_input import ListingImageLoader
 from service.usecases.matching import MatchingConfig, ModelRoles, ReferenceMatcher
+from service.usecases.rescan import StoredRescanJob, StoredRescanScheduler
 from service.usecases.scoring import ListingScorer, ScorerOptions
 
 log = logging.getLogger("counterlens.container")
@@ -94,6 +95,7 @@ class Container:
     images: ListingImageLoader
     catalog: CatalogService
     scorer: ListingScorer
+    stored_rescans: StoredRescanScheduler | None = None
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -108,6 +110,8 @@ class Container:
         return {f"{name}/{kind.value}": index.ntotal for name, kind, index in self.indexes}
 
     def close(self) -> None:
+        if self.stored_rescans is not None:
+            self.stored_rescans.close()
         self.indexes.save_dirty()
         for e in self.embedders.values():
             if isinstance(e.embedder, ThreadBatcher):
@@ -129,8 +133,13 @@ def build_embedders(settings: Settings) -> tuple[dict[str, ImageEmbedder], Model
 
 
 def build_container(settings: Settings, *, reconcile: bool = True,
-                    embedders: dict[str, ImageEmbedder] | None = None) -> Container:
-    """Everything the API and the CLI need. ``embedders`` lets tests share already-built models."""
+                    embedders: dict[str, ImageEmbedder] | None = None,
+                    background_rescans: bool = False) -> Container:
+    """Everything the API and the CLI need. ``embedders`` lets tests share already-built models.
+
+    ``background_rescans`` (the API): catalog changes start stored rescans in a background thread
+    (re-matching stored listings near new product references, or a brand's listings after a removal).
+    A CLI import exits at once instead; docs/rescan.md shows the `rescan --stored` cron for it."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     db = Database(settings.database_url, echo=settings.storage.echo_sql)
     db.migrate()
@@ -160,10 +169,25 @@ def build_container(settings: Settings, *, reconcile: bool = True,
                              on_change=scorer.catalog_changed)
     if reconcile:
         catalog.reconcile()
-    return Container(settings=settings, db=db, catalog_repo=catalog_repo, listings=listings,
-                     embedding_store=store, blobs=blobs, embedders=cached, roles=roles, indexes=indexes,
-                     fetcher=fetcher, images=ListingImageLoader(ImageLoader(settings.intake, fetcher)),
-                     catalog=catalog, scorer=scorer)
+    container = Container(settings=settings, db=db, catalog_repo=catalog_repo, listings=listings,
+                          embedding_store=store, blobs=blobs, embedders=cached, roles=roles, indexes=indexes,
+                          fetcher=fetcher, images=ListingImageLoader(ImageLoader(settings.intake, fetcher)),
+                          catalog=catalog, scorer=scorer)
+    if background_rescans:
+        scheduler = StoredRescanScheduler(lambda req: StoredRescanJob(
+            scorer, listings, brand=req.brand, near_references=sorted(req.near_references)))
+        container.stored_rescans = scheduler
+        catalog.listeners.append(lambda ch: _request_rescan(scheduler, ch))
+    return container
+
+
+def _request_rescan(scheduler: StoredRescanScheduler, change: CatalogChange) -> None:
+    if change.added_logos:
+        scheduler.request()  # a logo may appear in any stored listing's crops
+    elif change.added_products:
+        scheduler.request(near_references=change.added_products)
+    if change.removed:
+        scheduler.request(brand=change.brand)
 
 
 def _roles(settings: Settings) -> ModelRoles:

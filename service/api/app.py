@@ -52,9 +52,11 @@ def _route_template(request: Request) -> str:
 def create_app(settings: Settings, container_factory: ContainerFactory | None = None) -> FastAPI:
     """Build the app. ``container_factory`` defaults to :func:`service.container.build_container`."""
     if container_factory is None:
+        from functools import partial
+
         from service.container import build_container
 
-        container_factory = build_container
+        container_factory = partial(build_container, background_rescans=True)
     factory = container_factory
     metrics = Metrics()
     state = AppState(settings, metrics)
@@ -117,6 +119,13 @@ def create_app(settings: Settings, container_factory: ContainerFactory | None = 
             body = {"status": "error" if state.load_error else "loading", "detail": state.load_error}
             return JSONResponse(body, status_code=503)
         return JSONResponse({"status": "ready", **state.container.describe()})
+
+    @app.get("/v1/jobs/stored-rescan", tags=["jobs"], summary="The background stored rescan's state")
+    async def stored_rescan_status() -> dict[str, Any]:
+        c = state.require_container()
+        if getattr(c, "stored_rescans", None) is None:
+            return {"enabled": False}
+        return {"enabled": True, **c.stored_rescans.status()}
 
     @app.get("/metrics", tags=["health"], include_in_schema=False)
     async def prometheus() -> Response:

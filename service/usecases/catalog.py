@@ -63,6 +63,16 @@ class AddedReference:
     created: bool
 
 
+@dataclass(frozen=True, slots=True)
+class CatalogChange:
+    """What a catalog change touched, for listeners (the background stored rescans)."""
+
+    brand: str
+    added_products: tuple[str, ...] = ()  # sha256s of new product references
+    added_logos: bool = False
+    removed: bool = False
+
+
 @dataclass(slots=True)
 class ImportReport:
     rows: int = 0
@@ -89,6 +99,7 @@ class CatalogService:
         self.limits = limits
         self.fetcher = fetcher
         self._on_change = on_change
+        self.listeners: list[Callable[[CatalogChange], None]] = []
         # One writer at a time: the database row, the blob and the index entry change together.
         self._write = threading.Lock()
         n = len(logo_variants(np.zeros((4, 4, 3), np.uint8)))
@@ -127,9 +138,22 @@ class CatalogService:
                 out.append(self._add_one(u, img))
             if save:
                 self.indexes.save_dirty()
-        if any(a.created for a in out) and self._on_change:
-            self._on_change()
+        if any(a.created for a in out):
+            if self._on_change:
+                self._on_change()
+            for brand in dict.fromkeys(a.reference.brand for a in out if a.created):
+                new = [a.reference for a in out if a.created and a.reference.brand == brand]
+                self._notify(CatalogChange(
+                    brand, added_products=tuple(r.sha256 for r in new if r.kind is ReferenceKind.PRODUCT),
+                    added_logos=any(r.kind is ReferenceKind.LOGO for r in new)))
         return out
+
+    def _notify(self, change: CatalogChange) -> None:
+        for listener in self.listeners:
+            try:
+                listener(change)
+            except Exception:  # a listener's failure must not undo or fail the catalog change
+                log.exception("catalog listener failed", extra={"brand": change.brand})
 
     def _add_one(self, u: ReferenceUpload, img: DecodedImage) -> AddedReference:
         self.repo.get_or_create_brand(u.brand)
@@ -193,8 +217,10 @@ class CatalogService:
             kinds = {r.id: r.kind for r in (self.repo.get_reference(brand, i) for i in ids) if r is not None}
             removed = self.repo.delete_references(brand, ids)
             self._unindex(removed, kinds)
-        if removed.ids and self._on_change:
-            self._on_change()
+        if removed.ids:
+            if self._on_change:
+                self._on_change()
+            self._notify(CatalogChange(brand, removed=True))
         return removed
 
     def delete_product(self, brand: str, sku: str) -> RemovedReferences:
@@ -204,6 +230,7 @@ class CatalogService:
             self._unindex(removed, kinds)
         if self._on_change:
             self._on_change()
+        self._notify(CatalogChange(brand, removed=True))
         return removed
 
     # ------------------------------------------------------------------ manifests

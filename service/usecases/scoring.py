@@ -22,7 +22,7 @@ import numpy as np
 
 from service.domain.assessment import BrandContext, ListingFacts, ScoringParams, assess, wants_closer_look
 from service.domain.candidates import BrandCandidate, candidate_brands
-from service.domain.model import Listing, ListingImage, Match, ScoreResult, SignalName, Vectors
+from service.domain.model import Listing, ListingImage, Match, Money, ScoreResult, SignalName, Vectors
 from service.domain.policy import VerdictPolicy
 from service.domain.ports import CatalogReader, ListingHistory, OcrLine, TextReader
 from service.domain.textmatch import BrandNames, PhotoText, TextScan, scan_text
@@ -49,6 +49,7 @@ class ScorerOptions:
     ocr: Mode = "cascade"
     # Below this preliminary risk a listing with a candidate brand is not worth the expensive signals.
     cascade_floor: float = 0.15
+    market_ttl_s: float = 10.0
     crop_grid: CropGrid = field(default_factory=CropGrid)
 
 
@@ -93,6 +94,7 @@ class ListingScorer:
         self._names: BrandNames | None = None
         self._names_lock = threading.Lock()
         self._ocr_cache: OrderedDict[str, list[OcrLine]] = OrderedDict()
+        self._market: dict[tuple[str, str], tuple[float, list[Money]]] = {}
 
     # ------------------------------------------------------------------ catalog snapshot
 
@@ -184,7 +186,8 @@ class ListingScorer:
         confirmed = (self.history.confirmed_counterfeits(listing.seller.seller_id)
                      if listing.seller is not None else None)
         facts = ListingFacts.of(listing, confirmed)
-        closer = self._worth_a_closer_look(facts, matches, scan, candidates)
+        cascaded = "cascade" in (self.options.logo_search, self.options.ocr if self.ocr is not None else "never")
+        closer = self._worth_a_closer_look(facts, matches, scan, candidates) if cascaded else False
         skipped: dict[SignalName, str] = {}
         hashes = list(sha256s) if sha256s is not None else [im.sha256 for im in images or []]
 
@@ -257,8 +260,25 @@ class ListingScorer:
     def _should_run(self, mode: Mode, closer: bool) -> bool:
         return mode == "always" or (mode == "cascade" and closer)
 
+    def _market_prices(self, brand: str, sku: str, listing_id: str) -> list[Money]:
+        """Other listings' prices of the sku, through a short-lived cache: market statistics move slowly,
+        and a rescan asks for the same few skus thousands of times. (The listing itself may be in a cached
+        sample; one price among the many a robust median needs does not move it.)"""
+        key = (brand, sku)
+        now = time.monotonic()
+        with self._names_lock:
+            hit = self._market.get(key)
+            if hit is not None and now - hit[0] < self.options.market_ttl_s:
+                return hit[1]
+        prices = self.history.market_prices(brand, sku, listing_id)
+        with self._names_lock:
+            self._market[key] = (now, prices)
+            if len(self._market) > 50_000:
+                self._market.clear()
+        return prices
+
     def _context(self, brand: str, sku: str | None, listing_id: str) -> BrandContext:
-        market = {sku: self.history.market_prices(brand, sku, listing_id)} if sku else {}
+        market = {sku: self._market_prices(brand, sku, listing_id)} if sku else {}
         return BrandContext(brand=brand, authorized_sellers=self.catalog.authorized_sellers(brand),
                             market_prices=market, policy=self.policies.brand_policy(brand))
 
