@@ -63,9 +63,10 @@ class ScoringSettings(BaseModel):
     # docs/quality.md measures what the cascade misses.
     logo_search: Literal["cascade", "always", "never"] = "cascade"
     # Similarities at which the copy / lookalike / logo signals start to count and are certain.
-    copy_floor: float = 0.35
-    copy_certain: float = 0.75
-    lookalike_floor: float = 0.55
+    # Calibrated on the tune split of scripts/eval_detection.py (docs/quality.md).
+    copy_floor: float = 0.30
+    copy_certain: float = 0.60
+    lookalike_floor: float = 0.45
     lookalike_certain: float = 0.85
     logo_floor: float = 0.30
     logo_certain: float = 0.50

@@ -28,8 +28,8 @@ from scripts.eval.benchmark import SPLITS, Benchmark, Query
 from scripts.eval.metrics import PRODUCT_TRACKS, auc, evaluate, ramp_order, tpr_at_fpr
 from scripts.eval.runner import DataDir, RescanRun
 from service.domain.assessment import Assessment, ScoringParams, assess
+from service.domain.candidates import one_product_per_photo
 from service.domain.fusion import FEATURE_NAMES, FusionWeights, sigmoid
-from service.domain.model import Match, SignalName
 from service.domain.visual import SimilarityRamp, VisualThresholds
 
 # Only these coefficients (and the bias) are fitted. Text, seller and authorization never vary in this
@@ -37,23 +37,6 @@ from service.domain.visual import SimilarityRamp, VisualThresholds
 # default because fusion's design says an anomaly without brand evidence stays clear, and a free fit
 # learns the opposite from negatives whose only "brand" is a weak lookalike.
 FITTED: tuple[str, ...] = ("brand", "brand_x_price")
-
-
-def one_product_per_photo(matches: Sequence[Match], margin: float) -> list[Match]:
-    """Product matches (copy, lookalike) of a photo that are within ``margin`` of that photo's best match
-    on the same signal; logo matches all stay.
-
-    The rule proposed for candidate brands: one photo shows one product, so a weaker match of the same
-    photo to *another* brand's product (a carton of another dairy, a juice of another maker) is the
-    nearest wrong answer, not evidence that the listing presents that brand too.
-    """
-    best: dict[tuple[int, SignalName], float] = {}
-    for m in matches:
-        if m.signal is not SignalName.LOGO:
-            key = (m.image_index, m.signal)
-            best[key] = max(best.get(key, -1.0), m.similarity)
-    return [m for m in matches if m.signal is SignalName.LOGO
-            or m.similarity >= best[(m.image_index, m.signal)] - margin]
 
 
 @dataclass

@@ -41,8 +41,8 @@ class VisualThresholds:
     products of one category, hence the higher lookalike floor.
     """
 
-    copy: SimilarityRamp = field(default_factory=lambda: SimilarityRamp(0.35, 0.75))
-    lookalike: SimilarityRamp = field(default_factory=lambda: SimilarityRamp(0.55, 0.85))
+    copy: SimilarityRamp = field(default_factory=lambda: SimilarityRamp(0.30, 0.60))
+    lookalike: SimilarityRamp = field(default_factory=lambda: SimilarityRamp(0.45, 0.85))
     logo: SimilarityRamp = field(default_factory=lambda: SimilarityRamp(0.30, 0.50))
 
     def for_signal(self, name: SignalName) -> SimilarityRamp:

@@ -21,7 +21,7 @@ from typing import Literal, Protocol
 import numpy as np
 
 from service.domain.assessment import BrandContext, ListingFacts, ScoringParams, assess, wants_closer_look
-from service.domain.candidates import BrandCandidate, candidate_brands
+from service.domain.candidates import BrandCandidate, candidate_brands, one_product_per_photo
 from service.domain.model import Listing, ListingImage, Match, Money, ScoreResult, SignalName, Vectors
 from service.domain.policy import VerdictPolicy
 from service.domain.ports import CatalogReader, ListingHistory, OcrLine, TextReader
@@ -180,7 +180,8 @@ class ListingScorer:
         t1 = time.perf_counter()
         p = self.params
         names = self._brand_names()
-        matches = self.matcher.match(vectors)
+        found = self.matcher.match(vectors)
+        matches = one_product_per_photo(found)  # the evidence; ``found`` is what the answer lists
         scan = scan_text(listing.title, listing.description, brands=names, weights=p.text)
         candidates = candidate_brands(matches, scan.mentions, p.visual, p.brand_evidence)
         confirmed = (self.history.confirmed_counterfeits(listing.seller.seller_id)
@@ -196,7 +197,8 @@ class ListingScorer:
             crops = self._crop_vectors(images, hashes)
             if crops:
                 vectors.crops = crops
-                matches = self.matcher.match(vectors)
+                found = self.matcher.match(vectors)
+                matches = one_product_per_photo(found)
                 candidates = candidate_brands(matches, scan.mentions, p.visual, p.brand_evidence)
             out.ran["logo_crops"] = True
         else:
@@ -222,7 +224,7 @@ class ListingScorer:
         contexts = {c.brand: self._context(c.brand, c.sku, listing.listing_id)
                     for c in candidates[: p.max_candidates]}
         assessment = assess(facts, matches, scan, contexts, p, skipped)
-        result = assessment.to_result(_ordered(matches), self.model_versions())
+        result = assessment.to_result(_ordered(found), self.model_versions())
         out.result = result
         if persist and self.recorder is not None:
             self.recorder.record_score(listing, result, source, image_sha256s=hashes)

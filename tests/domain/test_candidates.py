@@ -68,3 +68,21 @@ def test_only_visual_matches_are_accepted() -> None:
         candidate_brands([match(SignalName.TEXT, 0.9)])
     with pytest.raises(ValueError, match="mention_title"):
         BrandEvidenceWeights(mention_title=1.2)
+
+
+def test_one_product_per_photo_keeps_each_photos_best_product_and_every_logo() -> None:
+    from service.domain.candidates import one_product_per_photo
+    from service.domain.model import Match, ReferenceInfo, ReferenceKind, SignalName
+
+    def m(brand: str, signal: SignalName, sim: float, photo: int) -> Match:
+        kind = ReferenceKind.LOGO if signal is SignalName.LOGO else ReferenceKind.PRODUCT
+        return Match(ReferenceInfo(1, brand, kind, sku=f"{brand}-1"), signal, sim, photo)
+
+    ms = [m("garant", SignalName.COPY, 0.9, 0), m("arla", SignalName.COPY, 0.5, 0),
+          m("arla", SignalName.COPY, 0.6, 1), m("arla", SignalName.LOOKALIKE, 0.7, 0),
+          m("nike", SignalName.LOGO, 0.4, 0), m("puma", SignalName.LOGO, 0.35, 0)]
+    kept = one_product_per_photo(ms)
+    assert [(k.reference.brand, k.signal.value, k.image_index) for k in kept] == [
+        ("garant", "copy", 0), ("arla", "copy", 1), ("arla", "lookalike", 0), ("nike", "logo", 0),
+        ("puma", "logo", 0)]
+    assert len(one_product_per_photo(ms, margin=0.5)) == len(ms)
