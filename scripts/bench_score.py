@@ -36,7 +36,7 @@ from rich.table import Table
 
 REPO = Path(__file__).resolve().parents[1]
 GROCERY = REPO.parent / "shared" / "data" / "grocery-dev"
-console = Console()
+console = Console(width=140)
 
 
 def _photos(n: int, seed: int) -> list[bytes]:
