@@ -8,4 +8,5 @@ COUNTERLENS_TEST_POSTGRES_URL="$(bash scripts/pg_test_server.sh)"
 export COUNTERLENS_TEST_POSTGRES_URL
 .venv/bin/ruff check service embeddings index scripts tests
 .venv/bin/mypy service embeddings index
+.venv/bin/mypy --explicit-package-bases scripts
 exec .venv/bin/python -m pytest "$@"
