@@ -52,14 +52,15 @@ def scoring_params(settings: Settings) -> ScoringParams:
 class BrandPolicyLookup:
     """Per-brand verdict thresholds from the catalog (None: the default policy applies)."""
 
-    def __init__(self, repo: CatalogRepository) -> None:
+    def __init__(self, repo: CatalogRepository, default: VerdictPolicy) -> None:
         self._repo = repo
+        self._default = default  # the configured policy fills a threshold the brand left unset
 
     def brand_policy(self, brand: str) -> VerdictPolicy | None:
         b = self._repo.get_brand(brand)
         if b is None or (b.review_threshold is None and b.likely_threshold is None):
             return None
-        default = VerdictPolicy()
+        default = self._default
         review = b.review_threshold if b.review_threshold is not None else default.review_threshold
         likely = b.likely_threshold if b.likely_threshold is not None else max(default.likely_threshold, review)
         return VerdictPolicy(review, likely)
@@ -122,7 +123,7 @@ class Container:
 
 def build_embedders(settings: Settings) -> tuple[dict[str, ImageEmbedder], ModelRoles]:
     m = settings.models
-    roles = ModelRoles(copy=m.copy_model, semantic=m.semantic_model or None, logo=m.logo_model or m.copy_model)
+    roles = _roles(settings)
     names = dict.fromkeys(n for n in (roles.copy, roles.semantic, roles.logo) if n)
     built: dict[str, ImageEmbedder] = {}
     for name in names:
@@ -154,7 +155,8 @@ def build_container(settings: Settings, *, reconcile: bool = True,
     cached = {name: CachedEmbedder(b, store) for name, b in batchers.items()}
     indexes = ReferenceIndexes(settings.index_dir, settings.index)
     fetcher = SafeFetcher(settings.intake)
-    catalog_view = CachedCatalog(catalog_repo, BrandPolicyLookup(catalog_repo).brand_policy)
+    params = scoring_params(settings)
+    catalog_view = CachedCatalog(catalog_repo, BrandPolicyLookup(catalog_repo, params.policy).brand_policy)
     matcher = ReferenceMatcher(
         lambda name, kind: _open_or_none(indexes, cached, name, kind), catalog_view, roles,
         MatchingConfig(top_k=settings.index.top_k))
@@ -162,7 +164,7 @@ def build_container(settings: Settings, *, reconcile: bool = True,
     scorer = ListingScorer(
         copy=cached[roles.copy], semantic=cached[roles.semantic] if roles.semantic else None,
         logo=cached[roles.logo], matcher=matcher, catalog=catalog_view, history=listings,
-        policies=catalog_view, ocr=ocr, params=scoring_params(settings),
+        policies=catalog_view, ocr=ocr, params=params,
         options=ScorerOptions(logo_search=settings.scoring.logo_search, ocr=settings.models.ocr),
         recorder=listings)
     catalog = CatalogService(catalog_repo, blobs, indexes, cached, roles, settings.intake, fetcher,

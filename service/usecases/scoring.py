@@ -188,7 +188,10 @@ class ListingScorer:
                      if listing.seller is not None else None)
         facts = ListingFacts.of(listing, confirmed)
         cascaded = "cascade" in (self.options.logo_search, self.options.ocr if self.ocr is not None else "never")
-        closer = self._worth_a_closer_look(facts, matches, scan, candidates) if cascaded else False
+        # Brand contexts (sellers, market prices, policy) are read once per listing, for the preliminary
+        # and the final assessment alike.
+        known: dict[tuple[str, str | None], BrandContext] = {}
+        closer = self._worth_a_closer_look(facts, matches, scan, candidates, known) if cascaded else False
         skipped: dict[SignalName, str] = {}
         hashes = list(sha256s) if sha256s is not None else [im.sha256 for im in images or []]
 
@@ -221,8 +224,7 @@ class ListingScorer:
             out.ran["ocr"] = False
         out.ms["match"] = (time.perf_counter() - t1) * 1000
 
-        contexts = {c.brand: self._context(c.brand, c.sku, listing.listing_id)
-                    for c in candidates[: p.max_candidates]}
+        contexts = self._contexts(candidates, listing.listing_id, known)
         assessment = assess(facts, matches, scan, contexts, p, skipped)
         result = assessment.to_result(_ordered(found), self.model_versions())
         out.result = result
@@ -230,7 +232,8 @@ class ListingScorer:
             self.recorder.record_score(listing, result, source, image_sha256s=hashes)
 
     def _worth_a_closer_look(self, facts: ListingFacts, matches: list[Match], scan: TextScan,
-                             candidates: list[BrandCandidate]) -> bool:
+                             candidates: list[BrandCandidate], known: dict[tuple[str, str | None], BrandContext],
+                             ) -> bool:
         """The cascade's rule: spend OCR and crop search where they can change the verdict.
 
         That is where the cheap signals leave the listing undecided (a preliminary risk between
@@ -240,7 +243,7 @@ class ListingScorer:
         if not candidates:
             return wants_closer_look(candidates, scan)
         p = self.params
-        contexts = {c.brand: self._context(c.brand, c.sku, facts.listing_id) for c in candidates[: p.max_candidates]}
+        contexts = self._contexts(candidates, facts.listing_id, known)
         prelim = assess(facts, matches, scan, contexts, p)
         return self.options.cascade_floor <= prelim.risk < prelim.policy.likely_threshold
 
@@ -278,6 +281,16 @@ class ListingScorer:
             if len(self._market) > 50_000:
                 self._market.clear()
         return prices
+
+    def _contexts(self, candidates: Sequence[BrandCandidate], listing_id: str,
+                  known: dict[tuple[str, str | None], BrandContext]) -> dict[str, BrandContext]:
+        out = {}
+        for c in candidates[: self.params.max_candidates]:
+            key = (c.brand, c.sku)
+            if key not in known:
+                known[key] = self._context(c.brand, c.sku, listing_id)
+            out[c.brand] = known[key]
+        return out
 
     def _context(self, brand: str, sku: str | None, listing_id: str) -> BrandContext:
         market = {sku: self._market_prices(brand, sku, listing_id)} if sku else {}

@@ -44,3 +44,21 @@ def test_cli_exits_2_naming_the_variable(tmp_path: Path) -> None:
                        capture_output=True, timeout=60)
     assert r.returncode == 2
     assert "COUNTERLENS_INTAKE__MAX_IMAGES" in r.stderr
+
+
+def test_a_brand_override_falls_back_to_the_configured_policy(tmp_path: Path) -> None:
+    from service.container import BrandPolicyLookup, scoring_params
+    from service.storage.catalog import CatalogRepository
+    from service.storage.db import Database
+
+    settings = Settings(data_dir=tmp_path, scoring={"review_threshold": 0.4, "likely_threshold": 0.9})
+    db = Database(settings.database_url)
+    db.migrate()
+    repo = CatalogRepository(db)
+    repo.create_brand("acme", "Acme", review_threshold=0.3)
+    repo.create_brand("plain", "Plain")
+    lookup = BrandPolicyLookup(repo, scoring_params(settings).policy)
+    policy = lookup.brand_policy("acme")
+    assert policy is not None and (policy.review_threshold, policy.likely_threshold) == (0.3, 0.9)
+    assert lookup.brand_policy("plain") is None
+    db.dispose()
