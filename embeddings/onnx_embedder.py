@@ -74,6 +74,10 @@ def make_session_options(
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
+    # Idle pool threads sleep instead of spinning: the cores are shared with the other model's session,
+    # image decoding and scoring, and a spinning pool only burns what they need (measured: two models
+    # with two threads each, run side by side, 39 -> 60 photos/s each).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 

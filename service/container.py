@@ -6,6 +6,7 @@ Built once by the API lifespan and once by each CLI command; nothing else wires 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -121,10 +122,18 @@ class Container:
         self.db.dispose()
 
 
+def model_threads(models: int, cores: int | None = None) -> int:
+    """ONNX Runtime threads per model when the settings leave it to us: the cores shared out among the
+    models, which run side by side (one batcher thread each), at least one each."""
+    return max(1, (cores or os.cpu_count() or 1) // max(1, models))
+
+
 def build_embedders(settings: Settings) -> tuple[dict[str, ImageEmbedder], ModelRoles]:
     m = settings.models
     roles = _roles(settings)
     names = dict.fromkeys(n for n in (roles.copy, roles.semantic, roles.logo) if n)
+    if m.intra_op_threads == 0:
+        m = m.model_copy(update={"intra_op_threads": model_threads(len(names))})
     built: dict[str, ImageEmbedder] = {}
     for name in names:
         built[name] = build_image_embedder(name, settings.models_dir, m)

@@ -39,7 +39,11 @@ class ModelSettings(BaseModel):
     openclip_checkpoint: Path | None = None
     # ``cpu``; ``cuda`` (fails at start if CUDA is not available); ``auto`` (CUDA when available).
     provider: Literal["cpu", "cuda", "auto"] = "cpu"
-    intra_op_threads: int = Field(default=0, ge=0, description="0: ONNX Runtime picks (one per core)")
+    # 0: the cores shared out among the loaded image models. Each model runs in its own batcher thread,
+    # so two models with one thread each keep both cores of a small machine busy in parallel (measured
+    # on 2 cores: 65 photos/s through sscd_distilled + effnet, against 38 with ONNX Runtime's default
+    # of one thread per core for each, whose pools then fight over the same cores).
+    intra_op_threads: int = Field(default=0, ge=0, description="0: the cores shared out among the models")
     max_batch: int = Field(default=16, ge=1, le=256)
     batch_wait_ms: float = Field(default=2.0, ge=0, le=100)
     ocr: Literal["cascade", "always", "never"] = "cascade"

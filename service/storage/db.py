@@ -41,7 +41,7 @@ _PG_MIGRATION_LOCK = 0x636C5F6D69677261
 _WRITE_OPTION = "counterlens_write"
 
 
-def _json_default(value: object) -> Any:
+def json_default(value: object) -> Any:
     # Signal evidence may carry numpy scalars or arrays; store them as plain JSON numbers and lists.
     if isinstance(value, np.generic):
         return value.item()
@@ -53,7 +53,7 @@ def _json_default(value: object) -> Any:
 
 
 def json_dumps(value: object) -> str:
-    return json.dumps(value, default=_json_default, separators=(",", ":"), allow_nan=False)
+    return json.dumps(value, default=json_default, separators=(",", ":"), allow_nan=False)
 
 
 def parse_url(database_url: str) -> URL:

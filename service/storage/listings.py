@@ -18,8 +18,11 @@ Review-queue semantics of :meth:`ListingRepository.record_score`:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
@@ -29,8 +32,8 @@ from sqlalchemy.orm import Session
 
 from service.domain.model import Listing, Money, ReferenceKind, ScoreResult, SellerInfo, Verdict
 from service.storage import validate
-from service.storage._sql import dialect_insert
-from service.storage.db import Database
+from service.storage._sql import chunked, dialect_insert
+from service.storage.db import Database, json_default
 from service.storage.errors import InvalidInputError, NotFoundError
 from service.storage.models import (
     Brand,
@@ -61,7 +64,7 @@ _REOPENABLE = (ReviewStatus.OPEN.value, ReviewStatus.CLEARED.value)
 # Columns a score from fresh platform data updates; a --stored rescan only updates the latest_* ones.
 _CONTENT_COLUMNS = ("title", "description", "price", "currency", "seller_id", "seller_account_age_days",
                     "seller_units_sold_30d", "seller_stock", "image_sha256s", "last_seen_at")
-_LATEST_COLUMNS = ("last_scored_at", "latest_risk", "latest_verdict", "latest_brand_id")
+_LATEST_COLUMNS = ("last_scored_at", "latest_risk", "latest_verdict", "latest_brand_id", "latest_digest")
 
 
 def result_json(result: ScoreResult) -> dict[str, Any]:
@@ -80,6 +83,35 @@ def result_json(result: ScoreResult) -> dict[str, Any]:
     }
 
 
+def payload_digest(payload: dict[str, Any]) -> str:
+    """sha256 of a stored result's canonical JSON: equal digests, equal results."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":"),
+                                     default=json_default).encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreWrite:
+    """One score to store (see :meth:`ListingRepository.record_scores`)."""
+
+    listing: Listing
+    result: ScoreResult
+    source: ScoreSource | str = ScoreSource.API
+    image_sha256s: Sequence[str] | None = None  # None: the hashes of listing.images
+    previous_digest: str | None = None  # the listing's stored latest_digest, for skip_unchanged
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    row: dict[str, Any]
+    result: ScoreResult
+    source: ScoreSource
+    verdict: Verdict
+    risk: float
+    payload: dict[str, Any]
+    slugs: set[str]
+    digest: str
+
+
 def _money(amount: float | None, currency: str | None) -> Money | None:
     return None if amount is None or currency is None else Money(float(amount), currency)
 
@@ -94,7 +126,7 @@ def _listing_record(row: ListingRow, brand: str | None) -> ListingRecord:
                          image_sha256s=tuple(row.image_sha256s or ()), first_seen=row.first_seen,
                          last_seen_at=row.last_seen_at, last_scored_at=row.last_scored_at,
                          latest_risk=row.latest_risk, latest_verdict=Verdict(row.latest_verdict),
-                         latest_brand=brand)
+                         latest_brand=brand, latest_digest=row.latest_digest)
 
 
 def _listing_query() -> sa.Select[ListingRow, str]:
@@ -181,6 +213,12 @@ class _Statements:
             .select_from(_REVIEWS.join(_LISTINGS, _LISTINGS.c.id == _REVIEWS.c.listing_pk))
             .where(_LISTINGS.c.seller_id == sa.bindparam("p_seller"),
                    _REVIEWS.c.status == ReviewStatus.CONFIRMED.value))
+        self.confirmed_by_seller = (
+            sa.select(_LISTINGS.c.seller_id, sa.func.count(sa.distinct(_LISTINGS.c.id)))
+            .select_from(_REVIEWS.join(_LISTINGS, _LISTINGS.c.id == _REVIEWS.c.listing_pk))
+            .where(_LISTINGS.c.seller_id.in_(sa.bindparam("p_sellers", expanding=True)),
+                   _REVIEWS.c.status == ReviewStatus.CONFIRMED.value)
+            .group_by(_LISTINGS.c.seller_id))
         self.brand_ids = sa.select(Brand.id, Brand.slug).where(
             Brand.slug.in_(sa.bindparam("p_slugs", expanding=True)))
         self.brand_id = sa.select(Brand.id).where(Brand.slug == sa.bindparam("p_slug"))
@@ -211,12 +249,53 @@ class ListingRepository:
 
         A ``stored-rescan`` score leaves the listing's content and ``last_seen_at`` as they are.
         """
-        src = _source(source)
+        got = self.record_scores([ScoreWrite(listing, result, source, image_sha256s)], scored_at=scored_at)[0]
+        assert got is not None  # only skip_unchanged skips
+        return got
+
+    def record_scores(self, writes: Sequence[ScoreWrite], *, scored_at: datetime | None = None,
+                      skip_unchanged: bool = False) -> list[RecordedScore | None]:
+        """Stores many scores in one transaction (each exactly as :meth:`record_score` would): a batch
+        shares one commit, which is most of a score's write cost on SQLite and a round trip on PostgreSQL.
+
+        Every write is validated before anything is written; one invalid write raises
+        :class:`InvalidInputError` naming it (``writes[i]...``) and nothing is stored.
+
+        ``skip_unchanged``: a write whose result has the digest the listing's latest result already has
+        (``ScoreWrite.previous_digest``, as read with the listing) is left out and answered None: its
+        history row would repeat the latest one and nothing else would move. A ``--stored`` rescan after
+        a catalog change rewrites only the listings whose result changed.
+        """
+        now = _aware(scored_at, "scored_at") if scored_at is not None else utcnow()
+        prepared: list[_Prepared | None] = []
+        for i, w in enumerate(writes):
+            try:
+                p = self._prepare(w, now)
+            except InvalidInputError as exc:
+                field = f"writes[{i}].{exc.field}" if exc.field and len(writes) > 1 else exc.field
+                raise InvalidInputError(exc.message, field) from None
+            unchanged = skip_unchanged and w.previous_digest is not None and w.previous_digest == p.digest
+            prepared.append(None if unchanged else p)
+        todo = [p for p in prepared if p is not None]
+        if not todo:
+            return [None] * len(prepared)
+        try:
+            done = self._write(todo, now, check_refs=False)
+        except sa.exc.IntegrityError:
+            # A matched reference was deleted from the catalog after the index returned it: store the
+            # match without its reference id (as the FK's ON DELETE SET NULL would have done).
+            done = self._write(todo, now, check_refs=True)
+        it = iter(done)
+        return [None if p is None else next(it) for p in prepared]
+
+    def _prepare(self, w: ScoreWrite, now: datetime) -> _Prepared:
+        listing, result = w.listing, w.result
+        src = _source(w.source)
         lid = validate.text(listing.listing_id, "listing_id", 255)
         if result.listing_id != lid:
             raise InvalidInputError(f"result.listing_id {result.listing_id!r} is not listing_id {lid!r}",
                                     "result.listing_id")
-        hashes = [im.sha256 for im in listing.images] if image_sha256s is None else list(image_sha256s)
+        hashes = [im.sha256 for im in listing.images] if w.image_sha256s is None else list(w.image_sha256s)
         shas = [validate.sha256(h, f"images[{i}].sha256") for i, h in enumerate(hashes)]
         title = validate.text(listing.title, "title", 10_000, allow_empty=True)
         description = validate.text(listing.description, "description", 200_000, allow_empty=True)
@@ -231,69 +310,64 @@ class ListingRepository:
         except ValueError:
             raise InvalidInputError(f"result.verdict {result.verdict!r} is not a verdict",
                                     "result.verdict") from None
-        now = _aware(scored_at, "scored_at") if scored_at is not None else utcnow()
         payload = result_json(result)
+        digest = payload_digest(payload)
         slugs = {m.reference.brand for m in result.matches}
         if result.brand is not None:
             slugs.add(result.brand)
-
         seller_counts = (
             validate.optional_count(seller.account_age_days if seller else None, "seller.account_age_days"),
             validate.optional_count(seller.units_sold_30d if seller else None, "seller.units_sold_30d"),
             validate.optional_count(seller.stock if seller else None, "seller.stock"),
         )
-        rows = {
+        row = {
             "listing_id": lid, "title": title, "description": description, "price": price,
             "currency": currency, "seller_id": seller_id, "seller_account_age_days": seller_counts[0],
             "seller_units_sold_30d": seller_counts[1], "seller_stock": seller_counts[2],
             "image_sha256s": shas, "first_seen": now, "last_seen_at": now, "last_scored_at": now,
-            "latest_risk": risk, "latest_verdict": verdict.value,
+            "latest_risk": risk, "latest_verdict": verdict.value, "latest_digest": digest,
         }
-        try:
-            return self._record(rows, result, src, verdict, risk, now, payload, slugs, check_refs=False)
-        except sa.exc.IntegrityError:
-            # A matched reference was deleted from the catalog after the index returned it: store the
-            # match without its reference id (as the FK's ON DELETE SET NULL would have done).
-            return self._record(rows, result, src, verdict, risk, now, payload, slugs, check_refs=True)
+        return _Prepared(row, result, src, verdict, risk, payload, slugs, digest)
 
-    def _record(self, listing_row: dict[str, Any], result: ScoreResult, src: ScoreSource, verdict: Verdict,
-                risk: float, now: datetime, payload: dict[str, Any], slugs: set[str],
-                check_refs: bool) -> RecordedScore:
+    def _write(self, todo: Sequence[_Prepared], now: datetime, check_refs: bool) -> list[RecordedScore]:
         st = self._sql
+        out = []
         with self._db.writing() as conn:
-            bids = self._resolve_brands(conn, slugs)
-            flagged_bid = bids.get(result.brand) if result.brand is not None else None
-            upsert = st.upsert_listing_latest if src is ScoreSource.STORED_RESCAN else st.upsert_listing
-            listing_pk: int = conn.execute(
-                upsert, {**listing_row, "latest_brand_id": flagged_bid}).scalar_one()
-            score_id: int = conn.execute(st.insert_score, {
-                "listing_pk": listing_pk, "scored_at": now, "risk": risk, "verdict": verdict.value,
-                "brand_id": flagged_bid, "result": payload, "model_versions": dict(result.model_versions),
-                "source": src.value,
-            }).scalar_one()
-            conn.execute(st.delete_matches, {"p_listing": listing_pk})
-            if result.matches:
-                live: set[int] | None = None
-                if check_refs:
-                    live = set(conn.scalars(st.existing_refs, {"p_ids": [m.reference.image_id
-                                                                         for m in result.matches]}))
-                conn.execute(st.insert_matches, [
-                    {"listing_pk": listing_pk, "brand_id": bids[m.reference.brand], "sku": m.reference.sku,
-                     "reference_image_id": m.reference.image_id
-                     if live is None or m.reference.image_id in live else None,
-                     "ref_id": m.reference.ref_id,
-                     "kind": ReferenceKind(m.reference.kind).value, "signal": m.signal.value,
-                     "similarity": float(m.similarity), "image_index": int(m.image_index)}
-                    for m in result.matches])
-            item_id: int | None = None
-            if verdict is not Verdict.CLEAR and flagged_bid is not None:
-                item_id = conn.execute(st.upsert_review, {
-                    "brand_id": flagged_bid, "listing_pk": listing_pk, "score_id": score_id,
-                    "status": ReviewStatus.OPEN.value, "risk": risk, "verdict": verdict.value,
-                    "reasons": list(result.reasons), "created_at": now, "updated_at": now,
-                }).scalar_one_or_none()
-            conn.execute(st.clear_reviews, {"p_listing": listing_pk, "p_keep": item_id or 0, "p_now": now})
-        return RecordedScore(score_id=score_id, listing_pk=listing_pk, review_item_id=item_id)
+            bids = self._resolve_brands(conn, set().union(*(p.slugs for p in todo)))
+            for p in todo:
+                result = p.result
+                flagged_bid = bids.get(result.brand) if result.brand is not None else None
+                upsert = st.upsert_listing_latest if p.source is ScoreSource.STORED_RESCAN else st.upsert_listing
+                listing_pk: int = conn.execute(upsert, {**p.row, "latest_brand_id": flagged_bid}).scalar_one()
+                score_id: int = conn.execute(st.insert_score, {
+                    "listing_pk": listing_pk, "scored_at": now, "risk": p.risk, "verdict": p.verdict.value,
+                    "brand_id": flagged_bid, "result": p.payload, "model_versions": dict(result.model_versions),
+                    "source": p.source.value,
+                }).scalar_one()
+                conn.execute(st.delete_matches, {"p_listing": listing_pk})
+                if result.matches:
+                    live: set[int] | None = None
+                    if check_refs:
+                        live = set(conn.scalars(st.existing_refs, {"p_ids": [m.reference.image_id
+                                                                             for m in result.matches]}))
+                    conn.execute(st.insert_matches, [
+                        {"listing_pk": listing_pk, "brand_id": bids[m.reference.brand], "sku": m.reference.sku,
+                         "reference_image_id": m.reference.image_id
+                         if live is None or m.reference.image_id in live else None,
+                         "ref_id": m.reference.ref_id,
+                         "kind": ReferenceKind(m.reference.kind).value, "signal": m.signal.value,
+                         "similarity": float(m.similarity), "image_index": int(m.image_index)}
+                        for m in result.matches])
+                item_id: int | None = None
+                if p.verdict is not Verdict.CLEAR and flagged_bid is not None:
+                    item_id = conn.execute(st.upsert_review, {
+                        "brand_id": flagged_bid, "listing_pk": listing_pk, "score_id": score_id,
+                        "status": ReviewStatus.OPEN.value, "risk": p.risk, "verdict": p.verdict.value,
+                        "reasons": list(result.reasons), "created_at": now, "updated_at": now,
+                    }).scalar_one_or_none()
+                conn.execute(st.clear_reviews, {"p_listing": listing_pk, "p_keep": item_id or 0, "p_now": now})
+                out.append(RecordedScore(score_id=score_id, listing_pk=listing_pk, review_item_id=item_id))
+        return out
 
     # ------------------------------------------------------------------ listings
 
@@ -371,6 +445,16 @@ class ListingRepository:
         """How many of the seller's listings some brand confirmed as counterfeit."""
         with self._db.reading() as conn:
             return int(conn.scalar(self._sql.confirmed_counterfeits, {"p_seller": seller_id}) or 0)
+
+    def confirmed_counterfeits_many(self, seller_ids: Iterable[str]) -> dict[str, int]:
+        """:meth:`confirmed_counterfeits` of many sellers in one query per 500 (absent: none)."""
+        out: dict[str, int] = {}
+        keys = list(dict.fromkeys(seller_ids))
+        with self._db.reading() as conn:
+            for chunk in chunked(keys):
+                out.update((sid, int(n)) for sid, n in conn.execute(self._sql.confirmed_by_seller,
+                                                                     {"p_sellers": chunk}))
+        return out
 
     # ------------------------------------------------------------------ review queues (brand-scoped)
 

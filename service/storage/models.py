@@ -181,6 +181,8 @@ class Listing(Base):
     latest_risk: Mapped[float] = mapped_column(sa.Float)
     latest_verdict: Mapped[str] = mapped_column(sa.String(32))
     latest_brand_id: Mapped[int | None] = mapped_column(sa.ForeignKey("brands.id", ondelete="SET NULL"))
+    # sha256 of the latest result's stored form: a re-match that gives the same digest changes nothing.
+    latest_digest: Mapped[str | None] = mapped_column(sa.String(64))
 
 
 class ListingScore(Base):

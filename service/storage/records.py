@@ -120,6 +120,7 @@ class ListingRecord:
     latest_risk: float
     latest_verdict: Verdict
     latest_brand: str | None
+    latest_digest: str | None = None  # see ListingRepository.record_scores(skip_unchanged=True)
 
     def to_listing(self) -> Listing:
         """The domain listing without pixels (for a --stored rescan, which starts from embeddings)."""

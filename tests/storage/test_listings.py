@@ -19,6 +19,7 @@ from service.storage import (
     ScoreSource,
     Storage,
 )
+from service.storage.listings import ScoreWrite
 from tests.storage.factories import listing, match, result
 
 Refs = dict[str, ReferenceRecord]
@@ -260,3 +261,65 @@ def test_concurrent_writers(storage: Storage, two_brands: Refs) -> None:
     assert sum(len(storage.listings.history(f"L{i}")) for i in range(6)) == 60
     assert storage.listings.review_counts("alpro")[ReviewStatus.OPEN] == 6  # one item per listing
     assert all(len(storage.listings.latest_matches(f"L{i}")) == 1 for i in range(6))
+
+
+def test_record_scores_in_one_batch(storage: Storage, two_brands: Refs) -> None:
+    a1, o1 = two_brands["a1"], two_brands["o1"]
+    repo = storage.listings
+    writes = []
+    for lid, verdict, brand, refs in (("B1", Verdict.REVIEW, "alpro", [a1]), ("B2", Verdict.CLEAR, None, []),
+                                      ("B3", Verdict.LIKELY_COUNTERFEIT, "oatly", [o1])):
+        lst, shas = listing(lid)
+        writes.append(ScoreWrite(lst, result(lid, verdict, brand, [match(r) for r in refs]), "rescan", shas))
+    got = repo.record_scores(writes, scored_at=T0)
+    assert [g is not None for g in got] == [True, True, True]
+    assert got[0] is not None and got[0].review_item_id is not None
+    assert got[1] is not None and got[1].review_item_id is None
+    assert [i.listing_id for i in repo.review_queue("alpro")] == ["B1"]
+    assert [i.listing_id for i in repo.review_queue("oatly")] == ["B3"]
+    assert [m.reference_image_id for m in repo.latest_matches("B3")] == [o1.id]
+    for lid in ("B1", "B2", "B3"):
+        assert [h.source for h in repo.history(lid)] == [ScoreSource.RESCAN]
+
+    # One invalid write refuses the whole batch, naming the write, and stores none of it.
+    bad = [ScoreWrite(*listing("B4")[:1], result("B4", Verdict.CLEAR, None, []), "rescan", listing("B4")[1]),
+           ScoreWrite(*listing("B5")[:1], result("B5", Verdict.CLEAR, None, []), "rescan", ["nope"])]
+    with pytest.raises(InvalidInputError) as err:
+        repo.record_scores(bad)
+    assert err.value.field == "writes[1].images[0].sha256"
+    assert repo.get_listing("B4") is None and repo.get_listing("B5") is None
+
+
+def test_record_scores_skips_unchanged_results(storage: Storage, two_brands: Refs) -> None:
+    a1 = two_brands["a1"]
+    repo = storage.listings
+    lst, shas = listing("S1")
+    res = result("S1", Verdict.REVIEW, "alpro", [match(a1, 0.9)])
+    repo.record_score(lst, res, "api", image_sha256s=shas, scored_at=T0)
+    stored = repo.get_listing("S1")
+    assert stored is not None and stored.latest_digest is not None
+    # The same result again: nothing written, no history row.
+    same = ScoreWrite(stored.to_listing(), result("S1", Verdict.REVIEW, "alpro", [match(a1, 0.9)]),
+                      ScoreSource.STORED_RESCAN, stored.image_sha256s, previous_digest=stored.latest_digest)
+    assert repo.record_scores([same], skip_unchanged=True) == [None]
+    assert len(repo.history("S1")) == 1
+    # Without skip_unchanged it is written (history is the record of every score).
+    assert repo.record_scores([same])[0] is not None and len(repo.history("S1")) == 2
+    # A changed similarity is a changed result: written, with a new digest.
+    changed = ScoreWrite(stored.to_listing(), result("S1", Verdict.REVIEW, "alpro", [match(a1, 0.8)]),
+                         ScoreSource.STORED_RESCAN, stored.image_sha256s, previous_digest=stored.latest_digest)
+    [recorded] = repo.record_scores([changed], skip_unchanged=True)
+    assert recorded is not None and len(repo.history("S1")) == 3
+    after = repo.get_listing("S1")
+    assert after is not None and after.latest_digest not in (None, stored.latest_digest)
+
+
+def test_confirmed_counterfeits_of_many_sellers(storage: Storage, two_brands: Refs) -> None:
+    a1 = two_brands["a1"]
+    repo = storage.listings
+    for i, seller in enumerate(("bad", "bad", "worse", "good")):
+        item = _score(storage, f"C{i}", Verdict.REVIEW, "alpro", [a1], seller=seller).review_item_id
+        assert item is not None
+        repo.decide("alpro", item, "rejected" if seller == "good" else "confirmed")  # type: ignore[arg-type]
+    assert repo.confirmed_counterfeits_many(["bad", "worse", "good", "unknown", "bad"]) == {"bad": 2, "worse": 1}
+    assert repo.confirmed_counterfeits_many([]) == {}

@@ -71,3 +71,28 @@ def test_connection_settings(migrated: Target) -> None:
                 raise AssertionError("a row referencing a missing brand was accepted")
     finally:
         db.dispose()
+
+
+def test_upgrade_from_0001_keeps_scored_listings(fresh_db: Callable[[], Target]) -> None:
+    """0002 adds listings.latest_digest to a database that already holds listings (nullable: the next
+    rescan of each fills it)."""
+    from alembic import command
+
+    from service.storage.db import alembic_config
+
+    target = fresh_db()
+    db = Database(target.url)
+    try:
+        cfg = alembic_config()
+        with db.engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "0001")
+            conn.execute(sa.text(
+                "INSERT INTO listings (listing_id, title, description, image_sha256s, first_seen, last_seen_at, "
+                "last_scored_at, latest_risk, latest_verdict) VALUES ('old', 't', '', '[]', :t, :t, :t, 0.1, "
+                "'clear')"), {"t": "2026-01-01 00:00:00+00:00"})
+        assert migrate(target.url) == head_revision() == "0002"
+        with db.engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT listing_id, latest_digest FROM listings")).all() == [("old", None)]
+    finally:
+        db.dispose()
