@@ -57,15 +57,21 @@ class ThreadBatcher:
         return self.inner.provider
 
     def embed(self, images: Sequence[RGBImage]) -> Vectors:
-        if not images:
-            return np.zeros((0, self.dim), np.float32)
+        return self.submit(images).result()
+
+    def submit(self, images: Sequence[RGBImage]) -> Future[Vectors]:
+        """Queue the images and return at once; the future gets their vectors (row i: images[i]). Lets
+        one caller keep two models busy at the same time."""
         fut: Future[Vectors] = Future()
+        if not images:
+            fut.set_result(np.zeros((0, self.dim), np.float32))
+            return fut
         with self._cv:
             if self._closed:
                 raise RuntimeError("the batcher is closed")
             self._queue.append((list(images), fut, time.monotonic()))
             self._cv.notify()
-        return fut.result()
+        return fut
 
     def _take(self) -> list[tuple[list[RGBImage], Future[Vectors], float]] | None:
         with self._cv:

@@ -3,7 +3,10 @@ engine as the CLI, in-process) for
 
 ``cold``    every photo new: decoded, embedded by every configured model, matched, stored;
 ``cached``  the same file again in a fresh container: every embedding comes from the database cache;
-``stored``  ``rescan --stored``: every stored listing re-matched from its stored embeddings;
+``stored``  ``rescan --stored``: every stored listing re-matched from its stored embeddings, the catalog
+            unchanged (every result equals the stored one, so nothing is written);
+``stored changed``  the same after a brand added a second photo of every product (most results change
+            and are written);
 ``near``    the background job after a brand added one reference: listings near it re-matched, the
             others only read;
 
@@ -16,7 +19,7 @@ and re-encoded, cropped, brightened variants of them; the catalog: grocery-dev's
 the references of 12 brands. Everything lives in a temporary data dir (``--keep`` keeps it).
 
     .venv/bin/python scripts/bench_rescan.py [--n 2000] [--workers 6] [--logo-search never|always]
-                                             [--profile cold|cached|stored] [--json out.json]
+                                             [--profile cold|cached|stored|stored_changed] [--json out.json]
 
 ``--profile PHASE`` runs that phase under cProfile (every thread, via ``threading.setprofile``) and
 prints the top functions by cumulative and own time.
@@ -48,6 +51,7 @@ GROCERY = REPO.parent / "shared" / "data" / "grocery-dev"
 
 from PIL import Image, ImageEnhance  # noqa: E402
 
+from benchlib import raw_model_rate  # noqa: E402
 from embeddings.thread_batcher import ThreadBatcher  # noqa: E402
 from service.container import Container, build_container, build_embedders  # noqa: E402
 from service.domain.model import ReferenceKind  # noqa: E402
@@ -156,29 +160,22 @@ def models_run(c: Container) -> int:
 
 
 def raw_embedding_rate(embedders: dict[str, Any], paths: list[Path], batch: int, seconds: float = 8.0) -> float:
-    """Photos per second through every configured model (decoded pixels in, vectors out)."""
+    """Photos per second through every configured model, side by side as the service runs them."""
     pixels = []
     for p in paths:
         with Image.open(p) as im:
             pixels.append(np.asarray(im.convert("RGB")))
-    for e in embedders.values():
-        e.embed(pixels[:batch])  # warm-up
-    done, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        chunk = [pixels[(done + j) % len(pixels)] for j in range(batch)]
-        for e in embedders.values():
-            e.embed(chunk)
-        done += batch
-    return done / (time.perf_counter() - t0)
+    return float(raw_model_rate(list(embedders.values()), pixels, batch, seconds))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=2000, help="listings (one distinct photo each)")
-    ap.add_argument("--workers", type=int, default=6, help="scoring threads of the local engine")
+    ap.add_argument("--workers", type=int, default=4, help="scoring threads of the local engine")
+    ap.add_argument("--stored-workers", type=int, default=2, help="threads of the stored rescans")
     ap.add_argument("--logo-search", choices=["never", "cascade", "always"], default="never")
     ap.add_argument("--ocr", choices=["never", "cascade", "always"], default="never")
-    ap.add_argument("--profile", choices=["cold", "cached", "stored"], default=None)
+    ap.add_argument("--profile", choices=["cold", "cached", "stored", "stored_changed"], default=None)
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     ap.add_argument("--keep", action="store_true", help="keep the temporary data dir")
     args = ap.parse_args()
@@ -234,24 +231,37 @@ def main() -> None:
         print("cached run (a fresh container: embeddings from the database) ...", flush=True)
         file_phase("cached", "cached.jsonl")
 
-        print("stored run (rescan --stored) ...", flush=True)
-        c = build_container(settings, embedders=embedders, reconcile=False)
-        try:
-            journal = JsonlJournal(root / "stored.jsonl", append=False)
-            job = StoredRescanJob(c.scorer, c.listings, workers=4, results=journal)
+        def stored_phase(c: Container, name: str, **kw: Any) -> None:
+            journal = JsonlJournal(root / f"{name}.jsonl", append=False)
+            job = StoredRescanJob(c.scorer, c.listings, results=journal, workers=args.stored_workers, **kw)
             before = models_run(c)
-            prof = ThreadProfile() if args.profile == "stored" else None
+            prof = ThreadProfile() if args.profile == name else None
             if prof:
                 with prof:
                     r = job.run()
             else:
                 r = job.run()
             journal.close()
-            figures["stored"] = {"listings_per_s": r.rate, "seconds": r.elapsed_s, "scanned": r.scanned,
-                                 "rescored": r.rescored, "photos_embedded": models_run(c) - before}
-            print(f"  stored: {r.rate:,.1f} listings/s ({r.scanned} in {r.elapsed_s:.1f} s)", flush=True)
+            figures[name] = {"listings_per_s": r.rate, "seconds": r.elapsed_s, "scanned": r.scanned,
+                             "rescored": r.rescored, "written": r.written, "changed": r.changed,
+                             "photos_embedded": models_run(c) - before}
+            print(f"  {name}: {r.rate:,.1f} listings/s ({r.scanned} in {r.elapsed_s:.1f} s, {r.rescored} "
+                  f"re-matched, {r.written} changed and written)", flush=True)
             if prof:
                 print(prof.report())
+
+        c = build_container(settings, embedders=embedders, reconcile=False)
+        try:
+            print("stored run (rescan --stored, catalog unchanged) ...", flush=True)
+            stored_phase(c, "stored")
+
+            # A brand adds a second photo of every product: most listings now match more references, so
+            # their results change and are written (the write path at full load).
+            print("stored run after a brand added 41 references ...", flush=True)
+            cat = sorted((GROCERY / "catalogue").glob("*.jpg"))
+            c.catalog.add([ReferenceUpload(brand="relabel", kind=ReferenceKind.PRODUCT, source="bench",
+                                           sku=p.stem, data=variant(p, 5)) for p in cat])
+            stored_phase(c, "stored_changed")
 
             # What the API's background job does after a brand adds a reference: only the listings near it
             # are re-matched, the others only have their stored embeddings read.
@@ -259,15 +269,7 @@ def main() -> None:
             new = c.catalog.add([ReferenceUpload(
                 brand="newbrand", kind=ReferenceKind.PRODUCT, source="bench", sku="NEW-1",
                 data=variant(GROCERY / "catalogue" / "Alpro-Shelf-Soy-Milk.jpg", 3))])
-            before = models_run(c)
-            job = StoredRescanJob(c.scorer, c.listings, workers=4,
-                                  near_references=[new[0].reference.sha256])
-            r = job.run()
-            figures["stored_near_new_reference"] = {
-                "listings_per_s": r.rate, "seconds": r.elapsed_s, "scanned": r.scanned, "rescored": r.rescored,
-                "photos_embedded": models_run(c) - before}
-            print(f"  near: {r.rate:,.1f} listings/s ({r.scanned} in {r.elapsed_s:.1f} s, "
-                  f"{r.rescored} re-matched)", flush=True)
+            stored_phase(c, "stored_near_new_reference", near_references=[new[0].reference.sha256])
         finally:
             c.close()
 
@@ -278,14 +280,16 @@ def main() -> None:
         figures["cold_over_raw"] = figures["cold"]["listings_per_s"] / raw
 
         print()
-        print(f"{'run':<34}{'listings/s':>12}{'seconds':>10}{'model runs':>12}")
-        for name in ("cold", "cached", "stored", "stored_near_new_reference"):
+        print(f"{'run':<56}{'listings/s':>12}{'seconds':>10}{'model runs':>12}")
+        for name in ("cold", "cached", "stored", "stored_changed", "stored_near_new_reference"):
             f = figures[name]
-            label = name.replace("_", " ") + (f" ({f['rescored']} re-matched)" if "near" in name else "")
-            print(f"{label:<34}{f['listings_per_s']:>12,.1f}{f['seconds']:>10.1f}{f['photos_embedded']:>12}")
+            label = name.replace("_", " ")
+            if name.startswith("stored"):
+                label += f" ({f['rescored']} re-matched, {f['written']} written)"
+            print(f"{label:<56}{f['listings_per_s']:>12,.1f}{f['seconds']:>10.1f}{f['photos_embedded']:>12}")
         models = "+".join(figures["models"])
-        print(f"{'raw embedding, photos/s (' + models + ')':<34}{raw:>12,.1f}")
-        print(f"{'cold / raw embedding':<34}{figures['cold_over_raw']:>12.2f}")
+        print(f"{'raw embedding, photos/s (' + models + ', side by side)':<56}{raw:>12,.1f}")
+        print(f"{'cold / raw embedding':<56}{figures['cold_over_raw']:>12.2f}")
         print(f"(load average at start {figures['load_1m']:.1f} on {figures['cpus']} CPUs; "
               f"logo search {args.logo_search}, OCR {args.ocr}, {args.workers} workers)")
         if args.json:

@@ -130,7 +130,7 @@ def rescan(
         "--overwrite", help="Start again even if RESULTS/ERRORS hold results.")] = False,
     workers: Annotated[int | None, typer.Option(
         min=1, max=256,
-        help="Local: scoring threads (default 6). Ray: scoring actors (default CPUs / actor CPUs - 1).",
+        help="Local: scoring threads (default 4; stored: 2). Ray: scoring actors (default CPUs / actor CPUs - 1).",
         show_default=False)] = None,
     engine: Annotated[Engine, typer.Option(help="Where to score: this process or a Ray cluster.")] \
         = Engine.LOCAL,
@@ -212,7 +212,7 @@ def _file(listings: Path, out_path: Path, errors: Path | None, resume: bool, ove
             cli.console.print(f"Ray: {actors} scoring actor(s) of {actor_cpus:g} CPU, {actor_gpus:g} GPU")
             runner = ray_engine
         else:
-            runner = ThreadedEngine(ListingRescanner(c.scorer, c.images, job.base), workers=workers or 6)
+            runner = ThreadedEngine(ListingRescanner(c.scorer, c.images, job.base), workers=workers or 4)
         if point.count:
             cli.console.print(f"resuming: {len(point.done_ids)} results and {len(point.handled_lines)} "
                               "errors already written")
@@ -266,7 +266,7 @@ def _stored(out_path: Path | None, overwrite: bool, workers: int | None, brand: 
     c = cli._container(settings)
     journal = JsonlJournal(out_path, append=False) if out_path is not None else None
     try:
-        job = StoredRescanJob(c.scorer, c.listings, brand=brand, since=since_at, workers=workers or 4,
+        job = StoredRescanJob(c.scorer, c.listings, brand=brand, since=since_at, workers=workers or 2,
                               results=journal)
         try:
             total = job.count()

@@ -14,6 +14,7 @@ from typing import Any
 from embeddings.ocr import RapidOcrReader
 from embeddings.registry import build_image_embedder
 from embeddings.thread_batcher import ThreadBatcher
+from index.faiss_index import set_search_threads
 from index.registry import ReferenceIndexes
 from service.domain.assessment import ScoringParams
 from service.domain.policy import VerdictPolicy
@@ -151,6 +152,7 @@ def build_container(settings: Settings, *, reconcile: bool = True,
     (re-matching stored listings near new product references, or a brand's listings after a removal).
     A CLI import exits at once instead; docs/rescan.md shows the `rescan --stored` cron for it."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    set_search_threads(settings.index.search_threads)
     db = Database(settings.database_url, echo=settings.storage.echo_sql)
     db.migrate()
     catalog_repo = CatalogRepository(db)

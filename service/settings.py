@@ -57,6 +57,8 @@ class IndexSettings(BaseModel):
     hnsw_ef_construction: int = Field(default=80, ge=8)
     hnsw_ef_search: int = Field(default=64, ge=8)
     top_k: int = Field(default=10, ge=1, le=100)
+    # FAISS's OpenMP threads (process-wide); 0: one per core. See index.faiss_index.set_search_threads.
+    search_threads: int = Field(default=1, ge=0, le=256)
 
 
 class ScoringSettings(BaseModel):

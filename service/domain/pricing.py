@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -108,6 +108,28 @@ class MarketStats:
     def robust_z(self, price_usd: float) -> float:
         """How many robust deviations ``price_usd`` lies from the median on the log scale (< 0: cheaper)."""
         return (math.log(price_usd) - self.log_median) / self.log_scale
+
+
+class MarketSample(tuple[Money, ...]):
+    """Other listings' prices of a product, remembering their :func:`market_stats`.
+
+    A scorer reads one sample for many listings of the same product (scoring caches it briefly), so
+    the robust statistics — a pass over up to a thousand prices — are computed once per sample and
+    parameter set, not once per listing. Immutable like any tuple; the memo only ever adds answers."""
+
+    _memo: dict[tuple[object, ...], MarketStats | None]
+
+    def __new__(cls, prices: Iterable[Money] = ()) -> MarketSample:
+        self = super().__new__(cls, prices)
+        self._memo = {}
+        return self
+
+    def stats(self, currencies: CurrencyTable, min_count: int = 5, outlier_cut: float = 3.5,
+              min_log_scale: float = 0.1) -> MarketStats | None:
+        key = (tuple(sorted(currencies.rates.items())), min_count, outlier_cut, min_log_scale)
+        if key not in self._memo:
+            self._memo[key] = market_stats(self, currencies, min_count, outlier_cut, min_log_scale)
+        return self._memo[key]
 
 
 def market_stats(
@@ -228,7 +250,8 @@ def price_signal(
             if ratio < 1.0:
                 reasons.append((ref_score, f"price {format_money(price)} is {_pct(ratio)} of the reference "
                                            f"price {format_money(reference_price)}"))
-    stats = market_stats(market_prices, currencies, th.min_market_count, th.outlier_cut, th.min_log_scale)
+    sample = market_prices if isinstance(market_prices, MarketSample) else MarketSample(market_prices)
+    stats = sample.stats(currencies, th.min_market_count, th.outlier_cut, th.min_log_scale)
     ev["market_listings"] = len(market_prices)
     if stats is not None:
         z = stats.robust_z(price_usd)

@@ -52,7 +52,9 @@ class EmbeddingStore:
             return out
         with self._db.reading() as conn:
             for chunk in chunked(keys):
-                for sha, dim, blob in conn.execute(self._select, {"model": model, "shas": chunk}):
+                # .all(): every row in one call. Iterating fetches row by row, and each fetch releases and
+                # retakes the GIL, which with a busy scoring thread beside it costs a switch interval.
+                for sha, dim, blob in conn.execute(self._select, {"model": model, "shas": chunk}).all():
                     vec = np.frombuffer(blob, dtype=_DTYPE)
                     if vec.shape[0] != dim:  # a torn or foreign row: treat as a miss, it gets re-embedded
                         continue

@@ -19,7 +19,6 @@ Review-queue semantics of :meth:`ListingRepository.record_score`:
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from sqlalchemy.orm import Session
 from service.domain.model import Listing, Money, ReferenceKind, ScoreResult, SellerInfo, Verdict
 from service.storage import validate
 from service.storage._sql import chunked, dialect_insert
-from service.storage.db import Database, json_default
+from service.storage.db import Database
 from service.storage.errors import InvalidInputError, NotFoundError
 from service.storage.models import (
     Brand,
@@ -83,10 +82,16 @@ def result_json(result: ScoreResult) -> dict[str, Any]:
     }
 
 
-def payload_digest(payload: dict[str, Any]) -> str:
-    """sha256 of a stored result's canonical JSON: equal digests, equal results."""
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":"),
-                                     default=json_default).encode()).hexdigest()
+def result_digest(result: ScoreResult) -> str:
+    """A digest of what a result decides: risk (to 1e-6), verdict, brand, reasons, matches and model
+    versions. Two results with equal digests put the listing in the same place (queues, market
+    statistics, latest matches); signal evidence alone (a market median moving by a cent) does not count.
+    """
+    matches = [(m.reference.image_id, m.signal.value, round(float(m.similarity), 6), m.image_index, m.box)
+               for m in result.matches]
+    core = (round(float(result.risk), 6), Verdict(result.verdict).value, result.brand, list(result.reasons),
+            matches, sorted(result.model_versions.items()))
+    return hashlib.sha256(repr(core).encode()).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +136,13 @@ def _listing_record(row: ListingRow, brand: str | None) -> ListingRecord:
 
 def _listing_query() -> sa.Select[ListingRow, str]:
     return sa.select(ListingRow, Brand.slug).outerjoin(Brand, Brand.id == ListingRow.latest_brand_id)
+
+
+# The same as plain rows (no ORM identity map or instance state): what a stored rescan pages through by
+# the thousand. A row has the listing's columns as attributes, as the ORM object does.
+_BRANDS = cast(sa.Table, Brand.__table__)
+_STORED_QUERY = sa.select(_LISTINGS, _BRANDS.c.slug.label("latest_brand_slug")).outerjoin(
+    _BRANDS, _BRANDS.c.id == _LISTINGS.c.latest_brand_id)
 
 
 def _review_query() -> sa.Select[ReviewItem, str, ListingRow]:
@@ -311,7 +323,7 @@ class ListingRepository:
             raise InvalidInputError(f"result.verdict {result.verdict!r} is not a verdict",
                                     "result.verdict") from None
         payload = result_json(result)
-        digest = payload_digest(payload)
+        digest = result_digest(result)
         slugs = {m.reference.brand for m in result.matches}
         if result.brand is not None:
             slugs.add(result.brand)
@@ -410,10 +422,10 @@ class ListingRepository:
         where = self._stored_filter(brand, since)
         last = 0
         while True:
-            with self._db.read() as s:
-                rows = [_listing_record(r[0], r[1]) for r in s.execute(
-                    _listing_query().where(ListingRow.id > last, *where)
-                    .order_by(ListingRow.id).limit(batch_size))]
+            with self._db.reading() as conn:
+                rows = [_listing_record(cast(ListingRow, r), r.latest_brand_slug) for r in conn.execute(
+                    _STORED_QUERY.where(_LISTINGS.c.id > last, *where)
+                    .order_by(_LISTINGS.c.id).limit(batch_size)).all()]
             yield from rows
             if len(rows) < batch_size:
                 return
@@ -439,7 +451,7 @@ class ListingRepository:
             stmt = self._sql.market_prices
             if exclude_listing_id is not None:
                 stmt, params["p_exclude"] = self._sql.market_prices_excluding, exclude_listing_id
-            return [Money(float(p), c) for p, c in conn.execute(stmt, params)]
+            return [Money(float(p), c) for p, c in conn.execute(stmt, params).all()]
 
     def confirmed_counterfeits(self, seller_id: str) -> int:
         """How many of the seller's listings some brand confirmed as counterfeit."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,17 @@ class EmbedOutcome:
     vectors: Vectors  # (n, d), row i belongs to images[i]
     hits: int
     misses: int
+
+
+@dataclass(slots=True)
+class PendingEmbed:
+    """An embedding started by :meth:`CachedEmbedder.start`: cache hits, and the model's work on the rest."""
+
+    images: list[ListingImage]
+    found: dict[str, np.ndarray]
+    todo: list[str]  # hashes handed to the model, in the order of its rows
+    work: Future[Vectors] | Vectors | None
+    persist: bool
 
 
 class _Lru:
@@ -92,20 +104,36 @@ class CachedEmbedder:
         return {k: (int(v[0]), int(v[1])) for k, v in got.items()}
 
     def embed(self, images: Sequence[ListingImage], persist: bool = True) -> EmbedOutcome:
-        if not images:
-            return EmbedOutcome(np.zeros((0, self.embedder.dim), np.float32), 0, 0)
-        found = self.lookup([im.sha256 for im in images])
+        return self.finish(self.start(images, persist))
+
+    def start(self, images: Sequence[ListingImage], persist: bool = True) -> PendingEmbed:
+        """Look the images up and hand the misses to the model without waiting for it (when the model
+        can queue work: a :class:`~embeddings.thread_batcher.ThreadBatcher`); :meth:`finish` collects.
+        Starting every model before finishing any runs them side by side."""
+        found = self.lookup([im.sha256 for im in images]) if images else {}
         todo: dict[str, ListingImage] = {}
         for im in images:
             if im.sha256 not in found and im.sha256 not in todo:
                 todo[im.sha256] = im
+        work: Future[Vectors] | Vectors | None = None
         if todo:
-            fresh = self.embedder.embed([im.pixels for im in todo.values()])
-            new = {sha: fresh[i] for i, sha in enumerate(todo)}
-            if persist and self.store is not None:
+            pixels = [im.pixels for im in todo.values()]
+            submit = getattr(self.embedder, "submit", None)
+            work = submit(pixels) if submit is not None else self.embedder.embed(pixels)
+        return PendingEmbed(list(images), found, list(todo), work, persist)
+
+    def finish(self, pending: PendingEmbed) -> EmbedOutcome:
+        images, found = pending.images, pending.found
+        if not images:
+            return EmbedOutcome(np.zeros((0, self.embedder.dim), np.float32), 0, 0)
+        if pending.todo:
+            assert pending.work is not None
+            fresh = pending.work.result() if isinstance(pending.work, Future) else pending.work
+            new = {sha: fresh[i] for i, sha in enumerate(pending.todo)}
+            if pending.persist and self.store is not None:
                 self.store.put_many(self.model_id, new)
             for sha, v in new.items():
                 self._lru.put(sha, v)
             found.update(new)
         vectors = np.stack([found[im.sha256] for im in images]).astype(np.float32, copy=False)
-        return EmbedOutcome(vectors, hits=len(images) - len(todo), misses=len(todo))
+        return EmbedOutcome(vectors, hits=len(images) - len(pending.todo), misses=len(pending.todo))

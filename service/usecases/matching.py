@@ -28,6 +28,7 @@ LOGO_ID_STRIDE = 16
 """Logo variants share an image id: vector id = image_id * LOGO_ID_STRIDE + variant."""
 
 IndexLookup = Callable[[str, ReferenceKind], VectorIndex | None]
+Hit = tuple[SignalName, int, int, float, Box | None]  # signal, reference image id, photo index, similarity, box
 
 
 def derived_key(sha256: str, tag: str) -> str:
@@ -134,37 +135,64 @@ class ReferenceMatcher:
     def match(self, vectors: ListingVectors) -> list[Match]:
         """Every match worth reporting, best first per signal (at most ``max_matches_per_signal`` each,
         one per reference: the best photo or crop for it)."""
+        return self.match_many([vectors])[0]
+
+    def match_many(self, batch: Sequence[ListingVectors]) -> list[list[Match]]:
+        """:meth:`match` for many listings: one search per index for the whole batch (the photos of every
+        listing stacked) and one catalog lookup; answers in the order of ``batch``."""
         c = self.config
-        hits: list[tuple[SignalName, int, int, float, Box | None]] = []
-        for row, vid, sim in self._search(self.roles.copy, ReferenceKind.PRODUCT, vectors.copy, c.min_copy):
-            hits.append((SignalName.COPY, vid, row, sim, None))
-        if self.roles.semantic is not None and vectors.semantic is not None:
-            for row, vid, sim in self._search(self.roles.semantic, ReferenceKind.PRODUCT, vectors.semantic,
-                                              c.min_lookalike):
-                hits.append((SignalName.LOOKALIKE, vid, row, sim, None))
-        whole = vectors.logo if vectors.logo is not None else vectors.copy
-        for row, vid, sim in self._search(self.roles.logo, ReferenceKind.LOGO, whole, c.min_logo):
-            hits.append((SignalName.LOGO, vid // LOGO_ID_STRIDE, row, sim, None))
-        if vectors.crops:
-            crop_matrix = np.stack([v for _, _, v in vectors.crops]).astype(np.float32, copy=False)
+        hits: list[list[Hit]] = [[] for _ in batch]
+
+        def whole(signal: SignalName, model: str | None, kind: ReferenceKind,
+                  pick: Callable[[ListingVectors], Vectors | None], min_sim: float, stride: int = 1) -> None:
+            if model is None:
+                return
+            blocks = [(i, v) for i, lv in enumerate(batch) if (v := pick(lv)) is not None and len(v)]
+            if not blocks:
+                return
+            owner = np.concatenate([np.full(len(v), i) for i, v in blocks])
+            first = np.concatenate([[0], np.cumsum([len(v) for _, v in blocks])[:-1]])
+            start = {i: int(f) for (i, _), f in zip(blocks, first, strict=True)}
+            matrix = np.concatenate([v for _, v in blocks]) if len(blocks) > 1 else blocks[0][1]
+            for row, vid, sim in self._search(model, kind, matrix, min_sim):
+                i = int(owner[row])
+                hits[i].append((signal, vid // stride, row - start[i], sim, None))
+
+        whole(SignalName.COPY, self.roles.copy, ReferenceKind.PRODUCT, lambda lv: lv.copy, c.min_copy)
+        whole(SignalName.LOOKALIKE, self.roles.semantic, ReferenceKind.PRODUCT, lambda lv: lv.semantic,
+              c.min_lookalike)
+        whole(SignalName.LOGO, self.roles.logo, ReferenceKind.LOGO,
+              lambda lv: lv.logo if lv.logo is not None else lv.copy, c.min_logo, LOGO_ID_STRIDE)
+        for i, lv in enumerate(batch):  # crops: only the few listings the cascade sent on
+            if not lv.crops:
+                continue
+            crop_matrix = np.stack([v for _, _, v in lv.crops]).astype(np.float32, copy=False)
             for row, vid, sim in self._search(self.roles.logo, ReferenceKind.LOGO, crop_matrix, c.min_logo):
-                image_index, box, _ = vectors.crops[row]
-                hits.append((SignalName.LOGO, vid // LOGO_ID_STRIDE, image_index, sim, box))
+                image_index, box, _ = lv.crops[row]
+                hits[i].append((SignalName.LOGO, vid // LOGO_ID_STRIDE, image_index, sim, box))
             if self.roles.logo == self.roles.copy:
                 # The same crops in the copy index find an official photo re-used inside a collage or
                 # on a new background (measured: background-edit copies 0.50 -> 0.83 right sku first).
                 for row, vid, sim in self._search(self.roles.copy, ReferenceKind.PRODUCT, crop_matrix, c.min_copy):
-                    image_index, box, _ = vectors.crops[row]
-                    hits.append((SignalName.COPY, vid, image_index, sim, box))
-        return self._resolve(hits)
+                    image_index, box, _ = lv.crops[row]
+                    hits[i].append((SignalName.COPY, vid, image_index, sim, box))
+        best = [self._best(h) for h in hits]
+        wanted = {image_id for b in best for _, image_id in b}
+        refs: dict[int, ReferenceInfo] = self._catalog.references(wanted) if wanted else {}
+        return [self._resolve(b, refs) for b in best]
 
-    def _resolve(self, hits: Sequence[tuple[SignalName, int, int, float, Box | None]]) -> list[Match]:
+    @staticmethod
+    def _best(hits: Sequence[Hit]) -> dict[tuple[SignalName, int], tuple[int, float, Box | None]]:
+        """One hit per (signal, reference): its best photo or crop."""
         best: dict[tuple[SignalName, int], tuple[int, float, Box | None]] = {}
         for signal, image_id, row, sim, box in hits:
             key = (signal, image_id)
             if key not in best or sim > best[key][1]:
                 best[key] = (row, sim, box)
-        refs: dict[int, ReferenceInfo] = self._catalog.references({k[1] for k in best}) if best else {}
+        return best
+
+    def _resolve(self, best: dict[tuple[SignalName, int], tuple[int, float, Box | None]],
+                 refs: dict[int, ReferenceInfo]) -> list[Match]:
         by_signal: dict[SignalName, list[Match]] = {}
         for (signal, image_id), (row, sim, box) in best.items():
             ref = refs.get(image_id)

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from service.domain.model import Listing, ScoreResult, Verdict
+from service.domain.model import Listing, Verdict
 from service.domain.pricing import UnknownCurrencyError
 from service.intake.errors import IntakeError
 from service.storage.errors import StorageError
@@ -52,26 +52,11 @@ from service.usecases.rescan_io import (
     parse_row,
     result_record,
 )
-from service.usecases.scoring import ListingScorer
+from service.usecases.scoring import ListingScorer, ScoreOutcome, StoredListing
 
 log = logging.getLogger("counterlens.rescan")
 
 Progress = Callable[[int], None]
-
-# Scores are recorded one writer at a time per process. SQLite admits one writer; a thread that finds
-# the write lock taken sleeps in SQLite's busy handler (1, 2, 5, 10, 15, 20, 25 ... ms), which with
-# several rescan threads cost more wall time than the writes themselves. A Python lock hands over in
-# microseconds. (Reads are unaffected: WAL readers never wait.)
-_RECORD_LOCK = threading.Lock()
-
-
-def record(scorer: ListingScorer, listing: Listing, result: ScoreResult, source: ScoreSource,
-           sha256s: Sequence[str]) -> None:
-    """Store a score as ``ListingScorer`` would with ``persist=True``, serialised within the process."""
-    if scorer.recorder is not None:
-        with _RECORD_LOCK:
-            scorer.recorder.record_score(listing, result, source.value, image_sha256s=sha256s)
-
 
 # ---------------------------------------------------------------------------------------------- one listing
 
@@ -114,6 +99,31 @@ class ListingRescanner:
         self.persist = persist
 
     def rescan(self, row: ListingRow) -> RowOutcome:
+        return self.rescan_many([row])[0]
+
+    def rescan_many(self, rows: Sequence[ListingRow]) -> list[RowOutcome]:
+        """Load every row's photos, then score the rows that loaded together (one model batch per model,
+        one search per index, one transaction: :meth:`ListingScorer.score_many`). In the order of
+        ``rows``."""
+        out: list[RowOutcome | None] = [None] * len(rows)
+        ready: list[tuple[int, Listing]] = []
+        for i, row in enumerate(rows):
+            got = self._load(row)
+            if isinstance(got, RowOutcome):
+                out[i] = got
+            else:
+                ready.append((i, got))
+        if ready:
+            try:
+                scored = self.scorer.score_many([lst for _, lst in ready], source=ScoreSource.RESCAN.value,
+                                                persist=self.persist)
+            except Exception as exc:  # the batch as a whole failed (the database is gone, say)
+                scored = [exc] * len(ready)
+            for (i, _), result in zip(ready, scored, strict=True):
+                out[i] = self._outcome(rows[i], result)
+        return [o for o in out if o is not None]
+
+    def _load(self, row: ListingRow) -> Listing | RowOutcome:
         if row.price is not None and row.price.currency not in self.scorer.params.currencies:
             # Checked before the photos are loaded and embedded: the score would refuse it anyway.
             known = ", ".join(sorted(self.scorer.params.currencies.rates))
@@ -122,25 +132,28 @@ class ListingRescanner:
         try:
             sources = [image_source(ref, self.base, i) for i, ref in enumerate(row.images)]
             pictures = self.images.load(sources)
-            listing = Listing(listing_id=row.listing_id, title=row.title, description=row.description,
-                              price=row.price, seller=row.seller, images=tuple(pictures))
-            outcome = self.scorer.score(listing, source=ScoreSource.RESCAN.value, persist=False)
-            if self.persist:
-                record(self.scorer, listing, outcome.result, ScoreSource.RESCAN,
-                       [im.sha256 for im in pictures])
         except IntakeError as exc:
             return RowOutcome.failed(row.line, row.listing_id, exc.code.value, exc.message, exc.field)
-        except UnknownCurrencyError as exc:
-            return RowOutcome.failed(row.line, row.listing_id, "unknown_currency", str(exc), "currency")
-        except StorageError as exc:
-            return RowOutcome.failed(row.line, row.listing_id, "invalid_input", exc.message, exc.field)
-        except Exception as exc:  # one listing's failure must never abort a rescan of millions
-            log.exception("rescan of a listing failed",
-                          extra={"listing_id": row.listing_id, "line": row.line})
-            return RowOutcome.failed(row.line, row.listing_id, "internal",
-                                     f"{type(exc).__name__}: {exc}", None)
-        return RowOutcome(row.line, row.listing_id, record=result_record(outcome.result),
-                          embedded=dict(outcome.embedded), cache_hits=dict(outcome.cache_hits))
+        except Exception as exc:
+            log.exception("loading a listing's photos failed", extra={"listing_id": row.listing_id, "line": row.line})
+            return RowOutcome.failed(row.line, row.listing_id, "internal", f"{type(exc).__name__}: {exc}", None)
+        return Listing(listing_id=row.listing_id, title=row.title, description=row.description,
+                       price=row.price, seller=row.seller, images=tuple(pictures))
+
+    @staticmethod
+    def _outcome(row: ListingRow, got: ScoreOutcome | Exception) -> RowOutcome:
+        if isinstance(got, ScoreOutcome):
+            return RowOutcome(row.line, row.listing_id, record=result_record(got.result),
+                              embedded=dict(got.embedded), cache_hits=dict(got.cache_hits))
+        if isinstance(got, IntakeError):
+            return RowOutcome.failed(row.line, row.listing_id, got.code.value, got.message, got.field)
+        if isinstance(got, UnknownCurrencyError):
+            return RowOutcome.failed(row.line, row.listing_id, "unknown_currency", str(got), "currency")
+        if isinstance(got, StorageError):
+            return RowOutcome.failed(row.line, row.listing_id, "invalid_input", got.message, got.field)
+        # One listing's failure must never abort a rescan of millions.
+        log.error("rescan of a listing failed", exc_info=got, extra={"listing_id": row.listing_id, "line": row.line})
+        return RowOutcome.failed(row.line, row.listing_id, "internal", f"{type(got).__name__}: {got}", None)
 
 
 # ---------------------------------------------------------------------------------------------- engines
@@ -153,26 +166,32 @@ class RescanEngine(Protocol):
 
 
 class ThreadedEngine:
-    """The local engine: ``workers`` threads, at most ``window`` listings in flight (the head of the
-    window is written first, so output follows input order and a slow listing stalls no worker)."""
+    """The local engine: ``workers`` threads, each scoring ``chunk`` listings at a time (their photos
+    in one model batch, their scores in one transaction), at most ``window`` chunks in flight. Outcomes
+    leave in input order (the head of the window first), and a slow chunk stalls no worker.
 
-    def __init__(self, rescanner: ListingRescanner, workers: int = 6, window: int | None = None) -> None:
-        if workers < 1:
-            raise ValueError("workers must be >= 1")
+    While one worker's chunk is in the models, the others decode photos and match: decoding, inference
+    and matching overlap on both cores."""
+
+    def __init__(self, rescanner: ListingRescanner, workers: int = 4, window: int | None = None,
+                 chunk: int = 16) -> None:
+        if workers < 1 or chunk < 1:
+            raise ValueError("workers and chunk must be >= 1")
         self.rescanner = rescanner
         self.workers = workers
-        self.window = window or workers * 8
+        self.chunk = chunk
+        self.window = window or workers * 2
 
     def process(self, rows: Iterator[ListingRow]) -> Iterator[RowOutcome]:
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="rescan")
-        pending: deque[Future[RowOutcome]] = deque()
+        pending: deque[Future[list[RowOutcome]]] = deque()
         try:
-            for row in rows:
-                pending.append(pool.submit(self.rescanner.rescan, row))
+            while chunk := list(islice(rows, self.chunk)):
+                pending.append(pool.submit(self.rescanner.rescan_many, chunk))
                 while pending and (len(pending) >= self.window or pending[0].done()):
-                    yield pending.popleft().result()
+                    yield from pending.popleft().result()
             while pending:
-                yield pending.popleft().result()
+                yield from pending.popleft().result()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
@@ -382,6 +401,7 @@ class StoredRescanReport:
     scanned: int = 0  # stored listings looked at
     not_near: int = 0  # skipped: no photo comes near a new reference, nothing can change
     rescored: int = 0
+    written: int = 0  # rescored listings whose result changed and was stored (the rest equal their latest)
     missing_embeddings: int = 0  # photos never embedded with the current models: rescan their file
     errors: int = 0
     changed: int = 0  # the verdict differs from the stored latest one
@@ -397,7 +417,7 @@ class StoredRescanReport:
     def as_dict(self) -> dict[str, Any]:
         return {"brand": self.brand, "since": self.since.isoformat() if self.since else None,
                 "near_references": self.near_references, "scanned": self.scanned, "not_near": self.not_near,
-                "rescored": self.rescored, "missing_embeddings": self.missing_embeddings,
+                "rescored": self.rescored, "written": self.written, "missing_embeddings": self.missing_embeddings,
                 "errors": self.errors, "changed": self.changed, "newly_flagged": self.newly_flagged,
                 "verdicts": {v.value: self.verdicts.get(v.value, 0) for v in Verdict},
                 "elapsed_s": round(self.elapsed_s, 3), "listings_per_s": round(self.rate, 2),
@@ -424,8 +444,8 @@ class StoredRescanJob:
     """
 
     def __init__(self, scorer: ListingScorer, listings: ListingRepository, *, brand: str | None = None,
-                 since: datetime | None = None, near_references: Sequence[str] = (), workers: int = 4,
-                 results: JsonlJournal | None = None, persist: bool = True) -> None:
+                 since: datetime | None = None, near_references: Sequence[str] = (), workers: int = 2,
+                 results: JsonlJournal | None = None, persist: bool = True, page: int = 256) -> None:
         if workers < 1:
             raise ValueError("workers must be >= 1")
         self.scorer = scorer
@@ -436,22 +456,26 @@ class StoredRescanJob:
         self.workers = workers
         self.results = results
         self.persist = persist
+        self.page = page
 
     def count(self) -> int:
         """How many stored listings the job will look at (NotFoundError for an unknown brand)."""
         return self.listings.count_stored(self.brand, self.since)
 
-    def _one(self, rec: ListingRecord) -> tuple[ListingRecord, Any]:
+    def _page(self, recs: list[ListingRecord]) -> list[tuple[ListingRecord, Any]]:
+        """Re-match a page of listings in one batch (one search per index, the changed scores in one
+        transaction; unchanged ones are not written again)."""
         try:
-            listing = rec.to_listing()
-            got = self.scorer.rescore_stored(listing, rec.image_sha256s, persist=False,
-                                             source=ScoreSource.STORED_RESCAN.value)
-            if got is not None and self.persist:
-                record(self.scorer, listing, got.result, ScoreSource.STORED_RESCAN, rec.image_sha256s)
-            return rec, got
-        except Exception as exc:  # a listing whose rescore fails must not stop the job
-            log.exception("stored rescan of a listing failed", extra={"listing_id": rec.listing_id})
-            return rec, exc
+            got: list[Any] = self.scorer.rescore_stored_many(
+                [StoredListing(rec.to_listing(), rec.image_sha256s, rec.latest_digest) for rec in recs],
+                persist=self.persist, source=ScoreSource.STORED_RESCAN.value, skip_unchanged=True)
+        except Exception as exc:  # a page whose rescore fails must not stop the job
+            log.exception("stored rescan of a page failed", extra={"first": recs[0].listing_id})
+            got = [exc] * len(recs)
+        for rec, g in zip(recs, got, strict=True):
+            if isinstance(g, Exception):
+                log.error("stored rescan of a listing failed", exc_info=g, extra={"listing_id": rec.listing_id})
+        return list(zip(recs, got, strict=True))
 
     def _models(self) -> list[tuple[CachedEmbedder, float]]:
         """The product-matching models with the similarity from which a match counts as evidence (the
@@ -476,7 +500,7 @@ class StoredRescanJob:
         return out
 
     def _pages(self, records: Iterator[ListingRecord], report: StoredRescanReport,
-               page: int = 256) -> Iterator[ListingRecord]:
+               page: int = 256) -> Iterator[list[ListingRecord]]:
         """The records to re-match, a page at a time. Each page's stored embeddings are read ahead in one
         query per model (they land in the embedders' in-process LRU, so ``rescore_stored`` finds them
         without a database round trip each), and with ``near_references`` the listings that come near
@@ -491,12 +515,15 @@ class StoredRescanJob:
             shas = list(dict.fromkeys(sha for rec in chunk for sha in rec.image_sha256s))
             found = {id(emb): emb.lookup(shas) for emb in embedders}
             near = self._near_photos(shas, refs, found) if refs is not None else None
+            kept = []
             for rec in chunk:
                 if near is not None and not any(near.get(sha, True) for sha in rec.image_sha256s):
                     report.scanned += 1
                     report.not_near += 1
                     continue
-                yield rec
+                kept.append(rec)
+            if kept:
+                yield kept
 
     @staticmethod
     def _near_photos(shas: list[str], refs: list[tuple[CachedEmbedder, float, np.ndarray]],
@@ -525,44 +552,45 @@ class StoredRescanJob:
         t0 = time.perf_counter()
         records = self.listings.iter_stored(self.brand, self.since)
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="stored-rescan")
-        pending: deque[Future[tuple[ListingRecord, Any]]] = deque()
-        window = self.workers * 16
+        pending: deque[Future[list[tuple[ListingRecord, Any]]]] = deque()
+        window = self.workers * 2
         last_commit = time.monotonic()
         skipped_before = 0
 
-        def take(fut: Future[tuple[ListingRecord, Any]]) -> None:
+        def take(fut: Future[list[tuple[ListingRecord, Any]]]) -> None:
             nonlocal last_commit
-            rec, got = fut.result()
-            report.scanned += 1
-            if isinstance(got, Exception):
-                report.errors += 1
-            elif got is None:
-                report.missing_embeddings += 1
-            else:
-                r = got.result
-                report.rescored += 1
-                report.verdicts[r.verdict.value] += 1
-                if r.verdict is not rec.latest_verdict:
-                    report.changed += 1
-                    if rec.latest_verdict is Verdict.CLEAR:
-                        report.newly_flagged += 1
-                if self.results is not None:
-                    self.results.append(result_record(r))
-                    if self.results.pending >= 256 or time.monotonic() - last_commit > 1.0:
-                        self.results.commit()
-                        last_commit = time.monotonic()
-            if progress:
-                progress(1)
+            for rec, got in fut.result():
+                report.scanned += 1
+                if isinstance(got, Exception):
+                    report.errors += 1
+                elif got is None:
+                    report.missing_embeddings += 1
+                else:
+                    r = got.result
+                    report.rescored += 1
+                    report.written += int(got.written)
+                    report.verdicts[r.verdict.value] += 1
+                    if r.verdict is not rec.latest_verdict:
+                        report.changed += 1
+                        if rec.latest_verdict is Verdict.CLEAR:
+                            report.newly_flagged += 1
+                    if self.results is not None:
+                        self.results.append(result_record(r))
+                if progress:
+                    progress(1)
+            if self.results is not None and (self.results.pending >= 256 or time.monotonic() - last_commit > 1.0):
+                self.results.commit()
+                last_commit = time.monotonic()
 
         try:
-            for rec in self._pages(records, report):
+            for page in self._pages(records, report, self.page):
                 if progress and report.not_near > skipped_before:
                     progress(report.not_near - skipped_before)
                     skipped_before = report.not_near
                 if cancel is not None and cancel.is_set():
                     report.cancelled = True
                     break
-                pending.append(pool.submit(self._one, rec))
+                pending.append(pool.submit(self._page, page))
                 while pending and (len(pending) >= window or pending[0].done()):
                     take(pending.popleft())
             while pending:

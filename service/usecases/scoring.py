@@ -16,16 +16,19 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, cast
 
 import numpy as np
 
 from service.domain.assessment import BrandContext, ListingFacts, ScoringParams, assess, wants_closer_look
 from service.domain.candidates import BrandCandidate, candidate_brands, one_product_per_photo
-from service.domain.model import Listing, ListingImage, Match, Money, ScoreResult, SignalName, Vectors
+from service.domain.model import Listing, ListingImage, Match, ScoreResult, SignalName, Vectors
 from service.domain.policy import VerdictPolicy
 from service.domain.ports import CatalogReader, ListingHistory, OcrLine, TextReader
+from service.domain.pricing import MarketSample
 from service.domain.textmatch import BrandNames, PhotoText, TextScan, scan_text
+from service.storage.errors import InvalidInputError
+from service.storage.listings import ScoreWrite
 from service.usecases.embedding import CachedEmbedder
 from service.usecases.matching import CropGrid, ListingVectors, ReferenceMatcher, derived_key
 
@@ -39,8 +42,29 @@ class BrandPolicies(Protocol):
 
 
 class ScoreRecorder(Protocol):
-    def record_score(self, listing: Listing, result: ScoreResult, source: str = ..., *,
-                     image_sha256s: Sequence[str] | None = ...) -> object: ...
+    def record_scores(self, writes: Sequence[ScoreWrite], *,
+                      skip_unchanged: bool = ...) -> Sequence[object | None]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class StoredListing:
+    """A stored listing to re-match: its data, its photos' hashes and its latest result's digest."""
+
+    listing: Listing
+    sha256s: tuple[str, ...]
+    digest: str | None = None
+
+
+@dataclass(slots=True)
+class _Item:
+    """One listing on its way through :meth:`ListingScorer._assess_many`."""
+
+    listing: Listing
+    vectors: ListingVectors
+    images: list[ListingImage] | None  # None: a stored rescan (no pixels)
+    hashes: list[str]
+    digest: str | None = None
+    ran: dict[str, bool] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +86,7 @@ class ScoreOutcome:
     cache_hits: dict[str, int] = field(default_factory=dict)
     ran: dict[str, bool] = field(default_factory=dict)
     ms: dict[str, float] = field(default_factory=dict)
+    written: bool = False  # stored (False: not persisted, or unchanged and skipped)
 
 
 class ListingScorer:
@@ -94,7 +119,8 @@ class ListingScorer:
         self._names: BrandNames | None = None
         self._names_lock = threading.Lock()
         self._ocr_cache: OrderedDict[str, list[OcrLine]] = OrderedDict()
-        self._market: dict[tuple[str, str], tuple[float, list[Money]]] = {}
+        self._market: dict[tuple[str, str], tuple[float, MarketSample]] = {}
+        self._write_lock = threading.Lock()
 
     # ------------------------------------------------------------------ catalog snapshot
 
@@ -122,26 +148,51 @@ class ListingScorer:
 
     def score(self, listing: Listing, *, source: str = "api", persist: bool = True) -> ScoreOutcome:
         """Score a listing whose photos are decoded (pixels present)."""
+        return _unwrap(self.score_many([listing], source=source, persist=persist)[0])
+
+    def score_many(self, listings: Sequence[Listing], *, source: str = "api",
+                   persist: bool = True) -> list[ScoreOutcome | Exception]:
+        """Score listings together: each model runs once over all their photos (the models side by side),
+        each index is searched once, and the scores are stored in one transaction. Answers in the order
+        of ``listings``; a listing that cannot be scored gets its exception, the others are unaffected."""
         t0 = time.perf_counter()
-        out = ScoreOutcome(result=None)  # type: ignore[arg-type]  # filled below
-        images = list(listing.images)
-        cv = self.copy.embed(images)
-        out.embedded[self.copy.model_id] = cv.misses
-        out.cache_hits[self.copy.model_id] = cv.hits
-        vectors = ListingVectors(copy=cv.vectors)
-        if self.semantic is not None:
-            sv = self.semantic.embed(images)
-            out.embedded[self.semantic.model_id] = sv.misses
-            out.cache_hits[self.semantic.model_id] = sv.hits
-            vectors.semantic = sv.vectors
-        if self.logo is not self.copy and self.logo is not self.semantic:
-            vectors.logo = self.logo.embed(images).vectors
-        elif self.logo is self.semantic:
-            vectors.logo = vectors.semantic
-        out.ms["embed"] = (time.perf_counter() - t0) * 1000
-        self._assess_into(out, listing, vectors, images=images, source=source, persist=persist)
-        out.ms["total"] = (time.perf_counter() - t0) * 1000
-        return out
+        images = [im for lst in listings for im in lst.images]
+        roles = self._roles()
+        pending = {name: emb.start(images) for name, emb in roles.items()}
+        got = {name: roles[name].finish(pe) for name, pe in pending.items()}
+        embed_ms = (time.perf_counter() - t0) * 1000
+        items: list[_Item] = []
+        offset = 0
+        for lst in listings:
+            n = len(lst.images)
+            rows = slice(offset, offset + n)
+            offset += n
+            vectors = ListingVectors(copy=got["copy"].vectors[rows])
+            if "semantic" in got:
+                vectors.semantic = got["semantic"].vectors[rows]
+            if "logo" in got:
+                vectors.logo = got["logo"].vectors[rows]
+            elif self.logo is self.semantic:
+                vectors.logo = vectors.semantic
+            items.append(_Item(lst, vectors, list(lst.images), [im.sha256 for im in lst.images]))
+        outcomes = self._assess_many(items, source=source, persist=persist, skip_unchanged=False)
+        for name, p in pending.items():
+            # A photo the model ran on counts for the first listing that has it; the rest were hits.
+            model, fresh = roles[name].model_id, set(p.todo)
+            for lst, out in zip(listings, outcomes, strict=True):
+                misses = 0
+                for im in lst.images:
+                    if im.sha256 in fresh:
+                        fresh.discard(im.sha256)
+                        misses += 1
+                if isinstance(out, ScoreOutcome):
+                    out.embedded[model] = misses
+                    out.cache_hits[model] = len(lst.images) - misses
+        for out in outcomes:
+            if isinstance(out, ScoreOutcome):
+                out.ms["embed"] = embed_ms
+                out.ms["total"] = (time.perf_counter() - t0) * 1000
+        return outcomes
 
     def rescore_stored(self, listing: Listing, sha256s: Sequence[str], *, persist: bool = True,
                        source: str = "stored-rescan") -> ScoreOutcome | None:
@@ -149,51 +200,121 @@ class ListingScorer:
 
         Returns None when an embedding of one of its photos is not stored for the current models.
         """
+        got = self.rescore_stored_many([StoredListing(listing, tuple(sha256s))], persist=persist,
+                                       source=source)[0]
+        return None if got is None else _unwrap(got)
+
+    def rescore_stored_many(self, stored: Sequence[StoredListing], *, persist: bool = True,
+                            source: str = "stored-rescan",
+                            skip_unchanged: bool = False) -> list[ScoreOutcome | Exception | None]:
+        """:meth:`rescore_stored` for many listings, batched like :meth:`score_many` (None: a photo's
+        embedding is not stored for the current models). ``skip_unchanged``: a listing whose new result
+        equals its stored latest one (``StoredListing.digest``) is not written again (its outcome says
+        ``written=False``)."""
         t0 = time.perf_counter()
-        out = ScoreOutcome(result=None)  # type: ignore[arg-type]
-        copy = self.copy.lookup(sha256s)
-        if any(s not in copy for s in sha256s):
-            return None
-        vectors = ListingVectors(copy=_stack(copy, sha256s, self.copy))
+        roles = self._roles()
+        shas = list(dict.fromkeys(sha for s in stored for sha in s.sha256s))
+        found = {name: emb.lookup(shas) for name, emb in roles.items()}
+        items: list[_Item] = []
+        where: list[int | None] = []
+        for s in stored:
+            if any(sha not in f for f in found.values() for sha in s.sha256s):
+                where.append(None)
+                continue
+            vectors = ListingVectors(copy=_stack(found["copy"], s.sha256s, self.copy))
+            if "semantic" in found:
+                assert self.semantic is not None
+                vectors.semantic = _stack(found["semantic"], s.sha256s, self.semantic)
+            if "logo" in found:
+                vectors.logo = _stack(found["logo"], s.sha256s, self.logo)
+            elif self.logo is self.semantic:
+                vectors.logo = vectors.semantic
+            where.append(len(items))
+            items.append(_Item(s.listing, vectors, None, list(s.sha256s), s.digest))
+        outcomes = self._assess_many(items, source=source, persist=persist, skip_unchanged=skip_unchanged)
+        for out in outcomes:
+            if isinstance(out, ScoreOutcome):
+                out.ms["total"] = (time.perf_counter() - t0) * 1000
+        return [None if w is None else outcomes[w] for w in where]
+
+    def _roles(self) -> dict[str, CachedEmbedder]:
+        """The distinct models of a score by role (a role served by another role's model is left out)."""
+        roles = {"copy": self.copy}
         if self.semantic is not None:
-            sem = self.semantic.lookup(sha256s)
-            if any(s not in sem for s in sha256s):
-                return None
-            vectors.semantic = _stack(sem, sha256s, self.semantic)
-        if self.logo is self.semantic:
-            vectors.logo = vectors.semantic
-        elif self.logo is not self.copy:
-            lg = self.logo.lookup(sha256s)
-            if any(s not in lg for s in sha256s):
-                return None
-            vectors.logo = _stack(lg, sha256s, self.logo)
-        self._assess_into(out, listing, vectors, images=None, sha256s=sha256s, source=source,
-                          persist=persist)
-        out.ms["total"] = (time.perf_counter() - t0) * 1000
-        return out
+            roles["semantic"] = self.semantic
+        if self.logo is not self.copy and self.logo is not self.semantic:
+            roles["logo"] = self.logo
+        return roles
 
     # ------------------------------------------------------------------ the shared second half
 
-    def _assess_into(self, out: ScoreOutcome, listing: Listing, vectors: ListingVectors, *,
-                     images: list[ListingImage] | None, source: str, persist: bool,
-                     sha256s: Sequence[str] | None = None) -> None:
+    def _assess_many(self, items: Sequence[_Item], *, source: str, persist: bool,
+                     skip_unchanged: bool) -> list[ScoreOutcome | Exception]:
         t1 = time.perf_counter()
+        found_all = self.matcher.match_many([it.vectors for it in items])
+        sellers = {it.listing.seller.seller_id for it in items if it.listing.seller is not None}
+        confirmed = self.history.confirmed_counterfeits_many(sellers) if sellers else {}
+        # Brand contexts (sellers, market prices, policy) are read once per batch, for the preliminary
+        # and the final assessments alike.
+        known: dict[tuple[str, str | None], BrandContext] = {}
+        outcomes: list[ScoreOutcome | Exception] = []
+        for it, found in zip(items, found_all, strict=True):
+            try:
+                out = ScoreOutcome(result=self._assess_one(it, found, confirmed, known))
+                out.ran = it.ran
+                out.ms["match"] = (time.perf_counter() - t1) * 1000
+                outcomes.append(out)
+            except Exception as exc:  # one listing's failure is its own, not the batch's
+                outcomes.append(exc)
+        if persist and self.recorder is not None:
+            self._record(items, outcomes, source, skip_unchanged)
+        return outcomes
+
+    def _record(self, items: Sequence[_Item], outcomes: list[ScoreOutcome | Exception], source: str,
+                skip_unchanged: bool) -> None:
+        """Store the batch's scores in one transaction. Writers take turns within the process: SQLite
+        admits one writer, and a thread that finds the lock taken sleeps in SQLite's busy handler (1, 2,
+        5, 10 ... ms), far longer than a Python lock takes to hand over."""
+        assert self.recorder is not None
+        ok = [i for i, o in enumerate(outcomes) if isinstance(o, ScoreOutcome)]
+        writes = [ScoreWrite(items[i].listing, cast(ScoreOutcome, outcomes[i]).result, source, items[i].hashes,
+                             items[i].digest) for i in ok]
+        if not writes:
+            return
+        with self._write_lock:
+            try:
+                written = self.recorder.record_scores(writes, skip_unchanged=skip_unchanged)
+            except InvalidInputError:
+                if len(writes) == 1:
+                    raise
+                # One listing's data is refused by storage (a title too long, say): store the others one
+                # by one so the refusal stays with the listing it belongs to.
+                written = []
+                for i, one in zip(ok, writes, strict=True):
+                    try:
+                        written += self.recorder.record_scores([one], skip_unchanged=skip_unchanged)
+                    except InvalidInputError as exc:
+                        outcomes[i] = exc
+                        written.append(None)
+        for i, stored in zip(ok, written, strict=True):
+            out = outcomes[i]
+            if isinstance(out, ScoreOutcome):
+                out.written = stored is not None
+
+    def _assess_one(self, it: _Item, found: list[Match], confirmed: dict[str, int],
+                    known: dict[tuple[str, str | None], BrandContext]) -> ScoreResult:
         p = self.params
+        listing, vectors, images = it.listing, it.vectors, it.images
         names = self._brand_names()
-        found = self.matcher.match(vectors)
         matches = one_product_per_photo(found)  # the evidence; ``found`` is what the answer lists
         scan = scan_text(listing.title, listing.description, brands=names, weights=p.text)
         candidates = candidate_brands(matches, scan.mentions, p.visual, p.brand_evidence)
-        confirmed = (self.history.confirmed_counterfeits(listing.seller.seller_id)
-                     if listing.seller is not None else None)
-        facts = ListingFacts.of(listing, confirmed)
+        seller_confirmed = (confirmed.get(listing.seller.seller_id, 0) if listing.seller is not None else None)
+        facts = ListingFacts.of(listing, seller_confirmed)
         cascaded = "cascade" in (self.options.logo_search, self.options.ocr if self.ocr is not None else "never")
-        # Brand contexts (sellers, market prices, policy) are read once per listing, for the preliminary
-        # and the final assessment alike.
-        known: dict[tuple[str, str | None], BrandContext] = {}
         closer = self._worth_a_closer_look(facts, matches, scan, candidates, known) if cascaded else False
         skipped: dict[SignalName, str] = {}
-        hashes = list(sha256s) if sha256s is not None else [im.sha256 for im in images or []]
+        hashes = it.hashes
 
         # Logo search inside crops: a logo printed small on a product never fills the whole photo.
         if self._should_run(self.options.logo_search, closer):
@@ -203,9 +324,9 @@ class ListingScorer:
                 found = self.matcher.match(vectors)
                 matches = one_product_per_photo(found)
                 candidates = candidate_brands(matches, scan.mentions, p.visual, p.brand_evidence)
-            out.ran["logo_crops"] = True
+            it.ran["logo_crops"] = True
         else:
-            out.ran["logo_crops"] = False
+            it.ran["logo_crops"] = False
             if self.options.logo_search == "cascade":
                 skipped_reason = "no candidate brand or counterfeit wording: logo search in crops skipped"
                 if not any(m.signal is SignalName.LOGO for m in matches):
@@ -219,17 +340,13 @@ class ListingScorer:
                 scan = scan_text(listing.title, listing.description, photo_texts, brands=names,
                                  weights=p.text)
                 candidates = candidate_brands(matches, scan.mentions, p.visual, p.brand_evidence)
-            out.ran["ocr"] = True
+            it.ran["ocr"] = True
         else:
-            out.ran["ocr"] = False
-        out.ms["match"] = (time.perf_counter() - t1) * 1000
+            it.ran["ocr"] = False
 
         contexts = self._contexts(candidates, listing.listing_id, known)
         assessment = assess(facts, matches, scan, contexts, p, skipped)
-        result = assessment.to_result(_ordered(found), self.model_versions())
-        out.result = result
-        if persist and self.recorder is not None:
-            self.recorder.record_score(listing, result, source, image_sha256s=hashes)
+        return assessment.to_result(_ordered(found), self.model_versions())
 
     def _worth_a_closer_look(self, facts: ListingFacts, matches: list[Match], scan: TextScan,
                              candidates: list[BrandCandidate], known: dict[tuple[str, str | None], BrandContext],
@@ -265,7 +382,7 @@ class ListingScorer:
     def _should_run(self, mode: Mode, closer: bool) -> bool:
         return mode == "always" or (mode == "cascade" and closer)
 
-    def _market_prices(self, brand: str, sku: str, listing_id: str) -> list[Money]:
+    def _market_prices(self, brand: str, sku: str, listing_id: str) -> MarketSample:
         """Other listings' prices of the sku, through a short-lived cache: market statistics move slowly,
         and a rescan asks for the same few skus thousands of times. (The listing itself may be in a cached
         sample; one price among the many a robust median needs does not move it.)"""
@@ -275,7 +392,7 @@ class ListingScorer:
             hit = self._market.get(key)
             if hit is not None and now - hit[0] < self.options.market_ttl_s:
                 return hit[1]
-        prices = self.history.market_prices(brand, sku, listing_id)
+        prices = MarketSample(self.history.market_prices(brand, sku, listing_id))
         with self._names_lock:
             self._market[key] = (now, prices)
             if len(self._market) > 50_000:
@@ -325,6 +442,12 @@ class ListingScorer:
                     wanted += [(i, box, derived_key(sha, grid.tag(box))) for box in grid.boxes(w, h)]
             vecs = self.logo.lookup([k for _, _, k in wanted])
         return [(i, box, vecs[k]) for i, box, k in wanted if k in vecs]
+
+
+def _unwrap(got: ScoreOutcome | Exception) -> ScoreOutcome:
+    if isinstance(got, Exception):
+        raise got
+    return got
 
 
 def _stack(found: dict[str, np.ndarray], order: Sequence[str], emb: CachedEmbedder) -> Vectors:
