@@ -35,6 +35,7 @@ from service.usecases.embedding import CachedEmbedder
 from service.usecases.listing_input import ListingImageLoader
 from service.usecases.matching import MatchingConfig, ModelRoles, ReferenceMatcher
 from service.usecases.rescan import StoredRescanJob, StoredRescanScheduler
+from service.usecases.score_queue import ScoringQueue
 from service.usecases.scoring import ListingScorer, ScorerOptions
 
 log = logging.getLogger("counterlens.container")
@@ -99,6 +100,7 @@ class Container:
     catalog: CatalogService
     scorer: ListingScorer
     stored_rescans: StoredRescanScheduler | None = None
+    score_queue: ScoringQueue | None = None
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -113,6 +115,8 @@ class Container:
         return {f"{name}/{kind.value}": index.ntotal for name, kind, index in self.indexes}
 
     def close(self) -> None:
+        if self.score_queue is not None:
+            self.score_queue.close()
         if self.stored_rescans is not None:
             self.stored_rescans.close()
         self.indexes.save_dirty()
@@ -145,12 +149,13 @@ def build_embedders(settings: Settings) -> tuple[dict[str, ImageEmbedder], Model
 
 def build_container(settings: Settings, *, reconcile: bool = True,
                     embedders: dict[str, ImageEmbedder] | None = None,
-                    background_rescans: bool = False) -> Container:
+                    background_rescans: bool = False, score_queue: bool = False) -> Container:
     """Everything the API and the CLI need. ``embedders`` lets tests share already-built models.
 
     ``background_rescans`` (the API): catalog changes start stored rescans in a background thread
     (re-matching stored listings near new product references, or a brand's listings after a removal).
-    A CLI import exits at once instead; docs/rescan.md shows the `rescan --stored` cron for it."""
+    A CLI import exits at once instead; docs/rescan.md shows the `rescan --stored` cron for it.
+    ``score_queue`` (the API): concurrent score requests are scored together (:class:`ScoringQueue`)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     set_search_threads(settings.index.search_threads)
     db = Database(settings.database_url, echo=settings.storage.echo_sql)
@@ -186,6 +191,9 @@ def build_container(settings: Settings, *, reconcile: bool = True,
                           embedding_store=store, blobs=blobs, embedders=cached, roles=roles, indexes=indexes,
                           fetcher=fetcher, images=ListingImageLoader(ImageLoader(settings.intake, fetcher)),
                           catalog=catalog, scorer=scorer)
+    if score_queue:
+        container.score_queue = ScoringQueue(scorer, workers=settings.server.scoring_threads,
+                                             max_batch=settings.server.max_batch_listings)
     if background_rescans:
         scheduler = StoredRescanScheduler(lambda req: StoredRescanJob(
             scorer, listings, brand=req.brand, near_references=sorted(req.near_references)))

@@ -115,6 +115,10 @@ class ServerSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     workers: int = Field(default=1, ge=1, le=64)
+    # Threads scoring queued requests together (see service.usecases.score_queue): two keep one batch in
+    # the models while another is matched and stored.
+    scoring_threads: int = Field(default=2, ge=1, le=64)
+    max_batch_listings: int = Field(default=32, ge=1, le=1024)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -51,7 +52,10 @@ async def _score_one(request: Request, body: ListingIn, sources: list[ImageSourc
         raise ApiError(exc.http_status, str(exc.code), exc.message, exc.field) from None
     listing = _listing(body, images)
     try:
-        outcome = await anyio.to_thread.run_sync(c.scorer.score, listing, limiter=_LIMITER)
+        if c.score_queue is not None:  # scored together with the requests arriving meanwhile
+            outcome = await asyncio.wrap_future(c.score_queue.submit(listing))
+        else:
+            outcome = await anyio.to_thread.run_sync(c.scorer.score, listing, limiter=_LIMITER)
     except UnknownCurrencyError as exc:
         raise ApiError(422, "unknown_currency", str(exc), "price.currency") from None
     r = outcome.result

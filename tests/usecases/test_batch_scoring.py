@@ -1,0 +1,153 @@
+"""Batched scoring on real models, photos, FAISS and SQLite: ``score_many`` answers each listing as
+``score`` would, keeps one listing's failure to itself and stores the batch; ``rescore_stored_many``
+leaves unchanged listings unwritten; :class:`ScoringQueue` scores concurrent requests together."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.container import Container, build_container
+from service.domain.model import Listing, ListingImage, Money, SellerInfo
+from service.domain.pricing import UnknownCurrencyError
+from service.usecases.score_queue import QueueClosedError, ScoringQueue
+from service.usecases.scoring import ScoreOutcome, StoredListing
+from tests.usecases.rescan_world import CATALOG, World, fresh_data_dir, settings, world
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def rescan_world(tmp_path_factory: pytest.TempPathFactory, grocery_dir: Path,
+                 shared_models: tuple[Path, dict[str, Any]]) -> World:
+    return world(tmp_path_factory.mktemp("rescan-world"), grocery_dir, shared_models)
+
+
+@pytest.fixture
+def container(rescan_world: World, tmp_path: Path) -> Iterator[Container]:
+    c = build_container(settings(fresh_data_dir(rescan_world, tmp_path / "data")),
+                        embedders=rescan_world.embedders)
+    yield c
+    c.close()
+
+
+def _photo(w: World, name: str) -> ListingImage:
+    import hashlib
+
+    path = w.photos / name
+    with Image.open(path) as im:
+        pixels = np.asarray(im.convert("RGB"))
+    return ListingImage(hashlib.sha256(path.read_bytes()).hexdigest(), pixels)
+
+
+def _listings(w: World) -> list[Listing]:
+    """Edited copies of catalog photos (cheap and full price) and in-store photos, one a listing."""
+    out = []
+    for i, sku in enumerate(s for skus in CATALOG.values() for s in skus):
+        price = Money(4.0 if i % 2 else 20.0, "USD")
+        out.append(Listing(f"copy-{i}", f"{sku} offer", price=price, seller=SellerInfo(f"s{i % 3}"),
+                           images=(_photo(w, w.copies[sku]),)))
+    for i, (_, name) in enumerate(w.instore[:8]):
+        out.append(Listing(f"store-{i}", "grocery", price=Money(10.0, "USD"), images=(_photo(w, name),)))
+    return out
+
+
+def _same(a: ScoreOutcome, b: ScoreOutcome) -> None:
+    ra, rb = a.result, b.result
+    assert (ra.verdict, ra.brand, ra.reasons) == (rb.verdict, rb.brand, rb.reasons)
+    assert ra.risk == pytest.approx(rb.risk, abs=1e-6)
+    assert [(m.reference.image_id, m.signal) for m in ra.matches] == \
+        [(m.reference.image_id, m.signal) for m in rb.matches]
+
+
+def test_score_many_answers_each_listing_as_score_does(rescan_world: World, container: Container) -> None:
+    listings = _listings(rescan_world)
+    alone = [container.scorer.score(lst, persist=False) for lst in listings]
+    together = container.scorer.score_many(listings, persist=False)
+    assert len(together) == len(listings)
+    for a, b in zip(alone, together, strict=True):
+        assert isinstance(b, ScoreOutcome)
+        _same(a, b)
+    # The cheap copies are flagged, so the batch is not trivially all clear.
+    assert {o.result.verdict.value for o in alone} >= {"clear", "likely_counterfeit"}
+
+
+def test_one_failing_listing_keeps_its_failure_and_the_batch_is_stored(rescan_world: World,
+                                                                       container: Container) -> None:
+    listings = _listings(rescan_world)[:4]
+    bad = Listing("bad-currency", "x", price=Money(5.0, "XXX"), images=listings[0].images)
+    batch = [listings[0], bad, *listings[1:]]
+    got = container.scorer.score_many(batch)
+    assert isinstance(got[1], UnknownCurrencyError)
+    assert all(isinstance(g, ScoreOutcome) and g.written for i, g in enumerate(got) if i != 1)
+    for lst in listings:  # every other listing stored, once
+        assert len(container.listings.history(lst.listing_id)) == 1
+    assert container.listings.get_listing("bad-currency") is None
+    # Every photo was new to this data dir: each model ran once per distinct photo, the run counted for
+    # the first listing that has the photo (the failing listing shares listing 0's photo).
+    first = got[0]
+    assert isinstance(first, ScoreOutcome)
+    assert set(first.embedded.values()) == {1} and set(first.cache_hits.values()) == {0}
+    assert sum(sum(g.embedded.values()) for g in got if isinstance(g, ScoreOutcome)) == \
+        len(listings) * len(first.embedded)
+
+
+def test_a_stored_rescan_writes_only_changed_results(rescan_world: World, container: Container) -> None:
+    listings = _listings(rescan_world)
+    for g in container.scorer.score_many(listings):
+        assert isinstance(g, ScoreOutcome)
+
+    def stored() -> list[StoredListing]:
+        recs = list(container.listings.iter_stored())
+        return [StoredListing(r.to_listing(), r.image_sha256s, r.latest_digest) for r in recs]
+
+    # The first re-match may differ (market statistics now include every listing); the second cannot.
+    container.scorer.rescore_stored_many(stored(), skip_unchanged=True)
+    again = container.scorer.rescore_stored_many(stored(), skip_unchanged=True)
+    assert all(isinstance(g, ScoreOutcome) and not g.written for g in again)
+    histories = {lst.listing_id: len(container.listings.history(lst.listing_id)) for lst in listings}
+    container.scorer.rescore_stored_many(stored(), skip_unchanged=True)
+    assert {lid: len(container.listings.history(lid)) for lid in histories} == histories
+    # Without skipping every listing gets a history row.
+    container.scorer.rescore_stored_many(stored(), skip_unchanged=False)
+    assert all(len(container.listings.history(lid)) == n + 1 for lid, n in histories.items())
+
+
+def test_the_queue_scores_concurrent_requests_together(rescan_world: World, container: Container) -> None:
+    listings = _listings(rescan_world)
+    expected = {lst.listing_id: container.scorer.score(lst, persist=False) for lst in listings}
+    queue = ScoringQueue(container.scorer, workers=1, max_batch=8)
+    results: dict[str, ScoreOutcome] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(listings))
+
+    def client(lst: Listing) -> None:
+        try:
+            start.wait()
+            results[lst.listing_id] = queue.submit(lst).result(timeout=120)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(lst,)) for lst in listings]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for lid, out in results.items():
+        _same(expected[lid], out)
+    assert queue.listings == len(listings)
+    assert queue.batches < len(listings)  # requests that arrived together were scored together
+    # A failing listing fails its own future only.
+    bad = queue.submit(Listing("bad", "x", price=Money(1.0, "XXX"), images=listings[0].images))
+    with pytest.raises(UnknownCurrencyError):
+        bad.result(timeout=60)
+    queue.close()
+    with pytest.raises(QueueClosedError):
+        queue.submit(listings[0])
