@@ -49,9 +49,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 GROCERY = REPO.parent / "shared" / "data" / "grocery-dev"
 
+from benchlib import raw_model_rate  # noqa: E402
 from PIL import Image, ImageEnhance  # noqa: E402
 
-from benchlib import raw_model_rate  # noqa: E402
 from embeddings.thread_batcher import ThreadBatcher  # noqa: E402
 from service.container import Container, build_container, build_embedders  # noqa: E402
 from service.domain.model import ReferenceKind  # noqa: E402

@@ -59,8 +59,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _start_server(data_dir: Path, models_from: Path | None) -> tuple[subprocess.Popen[bytes], str]:
-    env = dict(os.environ, COUNTERLENS_DATA_DIR=str(data_dir), COUNTERLENS_SERVER__LOG_LEVEL="warning")
+def _start_server(data_dir: Path, models_from: Path | None,
+                  extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    env = dict(os.environ, COUNTERLENS_DATA_DIR=str(data_dir), COUNTERLENS_SERVER__LOG_LEVEL="warning",
+               **(extra_env or {}))
     if models_from is not None and not (data_dir / "models").exists():
         shutil.copytree(models_from, data_dir / "models")
     manifest = data_dir / "catalog" / "catalog.csv"
@@ -89,20 +91,17 @@ def _start_server(data_dir: Path, models_from: Path | None) -> tuple[subprocess.
 
 
 def _raw_throughput(photos: list[bytes], data_dir: Path, batch: int) -> float:
-    """Listings/s the models alone manage on these photos: every configured role, batches of ``batch``."""
+    """Photos/s the models alone manage on these photos: every configured role, side by side as the
+    service runs them (scripts/benchlib.py), batches of ``batch``."""
+    from benchlib import raw_model_rate
+
     from service.container import build_embedders
     from service.settings import Settings
 
     settings = Settings(data_dir=data_dir)
     embedders, _ = build_embedders(settings)
     pixels = [np.asarray(Image.open(io.BytesIO(p)).convert("RGB")) for p in photos]
-    for e in embedders.values():
-        e.embed(pixels[:batch])  # warm up
-    started = time.perf_counter()
-    for i in range(0, len(pixels), batch):
-        for e in embedders.values():
-            e.embed(pixels[i:i + batch])
-    return len(pixels) / (time.perf_counter() - started)
+    return float(raw_model_rate(list(embedders.values()), pixels, batch))
 
 
 async def _drive(url: str, bodies: list[dict[str, Any]], concurrency: int, time_limit: float) -> dict[str, Any]:
@@ -145,6 +144,9 @@ def main() -> None:
     ap.add_argument("--time-limit", type=float, default=60.0, help="seconds per level at most")
     ap.add_argument("--models-from", type=Path, help="a models folder to copy instead of exporting")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-cascade", action="store_true",
+                    help="start the server with the expensive signals off (logo search in crops, OCR): "
+                         "the cheap path alone, which the cascade adds to for undecided listings")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="counterlens-bench-"))
@@ -153,10 +155,12 @@ def main() -> None:
         url = args.url
         if url is None:
             console.print("starting a server and importing the grocery-dev catalogue...")
-            proc, url = _start_server(tmp / "data", args.models_from)
+            extra = ({"COUNTERLENS_SCORING__LOGO_SEARCH": "never", "COUNTERLENS_MODELS__OCR": "never"}
+                     if args.no_cascade else {})
+            proc, url = _start_server(tmp / "data", args.models_from, extra)
         photos = _photos(args.n * len(levels), args.seed)
         console.print("measuring raw model throughput (same photos, this process)...")
-        raw = _raw_throughput(photos[: min(256, len(photos))], tmp / "data", batch=8)
+        raw = _raw_throughput(photos[: min(256, len(photos))], tmp / "data", batch=16)
 
         def body(i: int, photo: bytes) -> dict[str, Any]:
             return {"listing_id": f"bench-{args.seed}-{i}", "title": "grocery item", "price": {"amount": 5.0},
@@ -176,7 +180,9 @@ def main() -> None:
             table.add_row("cached", str(c), str(warm["n"]), f"{warm['rate']:.1f}", f"{warm['p50']:.0f}",
                           f"{warm['p95']:.0f}", f"{warm['p99']:.0f}", str(warm["errors"]), "-")
         console.print(table)
-        console.print(f"raw model throughput (all roles, batch 8): {raw:.1f} photos/s; machine: "
+        console.print("expensive signals: " + ("off (--no-cascade)" if args.no_cascade else
+                                               "the server's settings (default: cascade)"))
+        console.print(f"raw model throughput (all roles side by side, batch 16): {raw:.1f} photos/s; machine: "
                       f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
     finally:
         if proc is not None:

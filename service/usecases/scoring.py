@@ -120,7 +120,6 @@ class ListingScorer:
         self._names_lock = threading.Lock()
         self._ocr_cache: OrderedDict[str, list[OcrLine]] = OrderedDict()
         self._market: dict[tuple[str, str], tuple[float, MarketSample]] = {}
-        self._write_lock = threading.Lock()
 
     # ------------------------------------------------------------------ catalog snapshot
 
@@ -272,30 +271,27 @@ class ListingScorer:
 
     def _record(self, items: Sequence[_Item], outcomes: list[ScoreOutcome | Exception], source: str,
                 skip_unchanged: bool) -> None:
-        """Store the batch's scores in one transaction. Writers take turns within the process: SQLite
-        admits one writer, and a thread that finds the lock taken sleeps in SQLite's busy handler (1, 2,
-        5, 10 ... ms), far longer than a Python lock takes to hand over."""
+        """Store the batch's scores in one transaction."""
         assert self.recorder is not None
         ok = [i for i, o in enumerate(outcomes) if isinstance(o, ScoreOutcome)]
         writes = [ScoreWrite(items[i].listing, cast(ScoreOutcome, outcomes[i]).result, source, items[i].hashes,
                              items[i].digest) for i in ok]
         if not writes:
             return
-        with self._write_lock:
-            try:
-                written = self.recorder.record_scores(writes, skip_unchanged=skip_unchanged)
-            except InvalidInputError:
-                if len(writes) == 1:
-                    raise
-                # One listing's data is refused by storage (a title too long, say): store the others one
-                # by one so the refusal stays with the listing it belongs to.
-                written = []
-                for i, one in zip(ok, writes, strict=True):
-                    try:
-                        written += self.recorder.record_scores([one], skip_unchanged=skip_unchanged)
-                    except InvalidInputError as exc:
-                        outcomes[i] = exc
-                        written.append(None)
+        try:
+            written = self.recorder.record_scores(writes, skip_unchanged=skip_unchanged)
+        except InvalidInputError:
+            if len(writes) == 1:
+                raise
+            # One listing's data is refused by storage (a title too long, say): store the others one by
+            # one so the refusal stays with the listing it belongs to.
+            written = []
+            for i, one in zip(ok, writes, strict=True):
+                try:
+                    written += self.recorder.record_scores([one], skip_unchanged=skip_unchanged)
+                except InvalidInputError as exc:
+                    outcomes[i] = exc
+                    written.append(None)
         for i, stored in zip(ok, written, strict=True):
             out = outcomes[i]
             if isinstance(out, ScoreOutcome):
