@@ -6,6 +6,8 @@ hashing happen in :mod:`service.intake` before anything reaches the core.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -54,12 +56,40 @@ class SellerInfo:
     stock: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
 class ListingImage:
-    """A decoded listing photo: content hash (hex sha256 of the original bytes) and pixels."""
+    """A listing photo: content hash (hex sha256 of the original bytes) and pixels.
 
-    sha256: str
-    pixels: RGBImage
+    The pixels may be decoded on first use (``decode``): intake checks a photo's header and hashes its
+    bytes up front, and a photo whose embeddings are all cached by that hash is never decoded at all.
+    ``decode`` raises what decoding raises (intake's errors); it runs once, under a lock."""
+
+    __slots__ = ("_decode", "_lock", "_pixels", "sha256")
+
+    def __init__(self, sha256: str, pixels: RGBImage | None = None, *,
+                 decode: Callable[[], RGBImage] | None = None) -> None:
+        if (pixels is None) == (decode is None):
+            raise ValueError("give the pixels or a way to decode them, not both")
+        self.sha256 = sha256
+        self._pixels = pixels
+        self._decode = decode
+        self._lock = threading.Lock()
+
+    @property
+    def pixels(self) -> RGBImage:
+        if self._pixels is None:
+            with self._lock:
+                if self._pixels is None:
+                    assert self._decode is not None
+                    self._pixels = self._decode()
+                    self._decode = None
+        return self._pixels
+
+    @property
+    def decoded(self) -> bool:
+        return self._pixels is not None
+
+    def __repr__(self) -> str:
+        return f"ListingImage({self.sha256[:12]}, {'decoded' if self.decoded else 'not decoded'})"
 
 
 @dataclass(frozen=True, slots=True)

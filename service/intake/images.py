@@ -120,11 +120,9 @@ def _unsupported(data: bytes, field: str | None) -> IntakeError:
                        f"not a recognised image (expected {_ACCEPTED})", field)
 
 
-def decode_image(data: bytes, limits: ImageLimits, field: str | None = None) -> DecodedImage:
-    """Decode untrusted image bytes to RGB ``uint8`` (H, W, 3) under ``limits``.
-
-    Raises :class:`IntakeError` with code too_large, unsupported_type, too_many_pixels or decode_failed.
-    """
+def _open_checked(data: bytes, limits: ImageLimits, field: str | None) -> tuple[Image.Image, str]:
+    """Open untrusted bytes with the sniffed format's plugin and check the limits from the header alone
+    (no pixel is decoded). The caller closes the image."""
     if not data:
         raise IntakeError(IntakeErrorCode.DECODE_FAILED, "the image is empty", field)
     if len(data) > limits.max_image_bytes:
@@ -144,15 +142,27 @@ def decode_image(data: bytes, limits: ImageLimits, field: str | None = None) -> 
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
         message = f"cannot read the {fmt} header: {exc}"
         raise IntakeError(IntakeErrorCode.DECODE_FAILED, message, field) from None
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        img.close()
+        raise IntakeError(IntakeErrorCode.DECODE_FAILED, f"the {fmt} header has no pixels", field)
+    if width * height > limits.max_pixels or max(width, height) > limits.max_side:
+        img.close()
+        raise IntakeError(
+            IntakeErrorCode.TOO_MANY_PIXELS,
+            f"the image is {width}x{height} ({width * height} pixels); the limits are "
+            f"{limits.max_pixels} pixels and {limits.max_side} px per side", field)
+    return img, fmt
+
+
+def decode_image(data: bytes, limits: ImageLimits, field: str | None = None) -> DecodedImage:
+    """Decode untrusted image bytes to RGB ``uint8`` (H, W, 3) under ``limits``.
+
+    Raises :class:`IntakeError` with code too_large, unsupported_type, too_many_pixels or decode_failed.
+    """
+    img, fmt = _open_checked(data, limits, field)
     with img:
         width, height = img.size
-        if width <= 0 or height <= 0:
-            raise IntakeError(IntakeErrorCode.DECODE_FAILED, f"the {fmt} header has no pixels", field)
-        if width * height > limits.max_pixels or max(width, height) > limits.max_side:
-            raise IntakeError(
-                IntakeErrorCode.TOO_MANY_PIXELS,
-                f"the image is {width}x{height} ({width * height} pixels); the limits are "
-                f"{limits.max_pixels} pixels and {limits.max_side} px per side", field)
         try:
             img.load()
             orientation = _orientation(img)
@@ -170,6 +180,39 @@ def decode_image(data: bytes, limits: ImageLimits, field: str | None = None) -> 
                               field) from None
     return DecodedImage(sha256=hashlib.sha256(data).hexdigest(), pixels=pixels, width=width, height=height,
                         format=fmt, byte_size=len(data))
+
+
+@dataclass(frozen=True, slots=True)
+class ProbedImage:
+    """Untrusted image bytes whose type and header limits are checked and whose sha256 is known, not yet
+    decoded. :meth:`listing_image` defers decoding to the first use of the pixels: a photo whose
+    embeddings are cached by its hash is never decoded. (Its bytes were decoded when it was first
+    embedded; a corrupt body in a new photo surfaces as :class:`IntakeError` from ``pixels``, which the
+    scorer reports for that listing alone.)"""
+
+    sha256: str
+    data: bytes
+    format: str
+    width: int
+    height: int
+    limits: ImageLimits
+    field: str | None
+
+    def decode(self) -> DecodedImage:
+        return decode_image(self.data, self.limits, self.field)
+
+    def listing_image(self) -> ListingImage:
+        return ListingImage(self.sha256, decode=lambda: self.decode().pixels)
+
+
+def probe_image(data: bytes, limits: ImageLimits, field: str | None = None) -> ProbedImage:
+    """Check untrusted bytes as :func:`decode_image` does before it decodes (type, size, header limits)
+    and hash them; the pixels are left for later. Raises the same :class:`IntakeError` codes."""
+    img, fmt = _open_checked(data, limits, field)
+    with img:
+        width, height = img.size
+    return ProbedImage(sha256=hashlib.sha256(data).hexdigest(), data=data, format=fmt, width=width,
+                       height=height, limits=limits, field=field)
 
 
 def _orientation(img: Image.Image) -> int:

@@ -9,7 +9,7 @@ import typing
 
 from service.intake.errors import IntakeError, IntakeErrorCode
 from service.intake.fetch import SafeFetcher
-from service.intake.images import DecodedImage, decode_base64, decode_image
+from service.intake.images import DecodedImage, ProbedImage, decode_base64, decode_image, probe_image
 
 if typing.TYPE_CHECKING:
     from service.settings import IntakeSettings
@@ -48,6 +48,22 @@ class ImageLoader:
 
     def from_url_sync(self, url: str, field: str | None = None) -> DecodedImage:
         return decode_image(self.fetcher.fetch_sync(url, field).content, self.settings, field)
+
+    # The same, checked and hashed but not decoded (see :class:`ProbedImage`).
+
+    def probe_bytes(self, data: bytes, field: str | None = None) -> ProbedImage:
+        return probe_image(data, self.settings, field)
+
+    def probe_base64(self, payload: str | bytes, field: str | None = None) -> ProbedImage:
+        data = decode_base64(payload, field, self.settings.max_image_bytes)
+        return probe_image(data, self.settings, field)
+
+    async def probe_url(self, url: str, field: str | None = None) -> ProbedImage:
+        fetched = await self.fetcher.fetch(url, field)
+        return await asyncio.to_thread(probe_image, fetched.content, self.settings, field)
+
+    def probe_url_sync(self, url: str, field: str | None = None) -> ProbedImage:
+        return probe_image(self.fetcher.fetch_sync(url, field).content, self.settings, field)
 
     def close(self) -> None:
         if self._own_fetcher:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from service.domain.model import ListingImage
 from service.intake.errors import IntakeError, IntakeErrorCode
-from service.intake.images import DecodedImage
+from service.intake.images import ProbedImage
 from service.intake.loader import ImageLoader
 
 
@@ -27,9 +27,9 @@ class ListingImageLoader:
     def __init__(self, loader: ImageLoader) -> None:
         self.loader = loader
 
-    def _local(self, s: ImageSource) -> DecodedImage:
+    def _local(self, s: ImageSource) -> ProbedImage:
         if s.base64 is not None:
-            return self.loader.from_base64(s.base64, s.field)
+            return self.loader.probe_base64(s.base64, s.field)
         data = s.data
         if s.path is not None:
             limit = self.loader.settings.max_image_bytes
@@ -43,21 +43,24 @@ class ListingImageLoader:
                                   s.field) from None
         if data is None:
             raise IntakeError(IntakeErrorCode.INVALID_URL, "no image given", s.field)
-        return self.loader.from_bytes(data, s.field)
+        return self.loader.probe_bytes(data, s.field)
 
     def load(self, sources: list[ImageSource]) -> list[ListingImage]:
-        """Blocking: for worker threads (rescans)."""
+        """Blocking: for worker threads (rescans). Each photo is checked (type, size, header limits) and
+        hashed now, and decoded when its pixels are first needed (not at all when its embeddings are
+        cached)."""
         self.loader.check_count(len(sources))
-        return [(self.loader.from_url_sync(s.url, s.field) if s.url is not None else self._local(s)).listing_image()
+        return [(self.loader.probe_url_sync(s.url, s.field) if s.url is not None else self._local(s)).listing_image()
                 for s in sources]
 
     async def load_async(self, sources: list[ImageSource]) -> list[ListingImage]:
-        """For the API: URLs fetched concurrently on the event loop, decoding in worker threads."""
+        """For the API: URLs fetched concurrently on the event loop, checking and hashing in worker threads
+        (decoding is left to the scorer, as in :meth:`load`)."""
         self.loader.check_count(len(sources))
 
         async def one(s: ImageSource) -> ListingImage:
             if s.url is not None:
-                return (await self.loader.from_url(s.url, s.field)).listing_image()
+                return (await self.loader.probe_url(s.url, s.field)).listing_image()
             return (await asyncio.to_thread(self._local, s)).listing_image()
 
         return list(await asyncio.gather(*(one(s) for s in sources)))

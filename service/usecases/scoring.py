@@ -153,10 +153,44 @@ class ListingScorer:
                    persist: bool = True) -> list[ScoreOutcome | Exception]:
         """Score listings together: each model runs once over all their photos (the models side by side),
         each index is searched once, and the scores are stored in one transaction. Answers in the order
-        of ``listings``; a listing that cannot be scored gets its exception, the others are unaffected."""
+        of ``listings``; a listing that cannot be scored gets its exception, the others are unaffected.
+
+        Photos are decoded here, and only those some model has not embedded yet (a photo whose
+        embeddings are all cached by its hash is never decoded); one that fails to decode fails its own
+        listing."""
+        roles = self._roles()
+        failed = self._decode_misses(listings, roles)
+        if not failed:
+            return self._score_decoded(listings, roles, source, persist)
+        ok = [lst for k, lst in enumerate(listings) if k not in failed]
+        scored = iter(self._score_decoded(ok, roles, source, persist) if ok else [])
+        return [failed[k] if k in failed else next(scored) for k in range(len(listings))]
+
+    @staticmethod
+    def _decode_misses(listings: Sequence[Listing], roles: dict[str, CachedEmbedder]) -> dict[int, Exception]:
+        """Decode the not yet decoded photos that some model still has to embed, listing by listing;
+        answers the listings whose photos failed, with the error."""
+        shas = list(dict.fromkeys(im.sha256 for lst in listings for im in lst.images if not im.decoded))
+        if not shas:
+            return {}
+        missing: set[str] = set()
+        for emb in roles.values():  # hits land in the embedders' LRU, so embedding finds them again cheaply
+            got = emb.lookup(shas)
+            missing.update(sha for sha in shas if sha not in got)
+        failed: dict[int, Exception] = {}
+        for k, lst in enumerate(listings):
+            try:
+                for im in lst.images:
+                    if im.sha256 in missing:
+                        im.pixels  # noqa: B018  (decodes once; raises the intake error of a bad photo)
+            except Exception as exc:
+                failed[k] = exc
+        return failed
+
+    def _score_decoded(self, listings: Sequence[Listing], roles: dict[str, CachedEmbedder], source: str,
+                       persist: bool) -> list[ScoreOutcome | Exception]:
         t0 = time.perf_counter()
         images = [im for lst in listings for im in lst.images]
-        roles = self._roles()
         pending = {name: emb.start(images) for name, emb in roles.items()}
         got = {name: roles[name].finish(pe) for name, pe in pending.items()}
         embed_ms = (time.perf_counter() - t0) * 1000

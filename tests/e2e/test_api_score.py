@@ -182,6 +182,30 @@ def test_health_and_metrics(live: LiveServer) -> None:
     ready = live.client.get("/readyz").json()
     assert ready["status"] == "ready"
     assert {m["provider"] for m in ready["models"].values()} == {"cpu"}
+    assert live.client.get("/v1/listings/no-such-listing").status_code == 404
     metrics = live.client.get("/metrics").text
     assert "counterlens_http_requests_total" in metrics and 'route="/v1/score"' in metrics
+    # Requests are counted by route template and status, not per id.
+    assert 'method="GET",route="/v1/listings/{listing_id}",status="404"' in metrics
+    assert "no-such-listing" not in metrics
     assert live.client.get("/openapi.json").json()["paths"]["/v1/score"]
+
+
+def test_a_photo_whose_body_does_not_decode_is_refused_by_field(live: LiveServer, grocery_dir: Path) -> None:
+    """The header is checked up front, the body decoded only for photos the models have not seen: a
+    truncated JPEG passes the first check and is refused when decoded, naming its field, and a batch
+    request keeps the refusal to the listing it belongs to."""
+    good = edited_copy(load(grocery_dir / "catalogue" / "Arla-Sour-Milk.jpg"))
+    broken = good[: len(good) // 3]
+    r = live.client.post("/v1/score", json={"listing_id": "trunc", "title": "milk", "images": [
+        {"base64": base64.b64encode(good).decode()}, {"base64": base64.b64encode(broken).decode()}]})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == "decode_failed" and r.json()["error"]["field"] == "images[1].base64"
+    assert live.client.get("/v1/listings/trunc").status_code == 404  # nothing stored
+    batch = live.client.post("/v1/score/batch", json={"listings": [
+        {"listing_id": "trunc-b1", "images": [{"base64": base64.b64encode(broken).decode()}]},
+        {"listing_id": "trunc-b2", "images": [{"base64": base64.b64encode(good).decode()}]}]})
+    assert batch.status_code == 200, batch.text
+    first, second = batch.json()["results"]
+    assert first["error"]["field"] == "listings[0].images[0].base64" and first["result"] is None
+    assert second["error"] is None and second["result"]["brand"] == "arla"

@@ -151,3 +151,27 @@ def test_the_queue_scores_concurrent_requests_together(rescan_world: World, cont
     queue.close()
     with pytest.raises(QueueClosedError):
         queue.submit(listings[0])
+
+
+def test_a_cached_photo_is_not_decoded_again(rescan_world: World, container: Container) -> None:
+    """Photos come from intake checked and hashed, not decoded; the scorer decodes only photos some
+    model has not embedded, and a photo whose body is broken fails its own listing."""
+    data = (rescan_world.photos / rescan_world.copies["Arla-Sour-Milk"]).read_bytes()
+    loader = container.images.loader
+
+    def listing(lid: str, payload: bytes) -> Listing:
+        return Listing(lid, "milk", price=Money(20.0, "USD"), images=(loader.probe_bytes(payload).listing_image(),))
+
+    first = listing("lazy-1", data)
+    assert not first.images[0].decoded
+    [out] = container.scorer.score_many([first])
+    assert isinstance(out, ScoreOutcome) and first.images[0].decoded  # new photo: decoded and embedded
+    again = listing("lazy-2", data)
+    broken = listing("lazy-3", data[: len(data) // 3])
+    got = container.scorer.score_many([again, broken])
+    assert isinstance(got[0], ScoreOutcome) and not again.images[0].decoded  # cached: never decoded
+    _same(out, got[0])
+    from service.intake.errors import IntakeError
+
+    assert isinstance(got[1], IntakeError) and got[1].code.value == "decode_failed"
+    assert container.listings.get_listing("lazy-3") is None

@@ -58,6 +58,8 @@ async def _score_one(request: Request, body: ListingIn, sources: list[ImageSourc
             outcome = await anyio.to_thread.run_sync(c.scorer.score, listing, limiter=_LIMITER)
     except UnknownCurrencyError as exc:
         raise ApiError(422, "unknown_currency", str(exc), "price.currency") from None
+    except IntakeError as exc:  # a photo whose header passed but whose body does not decode
+        raise ApiError(exc.http_status, str(exc.code), exc.message, exc.field) from None
     r = outcome.result
     m = state.metrics
     m.verdicts.labels(r.verdict.value).inc()
