@@ -183,15 +183,20 @@ class _Statements:
     def __init__(self, dialect: str) -> None:
         listing = dialect_insert(dialect, _LISTINGS)
 
-        def upsert_listing(columns: Sequence[str]) -> sa.Executable:
-            return listing.on_conflict_do_update(
-                index_elements=["listing_id"], set_={c: listing.excluded[c] for c in columns},
-            ).returning(_LISTINGS.c.id)
+        # Listing rows are upserted without RETURNING, so the driver runs them as one executemany, and
+        # their ids are read back in one query.
+        def upsert_listing_many(columns: Sequence[str]) -> sa.Executable:
+            return listing.on_conflict_do_update(index_elements=["listing_id"],
+                                                 set_={c: listing.excluded[c] for c in columns})
 
-        self.upsert_listing = upsert_listing(_LATEST_COLUMNS + _CONTENT_COLUMNS)
-        self.upsert_listing_latest = upsert_listing(_LATEST_COLUMNS)
-        self.insert_score = sa.insert(_SCORES).returning(_SCORES.c.id)
-        self.delete_matches = sa.delete(_MATCHES).where(_MATCHES.c.listing_pk == sa.bindparam("p_listing"))
+        self.upsert_listing_many = upsert_listing_many(_LATEST_COLUMNS + _CONTENT_COLUMNS)
+        self.upsert_listing_latest_many = upsert_listing_many(_LATEST_COLUMNS)
+        self.listing_pks = sa.select(_LISTINGS.c.id, _LISTINGS.c.listing_id).where(
+            _LISTINGS.c.listing_id.in_(sa.bindparam("p_lids", expanding=True)))
+        # Many rows, their ids in the order of the parameters (SQLAlchemy's "insertmanyvalues").
+        self.insert_score_many = sa.insert(_SCORES).returning(_SCORES.c.id, sort_by_parameter_order=True)
+        self.delete_matches_many = sa.delete(_MATCHES).where(
+            _MATCHES.c.listing_pk.in_(sa.bindparam("p_listings", expanding=True)))
         self.insert_matches = sa.insert(_MATCHES)
         review = dialect_insert(dialect, _REVIEWS)
         self.upsert_review = review.on_conflict_do_update(
@@ -342,43 +347,71 @@ class ListingRepository:
         return _Prepared(row, result, src, verdict, risk, payload, slugs, digest)
 
     def _write(self, todo: Sequence[_Prepared], now: datetime, check_refs: bool) -> list[RecordedScore]:
-        st = self._sql
-        out = []
+        """One transaction; statements run once per batch (``executemany``) wherever their rows do not
+        depend on each other. A listing scored twice in one batch is written in a later round, so its
+        second score lands after its first exactly as two calls would have it."""
+        out: list[RecordedScore | None] = [None] * len(todo)
+        rounds: list[list[int]] = []
+        seen: dict[str, int] = {}  # listing_id -> rounds it already appears in
+        for i, p in enumerate(todo):
+            r = seen.get(p.row["listing_id"], 0)
+            seen[p.row["listing_id"]] = r + 1
+            if r == len(rounds):
+                rounds.append([])
+            rounds[r].append(i)
         with self._db.writing() as conn:
             bids = self._resolve_brands(conn, set().union(*(p.slugs for p in todo)))
-            for p in todo:
-                result = p.result
-                flagged_bid = bids.get(result.brand) if result.brand is not None else None
-                upsert = st.upsert_listing_latest if p.source is ScoreSource.STORED_RESCAN else st.upsert_listing
-                listing_pk: int = conn.execute(upsert, {**p.row, "latest_brand_id": flagged_bid}).scalar_one()
-                score_id: int = conn.execute(st.insert_score, {
-                    "listing_pk": listing_pk, "scored_at": now, "risk": p.risk, "verdict": p.verdict.value,
-                    "brand_id": flagged_bid, "result": p.payload, "model_versions": dict(result.model_versions),
-                    "source": p.source.value,
-                }).scalar_one()
-                conn.execute(st.delete_matches, {"p_listing": listing_pk})
-                if result.matches:
-                    live: set[int] | None = None
-                    if check_refs:
-                        live = set(conn.scalars(st.existing_refs, {"p_ids": [m.reference.image_id
-                                                                             for m in result.matches]}))
-                    conn.execute(st.insert_matches, [
-                        {"listing_pk": listing_pk, "brand_id": bids[m.reference.brand], "sku": m.reference.sku,
-                         "reference_image_id": m.reference.image_id
-                         if live is None or m.reference.image_id in live else None,
-                         "ref_id": m.reference.ref_id,
-                         "kind": ReferenceKind(m.reference.kind).value, "signal": m.signal.value,
-                         "similarity": float(m.similarity), "image_index": int(m.image_index)}
-                        for m in result.matches])
-                item_id: int | None = None
-                if p.verdict is not Verdict.CLEAR and flagged_bid is not None:
-                    item_id = conn.execute(st.upsert_review, {
-                        "brand_id": flagged_bid, "listing_pk": listing_pk, "score_id": score_id,
-                        "status": ReviewStatus.OPEN.value, "risk": p.risk, "verdict": p.verdict.value,
-                        "reasons": list(result.reasons), "created_at": now, "updated_at": now,
-                    }).scalar_one_or_none()
-                conn.execute(st.clear_reviews, {"p_listing": listing_pk, "p_keep": item_id or 0, "p_now": now})
-                out.append(RecordedScore(score_id=score_id, listing_pk=listing_pk, review_item_id=item_id))
+            live: set[int] | None = None
+            if check_refs:
+                wanted = list({m.reference.image_id for p in todo for m in p.result.matches})
+                live = {rid for chunk in chunked(wanted) for rid in conn.scalars(self._sql.existing_refs,
+                                                                              {"p_ids": chunk})}
+            for idx in rounds:
+                for i, rec in zip(idx, self._write_round(conn, [todo[i] for i in idx], bids, now, live),
+                                  strict=True):
+                    out[i] = rec
+        return [o for o in out if o is not None]
+
+    def _write_round(self, conn: Connection, todo: Sequence[_Prepared], bids: dict[str, int], now: datetime,
+                     live: set[int] | None) -> list[RecordedScore]:
+        """Write listings with distinct listing_ids (see :meth:`_write`)."""
+        st = self._sql
+        flagged = [bids.get(p.result.brand) if p.result.brand is not None else None for p in todo]
+        for stored, stmt in ((True, st.upsert_listing_latest_many), (False, st.upsert_listing_many)):
+            rows = [{**p.row, "latest_brand_id": bid} for p, bid in zip(todo, flagged, strict=True)
+                    if (p.source is ScoreSource.STORED_RESCAN) == stored]
+            if rows:
+                conn.execute(stmt, rows)
+        lids = [p.row["listing_id"] for p in todo]
+        pk_of = {lid: pk for chunk in chunked(lids) for pk, lid in conn.execute(st.listing_pks, {"p_lids": chunk})}
+        pks = [pk_of[lid] for lid in lids]
+        score_ids: list[int] = list(conn.scalars(st.insert_score_many, [
+            {"listing_pk": pk, "scored_at": now, "risk": p.risk, "verdict": p.verdict.value, "brand_id": bid,
+             "result": p.payload, "model_versions": dict(p.result.model_versions), "source": p.source.value}
+            for p, pk, bid in zip(todo, pks, flagged, strict=True)]))
+        for chunk in chunked(pks):
+            conn.execute(st.delete_matches_many, {"p_listings": chunk})
+        match_rows = [
+            {"listing_pk": pk, "brand_id": bids[m.reference.brand], "sku": m.reference.sku,
+             "reference_image_id": m.reference.image_id if live is None or m.reference.image_id in live else None,
+             "ref_id": m.reference.ref_id, "kind": ReferenceKind(m.reference.kind).value, "signal": m.signal.value,
+             "similarity": float(m.similarity), "image_index": int(m.image_index)}
+            for p, pk in zip(todo, pks, strict=True) for m in p.result.matches]
+        if match_rows:
+            conn.execute(st.insert_matches, match_rows)
+        out = []
+        clear = []
+        for p, pk, bid, score_id in zip(todo, pks, flagged, score_ids, strict=True):
+            item_id: int | None = None
+            if p.verdict is not Verdict.CLEAR and bid is not None:  # few: flagged listings only
+                item_id = conn.execute(st.upsert_review, {
+                    "brand_id": bid, "listing_pk": pk, "score_id": score_id, "status": ReviewStatus.OPEN.value,
+                    "risk": p.risk, "verdict": p.verdict.value, "reasons": list(p.result.reasons),
+                    "created_at": now, "updated_at": now,
+                }).scalar_one_or_none()
+            clear.append({"p_listing": pk, "p_keep": item_id or 0, "p_now": now})
+            out.append(RecordedScore(score_id=score_id, listing_pk=pk, review_item_id=item_id))
+        conn.execute(st.clear_reviews, clear)
         return out
 
     # ------------------------------------------------------------------ listings

@@ -323,3 +323,24 @@ def test_confirmed_counterfeits_of_many_sellers(storage: Storage, two_brands: Re
         repo.decide("alpro", item, "rejected" if seller == "good" else "confirmed")  # type: ignore[arg-type]
     assert repo.confirmed_counterfeits_many(["bad", "worse", "good", "unknown", "bad"]) == {"bad": 2, "worse": 1}
     assert repo.confirmed_counterfeits_many([]) == {}
+
+
+def test_a_listing_twice_in_one_batch_is_written_in_order(storage: Storage, two_brands: Refs) -> None:
+    """Two scores of one listing in a batch (two requests at once): both in the history, in order; the
+    latest matches and the review item are the second score's."""
+    a1, o1 = two_brands["a1"], two_brands["o1"]
+    repo = storage.listings
+    lst, shas = listing("D1")
+    first = ScoreWrite(lst, result("D1", Verdict.REVIEW, "alpro", [match(a1)]), "api", shas)
+    second = ScoreWrite(lst, result("D1", Verdict.LIKELY_COUNTERFEIT, "oatly", [match(o1)]), "api", shas)
+    other = ScoreWrite(*listing("D2")[:1], result("D2", Verdict.CLEAR, None, []), "api", listing("D2")[1])
+    got = repo.record_scores([first, other, second], scored_at=T0)
+    assert [g is not None for g in got] == [True, True, True]
+    assert got[0] is not None and got[2] is not None and got[0].listing_pk == got[2].listing_pk
+    assert got[0].score_id < got[2].score_id
+    assert [h.verdict for h in repo.history("D1")] == [Verdict.LIKELY_COUNTERFEIT, Verdict.REVIEW]
+    assert [m.reference_image_id for m in repo.latest_matches("D1")] == [o1.id]
+    assert [i.listing_id for i in repo.review_queue("oatly")] == ["D1"]
+    assert repo.review_queue("alpro") == []  # the first score's item was cleared by the second
+    stored = repo.get_listing("D1")
+    assert stored is not None and stored.latest_brand == "oatly"
