@@ -215,8 +215,20 @@ class _Statements:
         confirmed = (sa.select(_REVIEWS.c.id)
                      .where(_REVIEWS.c.listing_pk == _LISTINGS.c.id, _REVIEWS.c.brand_id == brand,
                             _REVIEWS.c.status == ReviewStatus.CONFIRMED.value).exists())
+        # A listing is in a sku's market where the sku is what one of its photos shows best: the photo's
+        # top copy or lookalike match. Its weaker matches name other products (up to five lookalikes a
+        # photo), and counting them put a listing's price into the markets of products it is not; a
+        # listing at its own reference price was then "6 deviations below the market" of a dearer
+        # product (docs/quality.md, run-to-run variation).
+        rival = _MATCHES.alias("rival")
+        best_of_photo = (sa.select(sa.func.max(rival.c.similarity))
+                         .where(rival.c.listing_pk == _MATCHES.c.listing_pk, rival.c.signal == _MATCHES.c.signal,
+                                rival.c.image_index == _MATCHES.c.image_index)
+                         .scalar_subquery())
         matched = (sa.select(_MATCHES.c.listing_pk)
-                   .where(_MATCHES.c.brand_id == brand, _MATCHES.c.sku == sa.bindparam("p_sku")))
+                   .where(_MATCHES.c.brand_id == brand, _MATCHES.c.sku == sa.bindparam("p_sku"),
+                          _MATCHES.c.signal.in_(("copy", "lookalike")),
+                          _MATCHES.c.similarity >= best_of_photo))
         prices = (sa.select(_LISTINGS.c.price, _LISTINGS.c.currency)
                   .where(_LISTINGS.c.id.in_(matched), _LISTINGS.c.price.is_not(None), ~confirmed)
                   .order_by(_LISTINGS.c.last_seen_at.desc(), _LISTINGS.c.id.desc())

@@ -150,13 +150,23 @@ def test_market_prices(storage: Storage, two_brands: Refs) -> None:
     [l6] = [i for i in storage.listings.review_queue("alpro") if i.listing_id == "L6"]
     storage.listings.decide("alpro", l6.id, "confirmed")
     assert history.market_prices("alpro", "soy-milk") == [Money(2.0, "EUR"), Money(1.0, "EUR")]
+    # L2's first photo shows soy-milk, its second soyghurt: it is in both markets.
     assert history.market_prices("alpro", "soyghurt") == [Money(4.0, "EUR"), Money(2.0, "EUR")]
     assert history.market_prices("oatly", "oat-milk") == [Money(5.0, "EUR")]
     assert history.market_prices("oatly", "soy-milk") == []
     assert history.market_prices("nobody", "soy-milk") == []
+    # Only what a photo shows best counts: L7's first photo is soy-milk (copy 0.9) and only weakly like
+    # soyghurt (copy 0.6); a logo match names no product; its second photo looks most like oat milk.
+    lst, shas = listing("L7", price=7.0)
+    matches = [match(a1, 0.9, image_index=0), match(a2, 0.6, image_index=0),
+               match(a2, 0.95, SignalName.LOGO, image_index=0), match(o1, 0.7, SignalName.LOOKALIKE, 1)]
+    storage.listings.record_score(lst, result("L7", Verdict.REVIEW, "alpro", matches), image_sha256s=shas,
+                                  scored_at=T0 + timedelta(minutes=9))
+    assert history.market_prices("alpro", "soyghurt") == [Money(4.0, "EUR"), Money(2.0, "EUR")]
+    assert history.market_prices("oatly", "oat-milk") == [Money(7.0, "EUR"), Money(5.0, "EUR")]
     # Only the latest matches count: L1 re-scored without a match of soy-milk drops out.
     _score(storage, "L1", Verdict.CLEAR, None, [], price=1.0)
-    assert history.market_prices("alpro", "soy-milk") == [Money(2.0, "EUR")]
+    assert history.market_prices("alpro", "soy-milk") == [Money(7.0, "EUR"), Money(2.0, "EUR")]
 
 
 def test_confirmed_counterfeits(storage: Storage, two_brands: Refs) -> None:
