@@ -2,15 +2,16 @@
 stored listings against the current catalog (``counterlens rescan --stored``, or a background job after
 a brand's catalog changed).
 
-Both run the one scoring path, :class:`~service.usecases.scoring.ListingScorer`: a file rescan calls
-``score`` (embeddings from the content-hash cache or the models, persisted with source ``rescan``), a
-stored rescan calls ``rescore_stored`` (stored embeddings only, no model runs, source
-``stored-rescan``), so the review queues and histories see every rescan.
+Both run the one scoring path, :class:`~service.usecases.scoring.ListingScorer`, in batches: a file
+rescan calls ``score_many`` on chunks of rows (embeddings from the content-hash cache or the models,
+persisted with source ``rescan``), a stored rescan calls ``rescore_stored_many`` on pages of stored
+listings (stored embeddings only, no model runs, source ``stored-rescan``, unchanged results not written
+again), so the review queues and histories see every rescan.
 
 A file rescan is an ordered pipeline. The driver reads and validates rows (bad lines go straight to
 the errors journal with their line number); an engine scores the valid rows and yields their outcomes
-in input order (:class:`ThreadedEngine` here: worker threads whose model calls meet in the shared
-micro-batcher, so decoding, inference and matching overlap; :class:`~service.usecases.rescan_ray.RayEngine`
+in input order (:class:`ThreadedEngine` here: worker threads scoring chunks, whose model calls meet in
+the shared micro-batchers, so decoding, inference and matching overlap; :class:`~service.usecases.rescan_ray.RayEngine`
 on a Ray cluster); the driver appends each outcome to the results or errors journal and commits both
 (whole lines, fsync) every ``checkpoint_every`` outcomes or ``checkpoint_seconds``. A resumed run reads
 the journals back and skips the listing ids already in the results and the lines already in the errors.
@@ -440,7 +441,7 @@ class StoredRescanJob:
       a brand adds references this re-matches the few listings concerned and only reads the others'
       embeddings.
 
-    Blocking and thread-safe; ``cancel`` stops it between listings.
+    Blocking and thread-safe; ``cancel`` stops it between pages.
     """
 
     def __init__(self, scorer: ListingScorer, listings: ListingRepository, *, brand: str | None = None,
@@ -707,7 +708,7 @@ class StoredRescanScheduler:
                 self._lock.notify_all()
 
     def close(self, timeout: float = 30.0) -> None:
-        """Cancel a running job (between listings) and stop the thread."""
+        """Cancel a running job (between pages) and stop the thread."""
         with self._lock:
             self._closed = True
             self._everything = False

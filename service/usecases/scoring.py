@@ -2,10 +2,14 @@
 Ray) and ``rescan --stored``.
 
 Order of work, cheapest first (see architecture.md, "One listing, from request to verdict"):
-embeddings from the content-hash cache or the models -> search the indexes (copy, lookalike, logo on the
-whole photo) -> title/description scan -> candidate brands -> the expensive signals (logo search in crops,
-OCR) only where the cascade asks for them -> per-candidate context from storage -> :func:`assess` ->
-stored (listing, hashes, signals, result; review queue) -> answered.
+embeddings from the content-hash cache or the models (photos decoded only for a miss) -> search the
+indexes (copy, lookalike, logo on the whole photo) -> title/description scan -> candidate brands -> the
+expensive signals (logo search in crops, OCR) only where the cascade asks for them -> per-candidate
+context from storage -> :func:`assess` -> stored (listing, hashes, signals, result; review queue) ->
+answered.
+
+Listings go through in batches (:meth:`ListingScorer.score_many`, :meth:`ListingScorer.rescore_stored_many`):
+one model call per model with the models side by side, one search per index, one transaction to store.
 """
 
 from __future__ import annotations
