@@ -43,6 +43,16 @@ def shared_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[
     return settings.models_dir, embedders
 
 
+@pytest.fixture(scope="session")
+def rescan_world(tmp_path_factory: pytest.TempPathFactory, grocery_dir: Path,
+                 shared_models: tuple[Path, dict[str, Any]]) -> Any:
+    """The small real world of the rescan and batch-scoring tests (:mod:`tests.usecases.rescan_world`),
+    built once per session."""
+    from tests.usecases.rescan_world import world
+
+    return world(tmp_path_factory.mktemp("rescan-world"), grocery_dir, shared_models)
+
+
 @pytest.fixture
 def make_settings(tmp_path: Path, shared_models: tuple[Path, dict[str, Any]]) -> Iterator[Any]:
     """Settings on a fresh data dir whose models folder is the shared export (copied, not re-exported)."""

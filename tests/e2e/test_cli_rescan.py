@@ -28,17 +28,10 @@ from tests.usecases.rescan_world import (
     listings_dir,
     read_jsonl,
     settings,
-    world,
     write_jsonl,
 )
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="session")
-def rescan_world(tmp_path_factory: pytest.TempPathFactory, grocery_dir: Path,
-                 shared_models: tuple[Path, dict[str, Any]]) -> World:
-    return world(tmp_path_factory.mktemp("rescan-world"), grocery_dir, shared_models)
 
 
 def cli(data_dir: Path, *args: str) -> Any:

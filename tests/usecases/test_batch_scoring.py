@@ -5,36 +5,19 @@ leaves unchanged listings unwritten; :class:`ScoringQueue` scores concurrent req
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from service.container import Container, build_container
+from service.container import Container
 from service.domain.model import Listing, ListingImage, Money, SellerInfo
 from service.domain.pricing import UnknownCurrencyError
 from service.usecases.score_queue import QueueClosedError, ScoringQueue
 from service.usecases.scoring import ScoreOutcome, StoredListing
-from tests.usecases.rescan_world import CATALOG, World, fresh_data_dir, settings, world
+from tests.usecases.rescan_world import CATALOG, World
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def rescan_world(tmp_path_factory: pytest.TempPathFactory, grocery_dir: Path,
-                 shared_models: tuple[Path, dict[str, Any]]) -> World:
-    return world(tmp_path_factory.mktemp("rescan-world"), grocery_dir, shared_models)
-
-
-@pytest.fixture
-def container(rescan_world: World, tmp_path: Path) -> Iterator[Container]:
-    c = build_container(settings(fresh_data_dir(rescan_world, tmp_path / "data")),
-                        embedders=rescan_world.embedders)
-    yield c
-    c.close()
 
 
 def _photo(w: World, name: str) -> ListingImage:

@@ -3,14 +3,13 @@ stored rescans (no model runs) after a brand adds a reference, and the backgroun
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from embeddings.thread_batcher import ThreadBatcher
-from service.container import Container, build_container
+from service.container import Container
 from service.domain.model import Listing, Money, ReferenceKind, ScoreResult, Verdict
 from service.storage.records import ReviewStatus, ScoreSource
 from service.usecases.catalog import ReferenceUpload
@@ -27,12 +26,9 @@ from tests.usecases.rescan_world import (
     CATALOG,
     LATE_REFERENCE,
     World,
-    fresh_data_dir,
     listing,
     listings_dir,
     read_jsonl,
-    settings,
-    world,
     write_jsonl,
 )
 
@@ -41,20 +37,6 @@ pytestmark = pytest.mark.slow
 RESULT_KEYS = {"listing_id", "risk", "verdict", "brand", "matches", "reasons"}
 MATCH_KEYS = {"brand", "sku", "ref_id", "kind", "signal", "similarity", "image_index"}
 OWNER = {sku: brand for brand, skus in CATALOG.items() for sku in skus}
-
-
-@pytest.fixture(scope="session")
-def rescan_world(tmp_path_factory: pytest.TempPathFactory, grocery_dir: Path,
-                 shared_models: tuple[Path, dict[str, Any]]) -> World:
-    return world(tmp_path_factory.mktemp("rescan-world"), grocery_dir, shared_models)
-
-
-@pytest.fixture
-def container(rescan_world: World, tmp_path: Path) -> Iterator[Container]:
-    c = build_container(settings(fresh_data_dir(rescan_world, tmp_path / "data")),
-                        embedders=rescan_world.embedders)
-    yield c
-    c.close()
 
 
 def run_file(c: Container, listings: Path, out: Path, **kw: Any) -> Any:
