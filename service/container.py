@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from embeddings.ocr import RapidOcrReader
@@ -100,7 +100,18 @@ class Container:
     catalog: CatalogService
     scorer: ListingScorer
     stored_rescans: StoredRescanScheduler | None = None
-    score_queue: ScoringQueue | None = None
+    _score_queue: ScoringQueue | None = field(default=None, repr=False)
+    _score_queue_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def score_queue(self) -> ScoringQueue:
+        """The queue the API scores requests through (concurrent requests scored together), started on
+        first use: the CLI never starts its threads."""
+        with self._score_queue_lock:
+            if self._score_queue is None:
+                server = self.settings.server
+                self._score_queue = ScoringQueue(self.scorer, workers=server.scoring_threads,
+                                                 max_batch=server.max_batch_listings)
+            return self._score_queue
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -115,8 +126,9 @@ class Container:
         return {f"{name}/{kind.value}": index.ntotal for name, kind, index in self.indexes}
 
     def close(self) -> None:
-        if self.score_queue is not None:
-            self.score_queue.close()
+        with self._score_queue_lock:
+            if self._score_queue is not None:
+                self._score_queue.close()
         if self.stored_rescans is not None:
             self.stored_rescans.close()
         self.indexes.save_dirty()
@@ -149,13 +161,12 @@ def build_embedders(settings: Settings) -> tuple[dict[str, ImageEmbedder], Model
 
 def build_container(settings: Settings, *, reconcile: bool = True,
                     embedders: dict[str, ImageEmbedder] | None = None,
-                    background_rescans: bool = False, score_queue: bool = False) -> Container:
+                    background_rescans: bool = False) -> Container:
     """Everything the API and the CLI need. ``embedders`` lets tests share already-built models.
 
     ``background_rescans`` (the API): catalog changes start stored rescans in a background thread
     (re-matching stored listings near new product references, or a brand's listings after a removal).
-    A CLI import exits at once instead; docs/rescan.md shows the `rescan --stored` cron for it.
-    ``score_queue`` (the API): concurrent score requests are scored together (:class:`ScoringQueue`)."""
+    A CLI import exits at once instead; docs/rescan.md shows the `rescan --stored` cron for it."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     set_search_threads(settings.index.search_threads)
     db = Database(settings.database_url, echo=settings.storage.echo_sql)
@@ -191,9 +202,6 @@ def build_container(settings: Settings, *, reconcile: bool = True,
                           embedding_store=store, blobs=blobs, embedders=cached, roles=roles, indexes=indexes,
                           fetcher=fetcher, images=ListingImageLoader(ImageLoader(settings.intake, fetcher)),
                           catalog=catalog, scorer=scorer)
-    if score_queue:
-        container.score_queue = ScoringQueue(scorer, workers=settings.server.scoring_threads,
-                                             max_batch=settings.server.max_batch_listings)
     if background_rescans:
         scheduler = StoredRescanScheduler(lambda req: StoredRescanJob(
             scorer, listings, brand=req.brand, near_references=sorted(req.near_references)))

@@ -50,7 +50,7 @@ def start_server(settings: Settings, embedders: dict[str, Any]) -> tuple[uvicorn
     holder: dict[str, Any] = {}
 
     def factory(s: Settings) -> Any:
-        holder["c"] = build_container(s, embedders=embedders, score_queue=True)
+        holder["c"] = build_container(s, embedders=embedders)
         return holder["c"]
 
     app = create_app(settings, container_factory=factory)

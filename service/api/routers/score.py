@@ -19,10 +19,6 @@ from service.usecases.listing_input import ImageSource, ListingImageLoader
 
 router = APIRouter(prefix="/v1", tags=["score"])
 
-# Scoring runs on worker threads; this bounds how many listings are in flight per process (the model
-# batcher serialises inference anyway, more threads would only queue).
-_LIMITER = anyio.CapacityLimiter(16)
-
 
 def _loader(request: Request) -> ListingImageLoader:
     return request.app.state.cl.require_container().images  # type: ignore[no-any-return]
@@ -52,10 +48,8 @@ async def _score_one(request: Request, body: ListingIn, sources: list[ImageSourc
         raise ApiError(exc.http_status, str(exc.code), exc.message, exc.field) from None
     listing = _listing(body, images)
     try:
-        if c.score_queue is not None:  # scored together with the requests arriving meanwhile
-            outcome = await asyncio.wrap_future(c.score_queue.submit(listing))
-        else:
-            outcome = await anyio.to_thread.run_sync(c.scorer.score, listing, limiter=_LIMITER)
+        # Scored together with the requests arriving meanwhile (service.usecases.score_queue).
+        outcome = await asyncio.wrap_future(c.score_queue().submit(listing))
     except UnknownCurrencyError as exc:
         raise ApiError(422, "unknown_currency", str(exc), "price.currency") from None
     except IntakeError as exc:  # a photo whose header passed but whose body does not decode
