@@ -106,11 +106,14 @@ class CachedEmbedder:
     def embed(self, images: Sequence[ListingImage], persist: bool = True) -> EmbedOutcome:
         return self.finish(self.start(images, persist))
 
-    def start(self, images: Sequence[ListingImage], persist: bool = True) -> PendingEmbed:
+    def start(self, images: Sequence[ListingImage], persist: bool = True, *,
+              found: dict[str, np.ndarray] | None = None) -> PendingEmbed:
         """Look the images up and hand the misses to the model without waiting for it (when the model
         can queue work: a :class:`~embeddings.thread_batcher.ThreadBatcher`); :meth:`finish` collects.
-        Starting every model before finishing any runs them side by side."""
-        found = self.lookup([im.sha256 for im in images]) if images else {}
+        Starting every model before finishing any runs them side by side. ``found``: what the caller
+        already looked up (:meth:`lookup` of these images), so they are not looked up again."""
+        # A copy of the caller's: finish adds to it.
+        found = dict(found) if found is not None else self.lookup([im.sha256 for im in images])
         todo: dict[str, ListingImage] = {}
         for im in images:
             if im.sha256 not in found and im.sha256 not in todo:

@@ -163,39 +163,35 @@ class ListingScorer:
         embeddings are all cached by its hash is never decoded); one that fails to decode fails its own
         listing."""
         roles = self._roles()
-        failed = self._decode_misses(listings, roles)
+        shas = list(dict.fromkeys(im.sha256 for lst in listings for im in lst.images))
+        cached = {name: emb.lookup(shas) for name, emb in roles.items()}  # one lookup per model and batch
+        failed = self._decode_misses(listings, cached)
         if not failed:
-            return self._score_decoded(listings, roles, source, persist)
+            return self._score_decoded(listings, roles, cached, source, persist)
         ok = [lst for k, lst in enumerate(listings) if k not in failed]
-        scored = iter(self._score_decoded(ok, roles, source, persist) if ok else [])
+        scored = iter(self._score_decoded(ok, roles, cached, source, persist) if ok else [])
         return [failed[k] if k in failed else next(scored) for k in range(len(listings))]
 
     @staticmethod
-    def _decode_misses(listings: Sequence[Listing], roles: dict[str, CachedEmbedder]) -> dict[int, Exception]:
-        """Decode the not yet decoded photos that some model still has to embed, listing by listing;
-        answers the listings whose photos failed, with the error."""
-        shas = list(dict.fromkeys(im.sha256 for lst in listings for im in lst.images if not im.decoded))
-        if not shas:
-            return {}
-        missing: set[str] = set()
-        for emb in roles.values():  # hits land in the embedders' LRU, so embedding finds them again cheaply
-            got = emb.lookup(shas)
-            missing.update(sha for sha in shas if sha not in got)
+    def _decode_misses(listings: Sequence[Listing], cached: dict[str, dict[str, np.ndarray]]) -> dict[int, Exception]:
+        """Decode the not yet decoded photos that some model still has to embed (absent from its part of
+        ``cached``), listing by listing; answers the listings whose photos failed, with the error."""
         failed: dict[int, Exception] = {}
         for k, lst in enumerate(listings):
             try:
                 for im in lst.images:
-                    if im.sha256 in missing:
+                    if not im.decoded and any(im.sha256 not in found for found in cached.values()):
                         im.pixels  # noqa: B018  (decodes once; raises the intake error of a bad photo)
             except Exception as exc:
                 failed[k] = exc
         return failed
 
-    def _score_decoded(self, listings: Sequence[Listing], roles: dict[str, CachedEmbedder], source: str,
+    def _score_decoded(self, listings: Sequence[Listing], roles: dict[str, CachedEmbedder],
+                       cached: dict[str, dict[str, np.ndarray]], source: str,
                        persist: bool) -> list[ScoreOutcome | Exception]:
         t0 = time.perf_counter()
         images = [im for lst in listings for im in lst.images]
-        pending = {name: emb.start(images) for name, emb in roles.items()}
+        pending = {name: emb.start(images, found=cached[name]) for name, emb in roles.items()}
         got = {name: roles[name].finish(pe) for name, pe in pending.items()}
         embed_ms = (time.perf_counter() - t0) * 1000
         items: list[_Item] = []
