@@ -237,11 +237,6 @@ class _Statements:
                   .limit(sa.bindparam("p_limit", type_=sa.Integer(), literal_execute=True)))
         self.market_prices = prices
         self.market_prices_excluding = prices.where(_LISTINGS.c.listing_id != sa.bindparam("p_exclude"))
-        self.confirmed_counterfeits = (
-            sa.select(sa.func.count(sa.distinct(_LISTINGS.c.id)))
-            .select_from(_REVIEWS.join(_LISTINGS, _LISTINGS.c.id == _REVIEWS.c.listing_pk))
-            .where(_LISTINGS.c.seller_id == sa.bindparam("p_seller"),
-                   _REVIEWS.c.status == ReviewStatus.CONFIRMED.value))
         self.confirmed_by_seller = (
             sa.select(_LISTINGS.c.seller_id, sa.func.count(sa.distinct(_LISTINGS.c.id)))
             .select_from(_REVIEWS.join(_LISTINGS, _LISTINGS.c.id == _REVIEWS.c.listing_pk))
@@ -500,8 +495,7 @@ class ListingRepository:
 
     def confirmed_counterfeits(self, seller_id: str) -> int:
         """How many of the seller's listings some brand confirmed as counterfeit."""
-        with self._db.reading() as conn:
-            return int(conn.scalar(self._sql.confirmed_counterfeits, {"p_seller": seller_id}) or 0)
+        return self.confirmed_counterfeits_many([seller_id]).get(seller_id, 0)
 
     def confirmed_counterfeits_many(self, seller_ids: Iterable[str]) -> dict[str, int]:
         """:meth:`confirmed_counterfeits` of many sellers in one query per 500 (absent: none)."""
