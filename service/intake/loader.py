@@ -1,5 +1,5 @@
-"""One entry point from an untrusted image reference (URL, base64 / data URL, raw bytes) to a
-:class:`DecodedImage`, with every intake limit applied; the API, the CLI rescan and catalog imports all
+"""One entry point from an untrusted image reference (URL, base64 / data URL, raw bytes) to a checked and
+hashed :class:`ProbedImage` (decoded when its pixels are needed), with every intake limit applied; the API, the CLI rescan and catalog imports all
 load images through it so the limits and error fields are the same everywhere."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import typing
 
 from service.intake.errors import IntakeError, IntakeErrorCode
 from service.intake.fetch import SafeFetcher
-from service.intake.images import DecodedImage, ProbedImage, decode_base64, decode_image, probe_image
+from service.intake.images import ProbedImage, decode_base64, probe_image
 
 if typing.TYPE_CHECKING:
     from service.settings import IntakeSettings
@@ -33,23 +33,8 @@ class ImageLoader:
             raise IntakeError(IntakeErrorCode.TOO_MANY_IMAGES,
                               f"{count} images; at most {self.settings.max_images} are accepted", field)
 
-    def from_bytes(self, data: bytes, field: str | None = None) -> DecodedImage:
-        return decode_image(data, self.settings, field)
-
-    def from_base64(self, payload: str | bytes, field: str | None = None) -> DecodedImage:
-        """Plain base64 or a ``data:image/...;base64,`` URL."""
-        data = decode_base64(payload, field, self.settings.max_image_bytes)
-        return decode_image(data, self.settings, field)
-
-    async def from_url(self, url: str, field: str | None = None) -> DecodedImage:
-        """Fetch (on the event loop) and decode (in a worker thread: Pillow releases the GIL)."""
-        fetched = await self.fetcher.fetch(url, field)
-        return await asyncio.to_thread(decode_image, fetched.content, self.settings, field)
-
-    def from_url_sync(self, url: str, field: str | None = None) -> DecodedImage:
-        return decode_image(self.fetcher.fetch_sync(url, field).content, self.settings, field)
-
-    # The same, checked and hashed but not decoded (see :class:`ProbedImage`).
+    # Each source is checked (type, byte size, header limits) and hashed, not decoded: see
+    # :class:`ProbedImage` (``.decode()`` for the pixels, or ``.listing_image()`` to decode on first use).
 
     def probe_bytes(self, data: bytes, field: str | None = None) -> ProbedImage:
         return probe_image(data, self.settings, field)

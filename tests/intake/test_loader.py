@@ -26,11 +26,11 @@ def loader() -> Iterator[ImageLoader]:
 
 def test_url_base64_and_bytes_give_the_same_image(loader: ImageLoader, image_server: ImageServer,
                                                   photo_bytes: bytes) -> None:
-    from_url = asyncio.run(loader.from_url(image_server.url("/photo.jpg"), "images[0].url"))
-    from_url_sync = loader.from_url_sync(image_server.url("/redirect/1"), "images[1].url")
+    from_url = asyncio.run(loader.probe_url(image_server.url("/photo.jpg"), "images[0].url")).decode()
+    from_url_sync = loader.probe_url_sync(image_server.url("/redirect/1"), "images[1].url").decode()
     data_url = "data:image/jpeg;base64," + base64.b64encode(photo_bytes).decode()
-    from_b64 = loader.from_base64(data_url, "images[2].data")
-    from_bytes = loader.from_bytes(photo_bytes, "images[3].data")
+    from_b64 = loader.probe_base64(data_url, "images[2].data").decode()
+    from_bytes = loader.probe_bytes(photo_bytes, "images[3].data").decode()
     expected = hashlib.sha256(photo_bytes).hexdigest()
     for img in (from_url, from_url_sync, from_b64, from_bytes):
         assert img.sha256 == expected
@@ -43,7 +43,7 @@ def test_url_base64_and_bytes_give_the_same_image(loader: ImageLoader, image_ser
 def test_fetched_non_images_are_refused_with_the_field(loader: ImageLoader, image_server: ImageServer,
                                                        route: str, code: IntakeErrorCode) -> None:
     with pytest.raises(IntakeError) as info:
-        asyncio.run(loader.from_url(image_server.url(route), "images[5].url"))
+        asyncio.run(loader.probe_url(image_server.url(route), "images[5].url"))
     assert (info.value.code, info.value.field) == (code, "images[5].url")
     body = info.value.to_dict()
     assert body == {"code": code.value, "message": info.value.message, "field": "images[5].url"}
