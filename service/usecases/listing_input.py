@@ -1,6 +1,6 @@
 """A listing's image sources (URL, base64, uploaded bytes, or a local file named by a rescan input)
-to decoded :class:`ListingImage`s, through the intake's :class:`ImageLoader` so limits and error fields
-are the same everywhere."""
+to :class:`ListingImage`s (checked and hashed now, decoded when the pixels are first needed), through the
+intake's :class:`ImageLoader` so limits and error fields are the same everywhere."""
 
 from __future__ import annotations
 
