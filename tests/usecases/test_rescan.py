@@ -104,6 +104,25 @@ def test_a_file_rescan_scores_real_photos_into_the_contract(rescan_world: World,
            [(r["listing_id"], r["verdict"], r["matches"]) for r in results]
 
 
+def test_a_photo_whose_body_does_not_decode_goes_to_the_errors_file(rescan_world: World, container: Container,
+                                                                    tmp_path: Path) -> None:
+    """Photos are checked and hashed when loaded and decoded when first embedded: a truncated JPEG passes
+    the first step and fails the second, for its own line only (its chunk neighbours are scored)."""
+    w = rescan_world
+    folder = listings_dir(w, tmp_path / "in")
+    good = w.copies["Arla-Sour-Milk"]
+    data = (folder / "photos" / good).read_bytes()
+    (folder / "photos" / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    rows = [listing("before", good), listing("broken", "truncated.jpg"), listing("after", good)]
+    src = write_jsonl(folder / "listings.jsonl", rows)
+    summary = run_file(container, src, tmp_path / "out.jsonl")
+    assert (summary.scored, summary.errors) == (2, 1)
+    assert [r["listing_id"] for r in read_jsonl(tmp_path / "out.jsonl")] == ["before", "after"]
+    [err] = read_jsonl(tmp_path / "out.errors.jsonl")
+    assert (err["line"], err["listing_id"], err["code"], err["field"]) == (2, "broken", "decode_failed", "images[0]")
+    assert container.listings.get_listing("broken") is None
+
+
 def test_stored_rescan_flags_a_listing_once_its_brand_adds_the_reference(rescan_world: World,
                                                                           container: Container,
                                                                           tmp_path: Path) -> None:
