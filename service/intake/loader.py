@@ -1,6 +1,6 @@
 """One entry point from an untrusted image reference (URL, base64 / data URL, raw bytes) to a checked and
-hashed :class:`ProbedImage` (decoded when its pixels are needed), with every intake limit applied; the API, the CLI rescan and catalog imports all
-load images through it so the limits and error fields are the same everywhere."""
+hashed :class:`ProbedImage` (decoded when its pixels are needed), with every intake limit applied; the API
+and the CLI rescan load images through it so the limits and error fields are the same everywhere."""
 
 from __future__ import annotations
 
