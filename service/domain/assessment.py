@@ -43,8 +43,8 @@ from service.domain.textmatch import TextScan, TextWeights, mention_reason, text
 from service.domain.visual import VISUAL_SIGNALS, VisualThresholds, visual_signal
 
 SIGNAL_ORDER: tuple[SignalName, ...] = (
-    SignalName.COPY, SignalName.LOOKALIKE, SignalName.LOGO, SignalName.TEXT, SignalName.PRICE,
-    SignalName.SELLER,
+    SignalName.COPY, SignalName.LOOKALIKE, SignalName.LOGO, SignalName.KEYPOINTS, SignalName.TEXT,
+    SignalName.PRICE, SignalName.SELLER,
 )
 
 

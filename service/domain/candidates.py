@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from service.domain.curves import noisy_or, require_fraction
 from service.domain.model import Match, Money, ReferenceKind, SignalName
 from service.domain.textmatch import DESCRIPTION, TITLE, BrandMention
-from service.domain.visual import VisualThresholds, match_score
+from service.domain.visual import VISUAL_SIGNALS, VisualThresholds, match_score
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,17 +29,20 @@ class BrandEvidenceWeights:
 
     copy: float = 1.0
     logo: float = 0.9
+    # The photo shows the reference's printed design (packaging, label, logo) under one geometric
+    # transform: the brand's product or a copy of it, nearly as telling as a re-used photo.
+    keypoints: float = 0.95
     lookalike: float = 0.8
     mention_title: float = 0.7
     mention_photo: float = 0.7
     mention_description: float = 0.5
 
     def __post_init__(self) -> None:
-        for name in ("copy", "logo", "lookalike", "mention_title", "mention_photo", "mention_description"):
+        for name in ("copy", "logo", "keypoints", "lookalike", "mention_title", "mention_photo", "mention_description"):
             require_fraction(f"brand evidence weights {name}", getattr(self, name))
 
     def for_signal(self, name: SignalName) -> float:
-        return {SignalName.COPY: self.copy, SignalName.LOGO: self.logo,
+        return {SignalName.COPY: self.copy, SignalName.LOGO: self.logo, SignalName.KEYPOINTS: self.keypoints,
                 SignalName.LOOKALIKE: self.lookalike}.get(name, 0.0)
 
     def for_mention(self, where: str) -> float:
@@ -54,9 +57,9 @@ class BrandEvidenceWeights:
 class BrandCandidate:
     """One brand a listing may present, with its evidence.
 
-    ``copy``/``lookalike``/``logo`` are the best match scores of the brand on each signal's ramp and
+    ``copy``/``lookalike``/``logo``/``keypoints`` are the best match scores of the brand on each signal's ramp and
     ``mention`` the strongest weighted text mention; ``evidence`` is their weighted noisy-OR.
-    ``product_match`` is the brand's best product match (copy or lookalike): its reference tells the
+    ``product_match`` is the brand's best product match (copy, lookalike or keypoints): its reference tells the
     product (``sku``) and the ``reference_price`` the price signal compares with.
     """
 
@@ -65,6 +68,7 @@ class BrandCandidate:
     copy: float = 0.0
     lookalike: float = 0.0
     logo: float = 0.0
+    keypoints: float = 0.0
     mention: float = 0.0
     product_match: Match | None = None
     mentions: tuple[BrandMention, ...] = field(default_factory=tuple)
@@ -83,6 +87,7 @@ class BrandCandidate:
             SignalName.COPY.value: weights.copy * self.copy,
             SignalName.LOOKALIKE.value: weights.lookalike * self.lookalike,
             SignalName.LOGO.value: weights.logo * self.logo,
+            SignalName.KEYPOINTS.value: weights.keypoints * self.keypoints,
             "mention": self.mention,
         }
 
@@ -102,17 +107,18 @@ def candidate_brands(
     best: dict[str, dict[SignalName, float]] = {}
     product: dict[str, tuple[float, int, float, Match]] = {}
     for m in matches:
-        if m.signal not in (SignalName.COPY, SignalName.LOOKALIKE, SignalName.LOGO):
-            raise ValueError(f"match signal must be copy, lookalike or logo, got {m.signal.value!r}")
+        if m.signal not in VISUAL_SIGNALS:
+            raise ValueError(f"match signal must be one of {[s.value for s in VISUAL_SIGNALS]}, "
+                             f"got {m.signal.value!r}")
         s = match_score(m, th)
         if s <= 0.0:
             continue
         per = best.setdefault(m.reference.brand, {})
         per[m.signal] = max(per.get(m.signal, 0.0), s)
         if m.signal is not SignalName.LOGO and m.reference.kind is ReferenceKind.PRODUCT:
-            # The product is told by the strongest weighted product match; a copy beats a lookalike
-            # of equal strength because it names the exact catalog photo.
-            rank = (w.for_signal(m.signal) * s, int(m.signal is SignalName.COPY), m.similarity, m)
+            # The product is told by the strongest weighted product match; a copy or a keypoint match
+            # beats a lookalike of equal strength because it names the exact catalog photo.
+            rank = (w.for_signal(m.signal) * s, int(m.signal is not SignalName.LOOKALIKE), m.similarity, m)
             if m.reference.brand not in product or rank[:3] > product[m.reference.brand][:3]:
                 product[m.reference.brand] = rank
     by_brand_mentions: dict[str, list[BrandMention]] = {}
@@ -129,6 +135,7 @@ def candidate_brands(
             copy=per.get(SignalName.COPY, 0.0),
             lookalike=per.get(SignalName.LOOKALIKE, 0.0),
             logo=per.get(SignalName.LOGO, 0.0),
+            keypoints=per.get(SignalName.KEYPOINTS, 0.0),
             mention=max((w.for_mention(x.where) for x in brand_mentions), default=0.0),
             product_match=product[brand][3] if brand in product else None,
             mentions=brand_mentions,
@@ -142,8 +149,8 @@ def candidate_brands(
 
 
 def one_product_per_photo(matches: Iterable[Match], margin: float = 0.0) -> list[Match]:
-    """The matches that count as brand evidence: per photo and product signal (copy, lookalike), only
-    those within ``margin`` of that photo's best match; logo matches all stay.
+    """The matches that count as brand evidence: per photo and signal, only the product matches within
+    ``margin`` of that photo's best product match on the signal; matches to logos all stay.
 
     One photo shows one product, so a weaker match of the same photo to *another* brand's product (a
     carton of another dairy) is the nearest wrong answer, not evidence that the listing presents that
@@ -152,8 +159,12 @@ def one_product_per_photo(matches: Iterable[Match], margin: float = 0.0) -> list
     """
     ms = list(matches)
     best: dict[tuple[int, SignalName], float] = {}
+
+    def of_logo(m: Match) -> bool:
+        return m.signal is SignalName.LOGO or m.reference.kind is ReferenceKind.LOGO
+
     for m in ms:
-        if m.signal is not SignalName.LOGO:
+        if not of_logo(m):
             key = (m.image_index, m.signal)
             best[key] = max(best.get(key, -1.0), m.similarity)
-    return [m for m in ms if m.signal is SignalName.LOGO or m.similarity >= best[(m.image_index, m.signal)] - margin]
+    return [m for m in ms if of_logo(m) or m.similarity >= best[(m.image_index, m.signal)] - margin]

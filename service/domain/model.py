@@ -37,6 +37,7 @@ class SignalName(StrEnum):
     COPY = "copy"
     LOOKALIKE = "lookalike"
     LOGO = "logo"
+    KEYPOINTS = "keypoints"
     TEXT = "text"
     PRICE = "price"
     SELLER = "seller"
@@ -113,6 +114,29 @@ class ReferenceInfo:
     ref_id: str | None = None
     title: str | None = None
     reference_price: Money | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KeypointSet:
+    """Local features of one image: keypoint positions (n, 2) float32 in pixels of the image as it was
+    described (``width`` x ``height``, possibly resized from the photo: ``scale`` = described / original)
+    and their descriptors (n, d) uint8 (SIFT: d = 128)."""
+
+    points: npt.NDArray[np.float32]
+    descriptors: npt.NDArray[np.uint8]
+    width: int
+    height: int
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.points.ndim != 2 or self.points.shape[1] != 2:
+            raise ValueError(f"keypoint positions must be (n, 2), got {self.points.shape}")
+        if self.descriptors.ndim != 2 or len(self.descriptors) != len(self.points):
+            raise ValueError(f"need one descriptor row per keypoint, got {self.descriptors.shape} "
+                             f"for {len(self.points)} keypoints")
+
+    def __len__(self) -> int:
+        return len(self.points)
 
 
 Box = tuple[int, int, int, int]

@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
-from service.domain.model import Money, ReferenceInfo, RGBImage, Vectors
+from service.domain.model import Box, KeypointSet, Money, ReferenceInfo, RGBImage, Vectors
 
 Ids = npt.NDArray[np.int64]
 
@@ -83,6 +83,42 @@ class EmbeddingCache(Protocol):
 
     def get_many(self, model_id: str, sha256s: Iterable[str]) -> dict[str, npt.NDArray[np.float32]]: ...
     def put_many(self, model_id: str, vectors: Mapping[str, npt.NDArray[np.float32]]) -> None: ...
+
+
+class KeypointExtractor(Protocol):
+    """Local features of an image (keypoint positions and descriptors); ``extractor_id`` names the
+    method and its parameters, as ``model_id`` does for embedders."""
+
+    @property
+    def extractor_id(self) -> str: ...
+
+    def extract(self, image: RGBImage) -> KeypointSet: ...
+
+
+class KeypointCache(Protocol):
+    """Features per (image content sha256, extractor_id)."""
+
+    def get_many(self, extractor_id: str, sha256s: Iterable[str]) -> dict[str, KeypointSet]: ...
+    def put_many(self, extractor_id: str, features: Mapping[str, KeypointSet]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedReference:
+    """A reference image whose keypoints reappear in a photo: ``inliers`` agree on one geometric
+    transform, which places the reference at ``box`` in the photo."""
+
+    image_id: int
+    inliers: int
+    box: Box | None
+
+
+class KeypointIndex(Protocol):
+    """Reference images' local features, searched and geometrically verified against a photo's."""
+
+    def add(self, image_id: int, features: KeypointSet) -> None: ...
+    def remove(self, image_ids: Iterable[int]) -> int: ...
+    def __contains__(self, image_id: object) -> bool: ...
+    def verify(self, query: KeypointSet, *, min_inliers: int = ...) -> Sequence[VerifiedReference]: ...
 
 
 class CatalogReader(Protocol):

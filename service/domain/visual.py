@@ -1,5 +1,6 @@
-"""The visual signals: copy (re-used official photo), lookalike (same product) and logo (brand mark in a
-crop), each turned from raw index similarities into a score in [0, 1] with the best match as evidence.
+"""The visual signals: copy (re-used official photo), lookalike (same product), logo (brand mark in a
+crop) and keypoints (local features of a reference found in the photo under one geometric transform),
+each turned from raw similarities into a score in [0, 1] with the best match as evidence.
 
 Photos are numbered from 1 in reasons (people read them) and by their 0-based ``image_index`` in
 evidence (machines read it, as in :meth:`Match.as_contract`).
@@ -12,9 +13,29 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from service.domain.curves import ramp
-from service.domain.model import Match, ReferenceInfo, Signal, SignalName
+from service.domain.model import Match, ReferenceInfo, ReferenceKind, Signal, SignalName
 
-VISUAL_SIGNALS: tuple[SignalName, ...] = (SignalName.COPY, SignalName.LOOKALIKE, SignalName.LOGO)
+VISUAL_SIGNALS: tuple[SignalName, ...] = (SignalName.COPY, SignalName.LOOKALIKE, SignalName.LOGO,
+                                          SignalName.KEYPOINTS)
+
+KEYPOINT_HALF = 20
+"""Inliers at which a keypoint match's similarity is 0.5: ``similarity = inliers / (inliers + 20)``.
+
+A keypoint match is counted in geometrically consistent feature matches (inliers), not a cosine; this
+maps the count onto [0, 1) so matches of every signal share one "similarity, best first" field."""
+
+
+def keypoint_similarity(inliers: int) -> float:
+    """The similarity reported for a keypoint match of ``inliers`` consistent feature matches."""
+    if inliers < 0:
+        raise ValueError(f"inliers must be >= 0, got {inliers}")
+    return inliers / (inliers + KEYPOINT_HALF)
+
+
+def keypoint_inliers(similarity: float) -> int:
+    """The inverse of :func:`keypoint_similarity` (for reasons people read)."""
+    s = min(max(similarity, 0.0), 0.999)
+    return round(KEYPOINT_HALF * s / (1.0 - s))
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +65,8 @@ class VisualThresholds:
     copy: SimilarityRamp = field(default_factory=lambda: SimilarityRamp(0.30, 0.60))
     lookalike: SimilarityRamp = field(default_factory=lambda: SimilarityRamp(0.45, 0.85))
     logo: SimilarityRamp = field(default_factory=lambda: SimilarityRamp(0.30, 0.50))
+    # 12 inliers (0.375) start to count, 30 (0.6) are certain: unrelated photos reach 4-9 (docs/quality.md).
+    keypoints: SimilarityRamp = field(default_factory=lambda: SimilarityRamp(0.375, 0.60))
 
     def for_signal(self, name: SignalName) -> SimilarityRamp:
         if name is SignalName.COPY:
@@ -52,6 +75,8 @@ class VisualThresholds:
             return self.lookalike
         if name is SignalName.LOGO:
             return self.logo
+        if name is SignalName.KEYPOINTS:
+            return self.keypoints
         raise ValueError(f"{name.value!r} is not a visual signal")
 
 
@@ -76,6 +101,10 @@ def match_reason(match: Match) -> str:
     if match.signal is SignalName.LOOKALIKE:
         return f"{photo} shows a product like {ref.brand}'s {describe_reference(ref)}, {sim}"
     where = f" at {list(match.box)}" if match.box is not None else ""
+    if match.signal is SignalName.KEYPOINTS:
+        what = "logo" if ref.kind is ReferenceKind.LOGO else "official photo"
+        return (f"{photo} shows {ref.brand}'s {what} {describe_reference(ref)}{where}: "
+                f"{keypoint_inliers(match.similarity)} keypoints agree on one geometric transform, {sim}")
     return f"{ref.brand}'s logo {describe_reference(ref)} found in {photo}{where}, {sim}"
 
 

@@ -63,7 +63,8 @@ def test_copy_at_30_percent_is_explained_by_the_copy_and_the_price() -> None:
         "price 30.00 USD is 30% of the reference price 100.00 USD",
     ]
     assert [s.name for s in cheap.signals] == [SignalName.COPY, SignalName.LOOKALIKE, SignalName.LOGO,
-                                               SignalName.TEXT, SignalName.PRICE, SignalName.SELLER]
+                                               SignalName.KEYPOINTS, SignalName.TEXT, SignalName.PRICE,
+                                               SignalName.SELLER]
     price = cheap.signal(SignalName.PRICE)
     assert price is not None and price.score == 1.0 and price.evidence["ratio"] == 0.3
 

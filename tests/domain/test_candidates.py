@@ -64,7 +64,7 @@ def test_thresholds_and_weights_are_used() -> None:
 
 
 def test_only_visual_matches_are_accepted() -> None:
-    with pytest.raises(ValueError, match="copy, lookalike or logo"):
+    with pytest.raises(ValueError, match="'copy', 'lookalike', 'logo', 'keypoints'"):
         candidate_brands([match(SignalName.TEXT, 0.9)])
     with pytest.raises(ValueError, match="mention_title"):
         BrandEvidenceWeights(mention_title=1.2)
@@ -86,3 +86,26 @@ def test_one_product_per_photo_keeps_each_photos_best_product_and_every_logo() -
         ("garant", "copy", 0), ("arla", "copy", 1), ("arla", "lookalike", 0), ("nike", "logo", 0),
         ("puma", "logo", 0)]
     assert len(one_product_per_photo(ms, margin=0.5)) == len(ms)
+
+
+def test_a_keypoint_match_to_a_product_is_brand_evidence_and_tells_the_product() -> None:
+    from service.domain.visual import keypoint_similarity
+
+    verified = match(SignalName.KEYPOINTS, keypoint_similarity(60), sku="SKU-K", price=Money(9.0, "USD"))
+    weak_lookalike = match(SignalName.LOOKALIKE, 0.6, sku="SKU-L")
+    cands = candidate_brands([weak_lookalike, verified])
+    assert cands[0].keypoints == 1.0 and cands[0].sku == "SKU-K"
+    assert cands[0].reference_price == Money(9.0, "USD")
+    assert cands[0].evidence == pytest.approx(BrandEvidenceWeights().keypoints, abs=0.05)
+    # Below the ramp's floor (unrelated photos reach 4-9 inliers) it is no evidence.
+    assert candidate_brands([match(SignalName.KEYPOINTS, keypoint_similarity(9))]) == []
+
+
+def test_one_product_per_photo_applies_to_keypoint_matches_of_products_not_of_logos() -> None:
+    from service.domain.candidates import one_product_per_photo
+    from service.domain.model import ReferenceKind
+
+    garant = match(SignalName.KEYPOINTS, 0.8, brand="garant")
+    arla = match(SignalName.KEYPOINTS, 0.5, brand="arla")  # a sibling design, weaker: not evidence
+    logo = match(SignalName.KEYPOINTS, 0.4, brand="nike", kind=ReferenceKind.LOGO, sku=None, price=None)
+    assert one_product_per_photo([garant, arla, logo]) == [garant, logo]

@@ -6,8 +6,15 @@ import itertools
 
 import pytest
 
-from service.domain.model import SignalName
-from service.domain.visual import SimilarityRamp, VisualThresholds, visual_signal
+from service.domain.model import ReferenceKind, SignalName
+from service.domain.visual import (
+    KEYPOINT_HALF,
+    SimilarityRamp,
+    VisualThresholds,
+    keypoint_inliers,
+    keypoint_similarity,
+    visual_signal,
+)
 from service.settings import ScoringSettings
 from tests.domain.builders import copy_of, match
 
@@ -18,6 +25,34 @@ def test_defaults_follow_the_settings_defaults() -> None:
     assert (th.copy.floor, th.copy.certain) == (s.copy_floor, s.copy_certain)
     assert (th.lookalike.floor, th.lookalike.certain) == (s.lookalike_floor, s.lookalike_certain)
     assert (th.logo.floor, th.logo.certain) == (s.logo_floor, s.logo_certain)
+    assert (th.keypoints.floor, th.keypoints.certain) == (s.keypoints_floor, s.keypoints_certain)
+
+
+def test_keypoint_similarity_maps_inliers_onto_the_unit_interval_and_back() -> None:
+    assert keypoint_similarity(0) == 0.0
+    assert keypoint_similarity(KEYPOINT_HALF) == 0.5
+    sims = [keypoint_similarity(n) for n in range(0, 500, 7)]
+    assert sims == sorted(sims) and sims[-1] < 1.0
+    assert all(keypoint_inliers(keypoint_similarity(n)) == n for n in range(0, 300))
+    with pytest.raises(ValueError, match="inliers"):
+        keypoint_similarity(-1)
+    # The default ramp starts at 12 inliers and is certain at 30.
+    th = VisualThresholds()
+    assert th.keypoints.score(keypoint_similarity(11)) == 0.0 < th.keypoints.score(keypoint_similarity(13))
+    assert th.keypoints.score(keypoint_similarity(30)) == 1.0 > th.keypoints.score(keypoint_similarity(28))
+
+
+def test_keypoint_reasons_name_the_reference_kind_the_box_and_the_inliers() -> None:
+    product = match(SignalName.KEYPOINTS, keypoint_similarity(40), box=(5, 6, 70, 90), ref_id="r-3")
+    sig = visual_signal(SignalName.KEYPOINTS, [product], VisualThresholds())
+    assert sig.score == 1.0
+    assert sig.reasons == ["photo 1 shows acme's official photo SKU-1 (ref r-3) at [5, 6, 70, 90]: 40 keypoints "
+                           "agree on one geometric transform, similarity 0.67"]
+    logo = match(SignalName.KEYPOINTS, keypoint_similarity(15), kind=ReferenceKind.LOGO, sku=None, price=None,
+                 ref_id="L-1", title="acme mark")
+    assert visual_signal(SignalName.KEYPOINTS, [logo], VisualThresholds()).reasons == [
+        "photo 1 shows acme's logo acme mark (ref L-1): 15 keypoints agree on one geometric transform, "
+        "similarity 0.43"]
 
 
 def test_ramp_is_zero_at_the_floor_one_when_certain_and_monotone() -> None:
