@@ -4,7 +4,7 @@ embedding cache and the blob store of reference image bytes.
 The composition root builds one :class:`Storage` (``Storage.open(settings.database_url,
 settings.data_dir / "blobs", echo=settings.storage.echo_sql)``) and hands its parts to the use cases:
 ``catalog`` is the domain's ``CatalogReader``, ``listings`` its ``ListingHistory``, ``embeddings`` its
-``EmbeddingCache``.
+``EmbeddingCache``, ``keypoints`` its ``KeypointCache``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from service.storage.catalog import CatalogRepository
 from service.storage.db import Database, create_engine, head_revision, migrate, migrate_engine
 from service.storage.embeddings import EmbeddingStore
 from service.storage.errors import ConflictError, InvalidInputError, NotFoundError, StorageError
+from service.storage.keypoints import KeypointStore
 from service.storage.listings import ListingRepository, result_json
 from service.storage.records import (
     BrandRecord,
@@ -44,6 +45,7 @@ class Storage:
     catalog: CatalogRepository
     listings: ListingRepository
     embeddings: EmbeddingStore
+    keypoints: KeypointStore
     blobs: BlobStore
 
     @classmethod
@@ -59,7 +61,7 @@ class Storage:
             db.dispose()
             raise
         return cls(db=db, catalog=CatalogRepository(db), listings=ListingRepository(db),
-                   embeddings=EmbeddingStore(db), blobs=BlobStore(blob_root))
+                   embeddings=EmbeddingStore(db), keypoints=KeypointStore(db), blobs=BlobStore(blob_root))
 
     def close(self) -> None:
         self.db.dispose()
@@ -77,6 +79,7 @@ __all__ = [
     "Database",
     "EmbeddingStore",
     "InvalidInputError",
+    "KeypointStore",
     "ListingRecord",
     "ListingRepository",
     "MatchRecord",

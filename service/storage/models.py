@@ -159,6 +159,23 @@ class Embedding(Base):
     vector: Mapped[bytes] = mapped_column(sa.LargeBinary)  # little-endian float32, ``dim`` of them
 
 
+class PhotoKeypoints(Base):
+    """Local features (keypoints and descriptors) per (image content, extractor id + parameters); shared
+    by references and listing photos like the embeddings, so a ``--stored`` rescan verifies without
+    pixels. ``data``: ``count`` float32 (x, y) pairs, then ``count`` rows of ``dim`` uint8."""
+
+    __tablename__ = "photo_keypoints"
+
+    sha256: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    extractor_id: Mapped[str] = mapped_column(sa.String(128), primary_key=True)
+    count: Mapped[int] = mapped_column(sa.Integer)
+    dim: Mapped[int] = mapped_column(sa.Integer)
+    width: Mapped[int] = mapped_column(sa.Integer)
+    height: Mapped[int] = mapped_column(sa.Integer)
+    scale: Mapped[float] = mapped_column(sa.Float)
+    data: Mapped[bytes] = mapped_column(sa.LargeBinary)
+
+
 class Listing(Base):
     __tablename__ = "listings"
     __table_args__ = (sa.CheckConstraint("(price IS NULL) = (currency IS NULL)", name="price_has_currency"),)

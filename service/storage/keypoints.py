@@ -1,0 +1,94 @@
+"""The keypoint cache in the database: one row per (image content sha256, extractor id + parameters).
+
+Implements :class:`~service.domain.ports.KeypointCache`. Like the embedding cache it is keyed by content,
+so references and listing photos share it, a photo re-used by many listings is described once, and a
+``--stored`` rescan verifies keypoints against new references without the photo's pixels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import cast
+
+import numpy as np
+import sqlalchemy as sa
+
+from service.domain.model import KeypointSet
+from service.storage import validate
+from service.storage._sql import chunked, dialect_insert
+from service.storage.db import Database
+from service.storage.errors import InvalidInputError
+from service.storage.models import PhotoKeypoints
+
+_POINT = np.dtype("<f4")  # little-endian whatever the machine: a database file moves between machines
+_TABLE = cast(sa.Table, PhotoKeypoints.__table__)
+
+
+def encode(features: KeypointSet) -> bytes:
+    return (np.ascontiguousarray(features.points, dtype=_POINT).tobytes()
+            + np.ascontiguousarray(features.descriptors, dtype=np.uint8).tobytes())
+
+
+def decode(count: int, dim: int, width: int, height: int, scale: float, data: bytes) -> KeypointSet | None:
+    """The stored features, or None for a row whose bytes do not add up (it is then described again)."""
+    if len(data) != count * (2 * _POINT.itemsize + dim):
+        return None
+    split = count * 2 * _POINT.itemsize
+    points = np.frombuffer(data, dtype=_POINT, count=count * 2).reshape(count, 2).astype(np.float32, copy=False)
+    desc = np.frombuffer(data, dtype=np.uint8, offset=split).reshape(count, dim)
+    return KeypointSet(points, desc, width, height, scale)
+
+
+class KeypointStore:
+    """Keypoints in the database; ``get_many`` and ``put_many`` are one statement per 500 hashes."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        t = _TABLE
+        self._select = sa.select(t.c.sha256, t.c.count, t.c.dim, t.c.width, t.c.height, t.c.scale, t.c.data).where(
+            t.c.extractor_id == sa.bindparam("extractor"), t.c.sha256.in_(sa.bindparam("shas", expanding=True)))
+        ins = dialect_insert(db.dialect, t)
+        self._upsert = ins.on_conflict_do_update(
+            index_elements=["sha256", "extractor_id"],
+            set_={c: getattr(ins.excluded, c) for c in ("count", "dim", "width", "height", "scale", "data")})
+
+    def get_many(self, extractor_id: str, sha256s: Iterable[str]) -> dict[str, KeypointSet]:
+        """The stored features among ``sha256s`` (missing ones are absent). Read-only arrays."""
+        extractor = validate.text(extractor_id, "extractor_id", 128)
+        keys = list(dict.fromkeys(sha256s))
+        out: dict[str, KeypointSet] = {}
+        if not keys:
+            return out
+        with self._db.reading() as conn:
+            for chunk in chunked(keys):
+                for sha, count, dim, w, h, scale, data in conn.execute(
+                        self._select, {"extractor": extractor, "shas": chunk}).all():
+                    got = decode(count, dim, w, h, scale, data)
+                    if got is not None:
+                        out[sha] = got
+        return out
+
+    def put_many(self, extractor_id: str, features: Mapping[str, KeypointSet]) -> None:
+        """Stores the features; an existing (sha256, extractor_id) row is overwritten (idempotent)."""
+        extractor = validate.text(extractor_id, "extractor_id", 128)
+        rows = []
+        for sha, f in features.items():
+            validate.sha256(sha, "sha256")
+            if not np.all(np.isfinite(f.points)):
+                raise InvalidInputError(f"keypoints of {sha} have NaN or infinite positions", "features")
+            if f.width < 1 or f.height < 1 or not f.scale > 0:
+                raise InvalidInputError(f"keypoints of {sha} need a positive size and scale", "features")
+            rows.append({"sha256": sha, "extractor_id": extractor, "count": len(f), "dim": f.descriptors.shape[1],
+                         "width": f.width, "height": f.height, "scale": float(f.scale), "data": encode(f)})
+        if not rows:
+            return
+        with self._db.writing() as conn:
+            for chunk in chunked(rows):
+                conn.execute(self._upsert, chunk)
+
+    def count(self, extractor_id: str | None = None) -> int:
+        q = sa.select(sa.func.count()).select_from(_TABLE)
+        if extractor_id is not None:
+            q = q.where(_TABLE.c.extractor_id == extractor_id)
+        with self._db.reading() as conn:
+            return int(conn.scalar(q) or 0)

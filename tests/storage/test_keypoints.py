@@ -1,0 +1,62 @@
+"""The database keypoint cache (the KeypointCache port) on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from service.domain.model import KeypointSet
+from service.domain.ports import KeypointCache
+from service.storage import InvalidInputError, Storage
+from tests.storage.factories import sha
+
+
+def _features(n: int, seed: int) -> KeypointSet:
+    rng = np.random.default_rng(seed)
+    return KeypointSet(rng.uniform(0, 480, (n, 2)).astype(np.float32),
+                       rng.integers(0, 256, (n, 128), dtype=np.uint8), 480, 360, 0.75)
+
+
+def test_round_trip_is_exact_across_chunks(storage: Storage) -> None:
+    cache: KeypointCache = storage.keypoints
+    feats = {sha(f"photo-{i}"): _features(i % 7 * 40, seed=i) for i in range(510)}  # > one IN-list chunk
+    cache.put_many("sift@1", feats)
+    got = cache.get_many("sift@1", [*feats, sha("never-stored")])
+    assert set(got) == set(feats)
+    for key, f in feats.items():
+        g = got[key]
+        assert (g.width, g.height, g.scale) == (480, 360, 0.75)
+        assert g.points.dtype == np.float32 and g.points.tobytes() == f.points.tobytes()
+        assert g.descriptors.dtype == np.uint8 and g.descriptors.tobytes() == f.descriptors.tobytes()
+    assert len(got[sha("photo-0")]) == 0  # a photo without keypoints is stored as such
+
+
+def test_features_are_kept_per_extractor_and_overwritten_idempotently(storage: Storage) -> None:
+    store = storage.keypoints
+    store.put_many("sift@1", {sha("a"): _features(10, 1)})
+    store.put_many("sift@1", {sha("a"): _features(12, 2)})
+    store.put_many("sift@2", {sha("a"): _features(3, 3)})
+    assert len(store.get_many("sift@1", [sha("a")])[sha("a")]) == 12
+    assert len(store.get_many("sift@2", [sha("a")])[sha("a")]) == 3
+    assert store.count() == 2 and store.count("sift@1") == 1
+
+
+def test_a_torn_row_is_a_miss(storage: Storage) -> None:
+    storage.keypoints.put_many("sift@1", {sha("torn"): _features(20, 4)})
+    with storage.db.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE photo_keypoints SET count = 21"))
+    assert storage.keypoints.get_many("sift@1", [sha("torn")]) == {}
+
+
+def test_bad_input_is_refused_and_stores_nothing(storage: Storage) -> None:
+    good = _features(5, 5)
+    nan = KeypointSet(np.full((2, 2), np.nan, np.float32), np.zeros((2, 128), np.uint8), 10, 10)
+    with pytest.raises(InvalidInputError, match="NaN"):
+        storage.keypoints.put_many("sift@1", {sha("ok"): good, sha("nan"): nan})
+    with pytest.raises(InvalidInputError, match="sha256"):
+        storage.keypoints.put_many("sift@1", {"not-a-hash": good})
+    flat = KeypointSet(good.points, good.descriptors, 0, 10)
+    with pytest.raises(InvalidInputError, match="positive size"):
+        storage.keypoints.put_many("sift@1", {sha("flat"): flat})
+    assert storage.keypoints.count() == 0
