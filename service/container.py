@@ -11,14 +11,16 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from embeddings.keypoints import SiftExtractor
 from embeddings.ocr import RapidOcrReader
 from embeddings.registry import build_image_embedder
 from embeddings.thread_batcher import ThreadBatcher
 from index.faiss_index import set_search_threads
+from index.keypoint_index import FaissKeypointIndex
 from index.registry import ReferenceIndexes
 from service.domain.assessment import ScoringParams
 from service.domain.policy import VerdictPolicy
-from service.domain.ports import ImageEmbedder, TextReader
+from service.domain.ports import CatalogReader, ImageEmbedder, TextReader
 from service.domain.pricing import CurrencyTable
 from service.domain.visual import SimilarityRamp, VisualThresholds
 from service.intake.fetch import SafeFetcher
@@ -28,10 +30,12 @@ from service.storage.blobs import BlobStore
 from service.storage.catalog import CatalogRepository
 from service.storage.db import Database
 from service.storage.embeddings import EmbeddingStore
+from service.storage.keypoints import KeypointStore
 from service.storage.listings import ListingRepository
 from service.usecases.catalog import CatalogChange, CatalogService
 from service.usecases.catalog_cache import CachedCatalog
 from service.usecases.embedding import CachedEmbedder
+from service.usecases.keypoints import KeypointMatcher
 from service.usecases.listing_input import ListingImageLoader
 from service.usecases.matching import MatchingConfig, ModelRoles, ReferenceMatcher
 from service.usecases.rescan import StoredRescanJob, StoredRescanScheduler
@@ -47,7 +51,8 @@ def scoring_params(settings: Settings) -> ScoringParams:
         currencies=CurrencyTable(s.currency_rates),
         visual=VisualThresholds(SimilarityRamp(s.copy_floor, s.copy_certain),
                                 SimilarityRamp(s.lookalike_floor, s.lookalike_certain),
-                                SimilarityRamp(s.logo_floor, s.logo_certain)),
+                                SimilarityRamp(s.logo_floor, s.logo_certain),
+                                SimilarityRamp(s.keypoints_floor, s.keypoints_certain)),
         policy=VerdictPolicy(s.review_threshold, s.likely_threshold),
     )
 
@@ -184,6 +189,7 @@ def build_container(settings: Settings, *, reconcile: bool = True,
     fetcher = SafeFetcher(settings.intake)
     params = scoring_params(settings)
     catalog_view = CachedCatalog(catalog_repo, BrandPolicyLookup(catalog_repo, params.policy).brand_policy)
+    keypoints = build_keypoints(settings, KeypointStore(db), catalog_view)
     matcher = ReferenceMatcher(
         lambda name, kind: _open_or_none(indexes, cached, name, kind), catalog_view, roles,
         MatchingConfig(top_k=settings.index.top_k))
@@ -192,10 +198,11 @@ def build_container(settings: Settings, *, reconcile: bool = True,
         copy=cached[roles.copy], semantic=cached[roles.semantic] if roles.semantic else None,
         logo=cached[roles.logo], matcher=matcher, catalog=catalog_view, history=listings,
         policies=catalog_view, ocr=ocr, params=params,
-        options=ScorerOptions(logo_search=settings.scoring.logo_search, ocr=settings.models.ocr),
-        recorder=listings)
+        options=ScorerOptions(logo_search=settings.scoring.logo_search, ocr=settings.models.ocr,
+                              keypoints=settings.keypoints.mode),
+        recorder=listings, keypoints=keypoints)
     catalog = CatalogService(catalog_repo, blobs, indexes, cached, roles, settings.intake, fetcher,
-                             on_change=scorer.catalog_changed)
+                             on_change=scorer.catalog_changed, keypoints=keypoints)
     if reconcile:
         catalog.reconcile()
     container = Container(settings=settings, db=db, catalog_repo=catalog_repo, listings=listings,
@@ -208,6 +215,17 @@ def build_container(settings: Settings, *, reconcile: bool = True,
         container.stored_rescans = scheduler
         catalog.listeners.append(lambda ch: _request_rescan(scheduler, ch))
     return container
+
+
+def build_keypoints(settings: Settings, store: KeypointStore, catalog: CatalogReader) -> KeypointMatcher | None:
+    """The keypoints signal's parts, or None when ``keypoints.mode`` is "never" (then no reference is
+    described either)."""
+    k = settings.keypoints
+    if k.mode == "never":
+        return None
+    extractor = SiftExtractor(max_side=k.max_side, min_side=k.min_side, max_features=k.max_features)
+    index = FaissKeypointIndex(ratio=k.ratio, exact_max=k.exact_max, hnsw_ef_search=settings.index.hnsw_ef_search)
+    return KeypointMatcher(extractor, store, index, catalog, min_inliers=k.min_inliers)
 
 
 def _request_rescan(scheduler: StoredRescanScheduler, change: CatalogChange) -> None:

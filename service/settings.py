@@ -61,6 +61,28 @@ class IndexSettings(BaseModel):
     search_threads: int = Field(default=1, ge=0, le=256)
 
 
+class KeypointSettings(BaseModel):
+    # SIFT keypoints verified geometrically against every reference image (the ``keypoints`` signal):
+    # finds a product cut out onto a new scene and other photos of the same packaging, which whole-photo
+    # embeddings miss (docs/quality.md). ~35 ms a photo on one core here, so cascaded by default: run
+    # where the whole-photo search found some product. "never" turns the signal off.
+    mode: Literal["cascade", "always", "never"] = "cascade"
+    max_side: int = Field(default=480, ge=64, le=4096)
+    min_side: int = Field(default=320, ge=32, le=4096)
+    max_features: int = Field(default=400, ge=8, le=4000)
+    # A reference counts as found from this many inliers (the signal's ramp starts higher, at 12).
+    min_inliers: int = Field(default=8, ge=3)
+    ratio: float = Field(default=0.8, gt=0, le=1)
+    # Exact descriptor search up to this many reference keypoints, HNSW above.
+    exact_max: int = Field(default=4096, ge=1)
+
+    @model_validator(mode="after")
+    def _sides(self) -> KeypointSettings:
+        if self.min_side > self.max_side:
+            raise ValueError("keypoints.min_side must not exceed keypoints.max_side")
+        return self
+
+
 class ScoringSettings(BaseModel):
     review_threshold: float = Field(default=0.5, ge=0, le=1)
     likely_threshold: float = Field(default=0.8, ge=0, le=1)
@@ -76,6 +98,9 @@ class ScoringSettings(BaseModel):
     lookalike_certain: float = 0.85
     logo_floor: float = 0.30
     logo_certain: float = 0.50
+    # Keypoint matches report inliers / (inliers + 20): 0.375 is 12 inliers, 0.60 is 30.
+    keypoints_floor: float = 0.375
+    keypoints_certain: float = 0.60
     # Units of a currency per 1 USD; prices in other currencies are converted through USD.
     currency_rates: dict[str, float] = Field(
         default_factory=lambda: {"USD": 1.0, "EUR": 0.92, "GBP": 0.79, "CNY": 7.2, "JPY": 150.0,
@@ -132,6 +157,7 @@ class Settings(BaseSettings):
     models: ModelSettings = ModelSettings()
     index: IndexSettings = IndexSettings()
     scoring: ScoringSettings = ScoringSettings()
+    keypoints: KeypointSettings = KeypointSettings()
     intake: IntakeSettings = IntakeSettings()
     server: ServerSettings = ServerSettings()
 

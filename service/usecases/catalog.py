@@ -27,6 +27,7 @@ from service.storage.catalog import CatalogRepository
 from service.storage.errors import StorageError
 from service.storage.records import ReferenceRecord, RemovedReferences
 from service.usecases.embedding import CachedEmbedder
+from service.usecases.keypoints import KeypointMatcher
 from service.usecases.matching import LOGO_ID_STRIDE, ModelRoles, derived_key, logo_variants
 
 log = logging.getLogger("counterlens.catalog")
@@ -90,7 +91,8 @@ class CatalogService:
     def __init__(self, repo: CatalogRepository, blobs: BlobStore, indexes: ReferenceIndexes,
                  embedders: dict[str, CachedEmbedder], roles: ModelRoles, limits: ImageLimits,
                  fetcher: SafeFetcher | None = None,
-                 on_change: Callable[[], None] | None = None) -> None:
+                 on_change: Callable[[], None] | None = None,
+                 keypoints: KeypointMatcher | None = None) -> None:
         self.repo = repo
         self.blobs = blobs
         self.indexes = indexes
@@ -99,6 +101,9 @@ class CatalogService:
         self.limits = limits
         self.fetcher = fetcher
         self._on_change = on_change
+        self.keypoints = keypoints  # None: the keypoints signal is off
+        if keypoints is not None:
+            keypoints.loader = lambda: self._index_keypoints(describe=False)
         self.listeners: list[Callable[[CatalogChange], None]] = []
         # One writer at a time: the database row, the blob and the index entry change together.
         self._write = threading.Lock()
@@ -192,6 +197,8 @@ class CatalogService:
             emb = self.embedders[self.roles.logo]
             self._open(self.roles.logo, ReferenceKind.LOGO).add(np.array(ids_list, np.int64),
                                                                 emb.embed(images).vectors)
+        if self.keypoints is not None:
+            self.keypoints.add_references([(r.id, r.sha256, p) for r, p in zip(records, pixels, strict=True)])
 
     def _open(self, model: str, kind: ReferenceKind):  # type: ignore[no-untyped-def]
         emb = self.embedders[model]
@@ -207,6 +214,8 @@ class CatalogService:
                 self._open(model, ReferenceKind.PRODUCT).remove(product_ids)
         if logo_ids:
             self._open(self.roles.logo, ReferenceKind.LOGO).remove(_logo_ids(logo_ids, LOGO_ID_STRIDE))
+        if self.keypoints is not None:
+            self.keypoints.remove_references(removed.ids)
         self.indexes.save_dirty()
         for sha in removed.unreferenced_sha256s:
             self.blobs.delete(sha)
@@ -353,7 +362,18 @@ class CatalogService:
                                              ids=ids, stored_vectors=stored)
                 log.info("index %s", rec.describe())
                 done.append(rec)
+            if self.keypoints is not None:
+                self._index_keypoints(describe=True, progress=progress)
         return done
+
+    def _index_keypoints(self, *, describe: bool, progress: Progress | None = None) -> None:
+        """Fill the keypoint index with every reference, describing those without stored keypoints from
+        their blobs when ``describe``."""
+        assert self.keypoints is not None
+        expected = {i: sha for kind in ReferenceKind for i, sha in self.repo.iter_reference_hashes(kind)}
+        pixels = (lambda sha: self.decode(self.blobs.get(sha), "blob").pixels) if describe else None
+        described = self.keypoints.reconcile(expected, pixels, progress)
+        log.info("keypoint index: %d references, %d described now", len(expected), described)
 
     def _embed_missing(self, model: str, kind: ReferenceKind, keys: dict[int, str], shas: dict[int, str],
                        progress: Progress | None) -> int:

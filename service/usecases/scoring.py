@@ -34,6 +34,7 @@ from service.domain.textmatch import BrandNames, PhotoText, TextScan, scan_text
 from service.storage.errors import InvalidInputError
 from service.storage.listings import ScoreWrite
 from service.usecases.embedding import CachedEmbedder
+from service.usecases.keypoints import KeypointMatcher
 from service.usecases.matching import CropGrid, ListingVectors, ReferenceMatcher, derived_key
 
 log = logging.getLogger("counterlens.scoring")
@@ -75,6 +76,10 @@ class _Item:
 class ScorerOptions:
     logo_search: Mode = "cascade"
     ocr: Mode = "cascade"
+    # Keypoint verification (needs a KeypointMatcher): "cascade" where the whole-photo search found some
+    # product (a copy or lookalike above the matcher's minimum) or the cascade's closer look is due,
+    # unless a copy is certain already; "always" on every photo.
+    keypoints: Mode = "cascade"
     # Below this preliminary risk a listing with a candidate brand is not worth the expensive signals.
     cascade_floor: float = 0.15
     market_ttl_s: float = 10.0
@@ -108,6 +113,7 @@ class ListingScorer:
         params: ScoringParams,
         options: ScorerOptions | None = None,
         recorder: ScoreRecorder | None = None,
+        keypoints: KeypointMatcher | None = None,
     ) -> None:
         self.copy = copy
         self.semantic = semantic
@@ -120,6 +126,7 @@ class ListingScorer:
         self.params = params
         self.options = options or ScorerOptions()
         self.recorder = recorder
+        self.keypoints = keypoints
         self._names: BrandNames | None = None
         self._names_lock = threading.Lock()
         self._ocr_cache: OrderedDict[str, list[OcrLine]] = OrderedDict()
@@ -145,6 +152,8 @@ class ListingScorer:
         out = {"copy": self.copy.model_id, "logo": self.logo.model_id}
         if self.semantic is not None:
             out["semantic"] = self.semantic.model_id
+        if self.keypoints is not None and self.options.keypoints != "never":
+            out["keypoints"] = self.keypoints.extractor_id
         return out
 
     # ------------------------------------------------------------------ entry points
@@ -346,12 +355,33 @@ class ListingScorer:
         skipped: dict[SignalName, str] = {}
         hashes = it.hashes
 
+        # Keypoint verification: a reference's printed design found in the photo under one geometric
+        # transform (a product cut out onto a new scene, another photo of the same packaging).
+        verified: list[Match] = []
+        if self.keypoints is not None and self._wants_keypoints(found, closer):
+            features = self.keypoints.features(images, hashes)
+            verified = self.keypoints.match(features)
+            if verified:
+                found = found + verified
+                matches = one_product_per_photo(found)
+                candidates = candidate_brands(matches, scan.mentions, p.visual, p.brand_evidence)
+                if cascaded:
+                    closer = self._worth_a_closer_look(facts, matches, scan, candidates, known)
+            it.ran["keypoints"] = True
+            if not features and hashes:
+                skipped[SignalName.KEYPOINTS] = "the photos' keypoints were not stored: not verified"
+        else:
+            it.ran["keypoints"] = False
+            skipped[SignalName.KEYPOINTS] = (
+                "keypoint verification is off" if self.keypoints is None or self.options.keypoints == "never"
+                else "no product resembles the photos: keypoint verification skipped")
+
         # Logo search inside crops: a logo printed small on a product never fills the whole photo.
         if self._should_run(self.options.logo_search, closer):
             crops = self._crop_vectors(images, hashes)
             if crops:
                 vectors.crops = crops
-                found = self.matcher.match(vectors)
+                found = self.matcher.match(vectors) + verified
                 matches = one_product_per_photo(found)
                 candidates = candidate_brands(matches, scan.mentions, p.visual, p.brand_evidence)
             it.ran["logo_crops"] = True
@@ -393,6 +423,15 @@ class ListingScorer:
         contexts = self._contexts(candidates, facts.listing_id, known)
         prelim = assess(facts, matches, scan, contexts, p)
         return self.options.cascade_floor <= prelim.risk < prelim.policy.likely_threshold
+
+    def _wants_keypoints(self, found: Sequence[Match], closer: bool) -> bool:
+        mode = self.options.keypoints
+        if mode != "cascade":
+            return mode == "always"
+        copy = self.params.visual.copy
+        if any(m.signal is SignalName.COPY and copy.score(m.similarity) >= 1.0 for m in found):
+            return False  # a certain copy names the exact catalog photo already
+        return closer or any(m.signal in (SignalName.COPY, SignalName.LOOKALIKE) for m in found)
 
     def _read_text(self, image: ListingImage) -> list[OcrLine]:
         """OCR through a content-hash LRU: a photo re-used across listings is read once."""

@@ -74,7 +74,9 @@ def test_a_file_rescan_scores_real_photos_into_the_contract(rescan_world: World,
         sims = [m["similarity"] for m in r["matches"]]
         assert sims == sorted(sims, reverse=True)
         for m in r["matches"]:
-            assert set(m) == MATCH_KEYS and m["kind"] == "product"
+            # A box (where in the photo) comes with the matches that locate the reference: keypoints, logos.
+            assert set(m) - {"box"} == MATCH_KEYS and m["kind"] == "product"
+            assert ("box" in m) == (m["signal"] in ("keypoints", "logo"))
 
     by_id = {r["listing_id"]: r for r in results}
     for i, sku in enumerate(copies):

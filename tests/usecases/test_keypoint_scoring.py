@@ -1,0 +1,116 @@
+"""The keypoints signal through the real scorer (models, FAISS, SQLite): a catalogue product cut onto a new
+scene is verified, named with its box and flagged when cheap; a stored rescan verifies it again without
+pixels; the cascade skips photos nothing resembles; deleted references stop matching; a process that
+skips the catalog's reconciliation (a Ray actor) loads the stored reference keypoints."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.container import Container, build_container
+from service.domain.model import Listing, ListingImage, Money, SignalName, Verdict
+from tests.conftest import jpeg_bytes
+from tests.usecases.rescan_world import REFERENCE_PRICE, World, fresh_data_dir, settings
+
+pytestmark = pytest.mark.slow
+
+SKU = "Arla-Sour-Milk"
+
+
+def _image(pixels: np.ndarray) -> ListingImage:
+    data = jpeg_bytes(pixels, quality=88)
+    with Image.open(io.BytesIO(data)) as im:
+        decoded = np.asarray(im.convert("RGB"))
+    return ListingImage(hashlib.sha256(data).hexdigest(), decoded)
+
+
+def _on_new_scene(grocery: Path, sku: str = SKU) -> np.ndarray:
+    """The catalogue photo, rotated and shrunk to half the width, pasted onto an in-store avocado photo."""
+    scene = Image.open(sorted((grocery / "instore" / "Avocado").glob("*.jpg"))[0]).convert("RGB").resize((480, 480))
+    product = Image.open(grocery / "catalogue" / f"{sku}.jpg").convert("RGB")
+    product = product.rotate(10, expand=True, fillcolor=(255, 255, 255)).resize((240, 240))
+    scene.paste(product, (150, 130))
+    return np.asarray(scene)
+
+
+def _listing(lid: str, pixels: np.ndarray, fraction: float) -> Listing:
+    return Listing(lid, "Fresh stock", price=Money(REFERENCE_PRICE * fraction, "USD"), images=(_image(pixels),))
+
+
+def test_a_product_on_a_new_scene_is_verified_and_flagged_when_cheap(
+        rescan_world: World, container: Container, grocery_dir: Path, tmp_path: Path) -> None:
+    photo = _on_new_scene(grocery_dir)
+    cheap = container.scorer.score(_listing("scene-cheap", photo, 0.25))
+    r = cheap.result
+    assert cheap.ran["keypoints"] is True
+    kp = [m for m in r.matches if m.signal is SignalName.KEYPOINTS]
+    assert kp and kp[0].reference.sku == SKU and kp[0].reference.brand == "arla"
+    assert kp[0].box is not None
+    x0, y0, x1, y1 = kp[0].box
+    assert 100 <= x0 <= 200 and 80 <= y0 <= 180 and 330 <= x1 <= 430 and 310 <= y1 <= 410  # pasted at 150,130
+    assert r.brand == "arla" and r.verdict is not Verdict.CLEAR
+    assert any("keypoints agree on one geometric transform" in reason for reason in r.reasons)
+    sig = r.signal(SignalName.KEYPOINTS)
+    assert sig is not None and sig.ran and sig.score > 0.5 and sig.evidence["best"]["sku"] == SKU
+
+    normal = container.scorer.score(_listing("scene-normal", photo, 1.0)).result
+    assert normal.verdict is Verdict.CLEAR and normal.risk < r.risk - 0.4
+
+    # The same listing without the signal: the whole-photo models alone do not flag it.
+    off = build_container(settings(fresh_data_dir(rescan_world, tmp_path / "off")).model_copy(
+        update={"keypoints": container.settings.keypoints.model_copy(update={"mode": "never"})}),
+        embedders=rescan_world.embedders)
+    try:
+        blind = off.scorer.score(_listing("scene-cheap", photo, 0.25)).result
+        assert blind.risk < r.risk - 0.3
+        skipped = blind.signal(SignalName.KEYPOINTS)
+        assert skipped is not None and not skipped.ran and skipped.skipped_because == "keypoint verification is off"
+        assert "keypoints" not in blind.model_versions
+    finally:
+        off.close()
+
+
+def test_a_stored_rescan_verifies_again_without_pixels(container: Container, grocery_dir: Path) -> None:
+    listing = _listing("scene-stored", _on_new_scene(grocery_dir), 0.25)
+    first = container.scorer.score(listing).result
+    bare = Listing(listing.listing_id, listing.title, price=listing.price)  # no photos: nothing to decode
+    again = container.scorer.rescore_stored(bare, [listing.images[0].sha256], persist=False)
+    assert again is not None and again.ran["keypoints"] is True
+    got = again.result
+    assert (got.verdict, got.brand, got.reasons) == (first.verdict, first.brand, first.reasons)
+    assert [(m.reference.image_id, m.signal, m.box) for m in got.matches] == \
+        [(m.reference.image_id, m.signal, m.box) for m in first.matches]
+
+
+def test_the_cascade_skips_photos_nothing_resembles(container: Container) -> None:
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    out = container.scorer.score(_listing("noise", noise, 0.25))
+    assert out.ran["keypoints"] is False
+    sig = out.result.signal(SignalName.KEYPOINTS)
+    assert sig is not None and not sig.ran
+    assert sig.skipped_because == "no product resembles the photos: keypoint verification skipped"
+
+
+def test_deleted_references_stop_matching(container: Container, grocery_dir: Path) -> None:
+    photo = _on_new_scene(grocery_dir)
+    container.catalog.delete_product("arla", SKU)
+    r = container.scorer.score(_listing("after-delete", photo, 0.25)).result
+    assert all(m.reference.sku != SKU for m in r.matches)
+
+
+def test_a_process_without_reconciliation_loads_the_stored_reference_keypoints(
+        rescan_world: World, grocery_dir: Path, tmp_path: Path) -> None:
+    c = build_container(settings(fresh_data_dir(rescan_world, tmp_path / "data")), reconcile=False,
+                        embedders=rescan_world.embedders)
+    try:
+        r = c.scorer.score(_listing("no-reconcile", _on_new_scene(grocery_dir), 0.25), persist=False).result
+        assert any(m.signal is SignalName.KEYPOINTS and m.reference.sku == SKU for m in r.matches)
+    finally:
+        c.close()
