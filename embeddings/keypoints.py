@@ -24,7 +24,7 @@ class SiftExtractor:
     least ``min_side``: a small photo has too few keypoints at its own size); the ``max_features``
     strongest keypoints are kept. Thread-safe: a detector per call (creating one costs microseconds)."""
 
-    def __init__(self, max_side: int = 480, min_side: int = 320, max_features: int = 400) -> None:
+    def __init__(self, max_side: int = 480, min_side: int = 256, max_features: int = 400) -> None:
         if not 0 < min_side <= max_side:
             raise ValueError(f"need 0 < min_side <= max_side, got {min_side} and {max_side}")
         if max_features < 8:

@@ -145,7 +145,8 @@ def main() -> None:
     ap.add_argument("--models-from", type=Path, help="a models folder to copy instead of exporting")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-cascade", action="store_true",
-                    help="start the server with the expensive signals off (logo search in crops, OCR): "
+                    help="start the server with the expensive signals off (logo search in crops, OCR, "
+                         "keypoint verification): "
                          "the cheap path alone, which the cascade adds to for undecided listings")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -155,8 +156,8 @@ def main() -> None:
         url = args.url
         if url is None:
             console.print("starting a server and importing the grocery-dev catalogue...")
-            extra = ({"COUNTERLENS_SCORING__LOGO_SEARCH": "never", "COUNTERLENS_MODELS__OCR": "never"}
-                     if args.no_cascade else {})
+            extra = ({"COUNTERLENS_SCORING__LOGO_SEARCH": "never", "COUNTERLENS_MODELS__OCR": "never",
+                      "COUNTERLENS_KEYPOINTS__MODE": "never"} if args.no_cascade else {})
             proc, url = _start_server(tmp / "data", args.models_from, extra)
         photos = _photos(args.n * len(levels), args.seed)
         console.print("measuring raw model throughput (same photos, this process)...")

@@ -224,7 +224,7 @@ def build_keypoints(settings: Settings, store: KeypointStore, catalog: CatalogRe
     if k.mode == "never":
         return None
     extractor = SiftExtractor(max_side=k.max_side, min_side=k.min_side, max_features=k.max_features)
-    index = FaissKeypointIndex(ratio=k.ratio, exact_max=k.exact_max, hnsw_ef_search=settings.index.hnsw_ef_search)
+    index = FaissKeypointIndex(ratio=k.ratio, exact_max=k.exact_max, hnsw_ef_search=k.hnsw_ef_search)
     return KeypointMatcher(extractor, store, index, catalog, min_inliers=k.min_inliers)
 
 

@@ -65,16 +65,21 @@ class KeypointSettings(BaseModel):
     # SIFT keypoints verified geometrically against every reference image (the ``keypoints`` signal):
     # finds a product cut out onto a new scene and other photos of the same packaging, which whole-photo
     # embeddings miss (docs/quality.md). ~35 ms a photo on one core here, so cascaded by default: run
-    # where the whole-photo search found some product. "never" turns the signal off.
+    # where a verified product could change the verdict. "never" turns the signal off.
     mode: Literal["cascade", "always", "never"] = "cascade"
     max_side: int = Field(default=480, ge=64, le=4096)
-    min_side: int = Field(default=320, ge=32, le=4096)
+    # Smaller photos are upscaled to this: 256 (the size of many marketplace thumbnails) costs 19 ms a
+    # photo here against 28 ms at 320, and found as many natural photos on the quality benchmark.
+    min_side: int = Field(default=256, ge=32, le=4096)
     max_features: int = Field(default=400, ge=8, le=4000)
-    # A reference counts as found from this many inliers (the signal's ramp starts higher, at 12).
+    # A reference is reported from this many inliers (the signal counts from scoring.keypoints_floor).
     min_inliers: int = Field(default=8, ge=3)
     ratio: float = Field(default=0.8, gt=0, le=1)
-    # Exact descriptor search up to this many reference keypoints, HNSW above.
+    # Exact descriptor search up to this many reference keypoints, HNSW above. Two neighbours per
+    # descriptor need a small beam: efSearch 16 halves the search of 48 with the same inliers (measured
+    # on the quality benchmark: 8 against 16.5 ms a photo of 400 keypoints).
     exact_max: int = Field(default=4096, ge=1)
+    hnsw_ef_search: int = Field(default=16, ge=2)
 
     @model_validator(mode="after")
     def _sides(self) -> KeypointSettings:
@@ -98,9 +103,10 @@ class ScoringSettings(BaseModel):
     lookalike_certain: float = 0.85
     logo_floor: float = 0.30
     logo_certain: float = 0.50
-    # Keypoint matches report inliers / (inliers + 20): 0.375 is 12 inliers, 0.60 is 30.
-    keypoints_floor: float = 0.375
-    keypoints_certain: float = 0.60
+    # Keypoint matches report inliers / (inliers + 20): 0.333 counts from 10 inliers, 0.5 is 20. Unrelated
+    # photos reach 4-5 inliers; chosen on the tune split (docs/quality.md).
+    keypoints_floor: float = 0.333
+    keypoints_certain: float = 0.50
     # Units of a currency per 1 USD; prices in other currencies are converted through USD.
     currency_rates: dict[str, float] = Field(
         default_factory=lambda: {"USD": 1.0, "EUR": 0.92, "GBP": 0.79, "CNY": 7.2, "JPY": 150.0,

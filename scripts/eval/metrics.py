@@ -97,6 +97,9 @@ def any_similarity(result: Result | None, signal: str) -> float:
                default=0.0)
 
 
+KEYPOINTS = "keypoints"
+
+
 @dataclass
 class Rates:
     """Counts and rates of one group of positives."""
@@ -143,7 +146,7 @@ def evaluate(queries: Sequence[Query], results: Mapping[str, Result], *, suffix:
 def _evaluate_split(qs: Sequence[Query], res: Mapping[str, Result], ranked: MatchOrder | None) -> dict[str, Any]:
     negatives = [q for q in qs if q.track == "negative"]
     neg_sim = {signal: [any_similarity(res[q.listing_id], signal) for q in negatives]
-               for signal in set(TRACK_SIGNAL.values())}
+               for signal in {*TRACK_SIGNAL.values(), KEYPOINTS}}
     product_pos = [q for q in qs if q.track in PRODUCT_TRACKS]
     flag_neg = [float(res[q.listing_id]["risk"]) for q in negatives] + [
         float(res[q.listing_id]["risk"]) for q in product_pos if not q.cheap]
@@ -178,6 +181,8 @@ def _evaluate_split(qs: Sequence[Query], res: Mapping[str, Result], ranked: Matc
         if not group:
             continue
         tracks[track] = rates(group, signal).as_dict() | {"signal": signal}
+        # The keypoints signal finds every track's references too (products and logos): its own rows.
+        tracks[f"{track} / {KEYPOINTS}"] = rates(group, KEYPOINTS).as_dict() | {"signal": KEYPOINTS}
         if track == "copy":
             for variant in sorted({q.variant for q in group}):
                 edits[variant] = rates([q for q in group if q.variant == variant], signal).as_dict()

@@ -65,8 +65,8 @@ class VisualThresholds:
     copy: SimilarityRamp = field(default_factory=lambda: SimilarityRamp(0.30, 0.60))
     lookalike: SimilarityRamp = field(default_factory=lambda: SimilarityRamp(0.45, 0.85))
     logo: SimilarityRamp = field(default_factory=lambda: SimilarityRamp(0.30, 0.50))
-    # 12 inliers (0.375) start to count, 30 (0.6) are certain: unrelated photos reach 4-9 (docs/quality.md).
-    keypoints: SimilarityRamp = field(default_factory=lambda: SimilarityRamp(0.375, 0.60))
+    # 10 inliers (0.333) start to count, 20 (0.5) are certain: unrelated photos reach 4-5 (docs/quality.md).
+    keypoints: SimilarityRamp = field(default_factory=lambda: SimilarityRamp(0.333, 0.50))
 
     def for_signal(self, name: SignalName) -> SimilarityRamp:
         if name is SignalName.COPY:

@@ -1,21 +1,27 @@
 """The keypoints signal's use case: describe photos (through the keypoint cache), verify them against the
 catalog's reference images, and keep the reference side of the keypoint index in step with the catalog.
 
-Scoring calls :meth:`KeypointMatcher.features` and :meth:`KeypointMatcher.match` for the listings the
-cascade sends on (``ScorerOptions.keypoints``); the catalog use case calls :meth:`add_references`,
-:meth:`remove_references` and :meth:`reconcile`. Features are keyed by content hash like embeddings, so
-a photo is described once, and a ``--stored`` rescan verifies the photos described before without their
-pixels.
+Scoring calls :meth:`KeypointMatcher.verify` for the listings the cascade sends on
+(``ScorerOptions.keypoints``); the catalog use case calls :meth:`add_references`, :meth:`remove_references`
+and :meth:`reconcile`. Features are keyed by content hash like embeddings, so a photo is described once,
+and a ``--stored`` rescan verifies the photos described before without their pixels.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from service.domain.model import KeypointSet, ListingImage, Match, RGBImage, SignalName
-from service.domain.ports import CatalogReader, KeypointCache, KeypointExtractor, KeypointIndex
+from service.domain.ports import (
+    CatalogReader,
+    KeypointCache,
+    KeypointExtractor,
+    KeypointIndex,
+    VerifiedReference,
+)
 from service.domain.visual import keypoint_similarity
 
 log = logging.getLogger("counterlens.keypoints")
@@ -23,7 +29,8 @@ log = logging.getLogger("counterlens.keypoints")
 
 class KeypointMatcher:
     def __init__(self, extractor: KeypointExtractor, cache: KeypointCache, index: KeypointIndex,
-                 catalog: CatalogReader, *, min_inliers: int = 8, max_matches: int = 5) -> None:
+                 catalog: CatalogReader, *, min_inliers: int = 8, max_matches: int = 5,
+                 lru_size: int = 50_000) -> None:
         if min_inliers < 3:
             raise ValueError(f"min_inliers must be >= 3, got {min_inliers}")
         self.extractor = extractor
@@ -37,6 +44,10 @@ class KeypointMatcher:
         self.loader: Callable[[], None] | None = None
         self._loaded = False
         self._load_lock = threading.RLock()  # reconcile takes it, also when called by the loader
+        self.lru_size = lru_size
+        self._verified: OrderedDict[str, list[VerifiedReference]] = OrderedDict()
+        self._generation = 0  # bumped whenever the reference set changes
+        self._lru_lock = threading.Lock()
 
     @property
     def extractor_id(self) -> str:
@@ -44,27 +55,65 @@ class KeypointMatcher:
 
     # ------------------------------------------------------------------ listing photos
 
-    def features(self, images: Sequence[ListingImage] | None,
-                 hashes: Sequence[str]) -> dict[int, KeypointSet]:
-        """Features of a listing's photos by photo index: from the cache, else described from the pixels
-        (decoded now if need be) and stored. Without ``images`` (a stored rescan) only cached ones."""
-        found = self.cache.get_many(self.extractor_id, hashes)
-        if images is not None:
-            fresh: dict[str, KeypointSet] = {}
-            for im in images:
-                if im.sha256 not in found and im.sha256 not in fresh:
-                    fresh[im.sha256] = self.extractor.extract(im.pixels)
-            if fresh:
-                self.cache.put_many(self.extractor_id, fresh)
-                found = {**found, **fresh}
-        return {i: found[sha] for i, sha in enumerate(hashes) if sha in found}
+    def verify(self, images: Sequence[ListingImage] | None,
+               hashes: Sequence[str]) -> tuple[list[Match], int]:
+        """Keypoint matches of a listing's photos, one per reference (its best photo), most inliers first,
+        and how many photos could not be verified (no pixels and no stored features: a stored rescan of
+        a photo the cascade never sent on).
 
-    def match(self, features: Mapping[int, KeypointSet]) -> list[Match]:
-        """Keypoint matches of the photos, one per reference (its best photo), most inliers first."""
+        A photo's verification is remembered by its hash until the reference set changes (an LRU), so a
+        photo seen again costs neither its features nor a search; otherwise its features come from the
+        cache, else from the pixels (decoded now if need be), and are stored."""
         self._ensure_loaded()
+        hits: dict[int, Sequence[VerifiedReference]] = {}
+        todo: dict[str, list[int]] = {}
+        with self._lru_lock:
+            generation = self._generation
+            for i, sha in enumerate(hashes):
+                remembered = self._verified.get(sha)
+                if remembered is not None:
+                    self._verified.move_to_end(sha)
+                    hits[i] = remembered
+                else:
+                    todo.setdefault(sha, []).append(i)
+        missing = 0
+        if todo:
+            found = self.cache.get_many(self.extractor_id, todo)
+            fresh: dict[str, KeypointSet] = {}
+            if images is not None:
+                for sha in todo:
+                    if sha not in found:
+                        fresh[sha] = self.extractor.extract(images[todo[sha][0]].pixels)
+                if fresh:
+                    self.cache.put_many(self.extractor_id, fresh)
+            for sha, rows in todo.items():
+                features = found.get(sha) or fresh.get(sha)
+                if features is None:
+                    missing += len(rows)
+                    continue
+                verified = list(self.index.verify(features, min_inliers=self.min_inliers))
+                for i in rows:
+                    hits[i] = verified
+                self._remember(sha, verified, generation)
+        return self._matches(hits), missing
+
+    def _remember(self, sha: str, verified: list[VerifiedReference], generation: int) -> None:
+        with self._lru_lock:
+            if generation != self._generation:
+                return  # the references changed during the search: do not keep a stale answer
+            self._verified[sha] = verified
+            while len(self._verified) > self.lru_size:
+                self._verified.popitem(last=False)
+
+    def _forget(self) -> None:
+        with self._lru_lock:
+            self._generation += 1
+            self._verified.clear()
+
+    def _matches(self, hits: Mapping[int, Sequence[VerifiedReference]]) -> list[Match]:
         best: dict[int, tuple[int, int, tuple[int, int, int, int] | None]] = {}
-        for photo, f in sorted(features.items()):
-            for hit in self.index.verify(f, min_inliers=self.min_inliers):
+        for photo, verified in sorted(hits.items()):
+            for hit in verified:
                 if hit.image_id not in best or hit.inliers > best[hit.image_id][0]:
                     best[hit.image_id] = (hit.inliers, photo, hit.box)
         if not best:
@@ -94,9 +143,12 @@ class KeypointMatcher:
             self.cache.put_many(self.extractor_id, fresh)
         for image_id, sha, _ in refs:
             self.index.add(image_id, cached.get(sha) or fresh[sha])
+        self._forget()
 
     def remove_references(self, image_ids: Iterable[int]) -> int:
-        return self.index.remove(image_ids)
+        removed = self.index.remove(image_ids)
+        self._forget()
+        return removed
 
     def reconcile(self, expected: Mapping[int, str], pixels: Callable[[str], RGBImage] | None,
                   progress: Callable[[int], None] | None = None) -> int:
@@ -126,4 +178,5 @@ class KeypointMatcher:
             for image_id, sha in expected.items():
                 self.index.add(image_id, cached[sha])
             self._loaded = True
+        self._forget()
         return len(todo)

@@ -26,7 +26,7 @@ import numpy as np
 
 from service.domain.assessment import BrandContext, ListingFacts, ScoringParams, assess, wants_closer_look
 from service.domain.candidates import BrandCandidate, candidate_brands, one_product_per_photo
-from service.domain.model import Listing, ListingImage, Match, ScoreResult, SignalName, Vectors
+from service.domain.model import Listing, ListingImage, Match, ReferenceKind, ScoreResult, SignalName, Vectors
 from service.domain.policy import VerdictPolicy
 from service.domain.ports import CatalogReader, ListingHistory, OcrLine, TextReader
 from service.domain.pricing import MarketSample
@@ -76,9 +76,8 @@ class _Item:
 class ScorerOptions:
     logo_search: Mode = "cascade"
     ocr: Mode = "cascade"
-    # Keypoint verification (needs a KeypointMatcher): "cascade" where the whole-photo search found some
-    # product (a copy or lookalike above the matcher's minimum) or the cascade's closer look is due,
-    # unless a copy is certain already; "always" on every photo.
+    # Keypoint verification (needs a KeypointMatcher): "cascade" where it could change the verdict (see
+    # ListingScorer._wants_keypoints); "always" on every photo.
     keypoints: Mode = "cascade"
     # Below this preliminary risk a listing with a candidate brand is not worth the expensive signals.
     cascade_floor: float = 0.15
@@ -358,9 +357,8 @@ class ListingScorer:
         # Keypoint verification: a reference's printed design found in the photo under one geometric
         # transform (a product cut out onto a new scene, another photo of the same packaging).
         verified: list[Match] = []
-        if self.keypoints is not None and self._wants_keypoints(found, closer):
-            features = self.keypoints.features(images, hashes)
-            verified = self.keypoints.match(features)
+        if self.keypoints is not None and self._wants_keypoints(facts, found, scan, closer, known):
+            verified, unverified = self.keypoints.verify(images, hashes)
             if verified:
                 found = found + verified
                 matches = one_product_per_photo(found)
@@ -368,13 +366,13 @@ class ListingScorer:
                 if cascaded:
                     closer = self._worth_a_closer_look(facts, matches, scan, candidates, known)
             it.ran["keypoints"] = True
-            if not features and hashes:
+            if unverified and unverified == len(hashes):
                 skipped[SignalName.KEYPOINTS] = "the photos' keypoints were not stored: not verified"
         else:
             it.ran["keypoints"] = False
             skipped[SignalName.KEYPOINTS] = (
                 "keypoint verification is off" if self.keypoints is None or self.options.keypoints == "never"
-                else "no product resembles the photos: keypoint verification skipped")
+                else "keypoint verification could not change the verdict: skipped")
 
         # Logo search inside crops: a logo printed small on a product never fills the whole photo.
         if self._should_run(self.options.logo_search, closer):
@@ -424,14 +422,39 @@ class ListingScorer:
         prelim = assess(facts, matches, scan, contexts, p)
         return self.options.cascade_floor <= prelim.risk < prelim.policy.likely_threshold
 
-    def _wants_keypoints(self, found: Sequence[Match], closer: bool) -> bool:
+    def _wants_keypoints(self, facts: ListingFacts, found: Sequence[Match], scan: TextScan, closer: bool,
+                         known: dict[tuple[str, str | None], BrandContext]) -> bool:
+        """The cascade's rule for keypoint verification (~35 ms a photo): run it where its evidence could
+        change the verdict. Keypoints can at most make a product the whole-photo search found certain,
+        so the products found (the two best copies and lookalikes) are tried as if verified: if none would bring the
+        listing to review (a normally priced listing from an ordinary seller), verification is skipped.
+        (Tried together, one product per brand is read: of two found products of one brand, the price is
+        compared with the stronger match's.)
+        A certain copy names the catalog photo already; an undecided listing (``closer``) is verified."""
         mode = self.options.keypoints
         if mode != "cascade":
             return mode == "always"
-        copy = self.params.visual.copy
-        if any(m.signal is SignalName.COPY and copy.score(m.similarity) >= 1.0 for m in found):
-            return False  # a certain copy names the exact catalog photo already
-        return closer or any(m.signal in (SignalName.COPY, SignalName.LOOKALIKE) for m in found)
+        p = self.params
+        if any(m.signal is SignalName.COPY and p.visual.copy.score(m.similarity) >= 1.0 for m in found):
+            return False
+        if closer:
+            return True
+        # The two best products of each whole-photo signal, each as if verified, in one assessment: it
+        # reads every candidate brand and answers the riskiest reading. Per signal, because a weak copy
+        # match (a product pasted on a new scene) ranks below the scene's lookalikes.
+        verified: dict[int, Match] = {}
+        for signal in (SignalName.COPY, SignalName.LOOKALIKE):
+            ranked = sorted((m for m in found if m.signal is signal and m.reference.kind is ReferenceKind.PRODUCT),
+                            key=lambda m: -m.similarity)
+            for m in ranked[:2]:
+                verified.setdefault(m.reference.image_id, Match(m.reference, SignalName.KEYPOINTS, 1.0,
+                                                                m.image_index))
+        if not verified:
+            return False
+        matches = one_product_per_photo([*found, *verified.values()])
+        candidates = candidate_brands(matches, scan.mentions, p.visual, p.brand_evidence)
+        result = assess(facts, matches, scan, self._contexts(candidates, facts.listing_id, known), p)
+        return result.risk >= result.policy.review_threshold
 
     def _read_text(self, image: ListingImage) -> list[OcrLine]:
         """OCR through a content-hash LRU: a photo re-used across listings is read once."""

@@ -36,10 +36,10 @@ def test_keypoint_similarity_maps_inliers_onto_the_unit_interval_and_back() -> N
     assert all(keypoint_inliers(keypoint_similarity(n)) == n for n in range(0, 300))
     with pytest.raises(ValueError, match="inliers"):
         keypoint_similarity(-1)
-    # The default ramp starts at 12 inliers and is certain at 30.
+    # The default ramp starts at 10 inliers and is certain at 20.
     th = VisualThresholds()
-    assert th.keypoints.score(keypoint_similarity(11)) == 0.0 < th.keypoints.score(keypoint_similarity(13))
-    assert th.keypoints.score(keypoint_similarity(30)) == 1.0 > th.keypoints.score(keypoint_similarity(28))
+    assert th.keypoints.score(keypoint_similarity(9)) == 0.0 < th.keypoints.score(keypoint_similarity(10))
+    assert th.keypoints.score(keypoint_similarity(20)) == 1.0 > th.keypoints.score(keypoint_similarity(19))
 
 
 def test_keypoint_reasons_name_the_reference_kind_the_box_and_the_inliers() -> None:

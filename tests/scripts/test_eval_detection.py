@@ -38,7 +38,9 @@ def test_every_track_edit_and_metric_is_reported(evaluation: tuple[dict[str, Any
     metrics, _ = evaluation
     for split in SPLITS:
         s = metrics["splits"][split]
-        assert set(s["tracks"]) == {"copy", "logo", "natural"}
+        tracks = {"copy", "logo", "natural"}
+        assert set(s["tracks"]) == tracks | {f"{t} / keypoints" for t in tracks}
+        assert {r["signal"] for t, r in s["tracks"].items() if t.endswith("/ keypoints")} == {"keypoints"}
         assert set(s["edits"]) == set(EDIT_NAMES)
         for row in [*s["tracks"].values(), *s["edits"].values()]:
             for key in ("n", "recall_at_1", "recall_at_1_own_signal", "similarity_tpr_at_1fpr", "similarity_auc"):

@@ -8,13 +8,15 @@ from __future__ import annotations
 import hashlib
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from service.container import Container, build_container
-from service.domain.model import Listing, ListingImage, Money, SignalName, Verdict
+from service.domain.model import Listing, ListingImage, Money, ReferenceKind, SignalName, Verdict
+from service.usecases.catalog import ReferenceUpload
 from tests.conftest import jpeg_bytes
 from tests.usecases.rescan_world import REFERENCE_PRICE, World, fresh_data_dir, settings
 
@@ -59,8 +61,11 @@ def test_a_product_on_a_new_scene_is_verified_and_flagged_when_cheap(
     sig = r.signal(SignalName.KEYPOINTS)
     assert sig is not None and sig.ran and sig.score > 0.5 and sig.evidence["best"]["sku"] == SKU
 
-    normal = container.scorer.score(_listing("scene-normal", photo, 1.0)).result
-    assert normal.verdict is Verdict.CLEAR and normal.risk < r.risk - 0.4
+    # At its normal price from an ordinary seller even a verified product stays clear: the cascade does
+    # not spend the verification on it.
+    normal = container.scorer.score(_listing("scene-normal", photo, 1.0))
+    assert normal.result.verdict is Verdict.CLEAR and normal.result.risk < r.risk - 0.4
+    assert normal.ran["keypoints"] is False
 
     # The same listing without the signal: the whole-photo models alone do not flag it.
     off = build_container(settings(fresh_data_dir(rescan_world, tmp_path / "off")).model_copy(
@@ -89,13 +94,14 @@ def test_a_stored_rescan_verifies_again_without_pixels(container: Container, gro
 
 
 def test_the_cascade_skips_photos_nothing_resembles(container: Container) -> None:
+    """Noise resembles no product: no verified product could make it suspicious, however cheap."""
     rng = np.random.default_rng(0)
     noise = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
     out = container.scorer.score(_listing("noise", noise, 0.25))
     assert out.ran["keypoints"] is False
     sig = out.result.signal(SignalName.KEYPOINTS)
     assert sig is not None and not sig.ran
-    assert sig.skipped_because == "no product resembles the photos: keypoint verification skipped"
+    assert sig.skipped_because == "keypoint verification could not change the verdict: skipped"
 
 
 def test_deleted_references_stop_matching(container: Container, grocery_dir: Path) -> None:
@@ -114,3 +120,42 @@ def test_a_process_without_reconciliation_loads_the_stored_reference_keypoints(
         assert any(m.signal is SignalName.KEYPOINTS and m.reference.sku == SKU for m in r.matches)
     finally:
         c.close()
+
+
+class _CountingCache:
+    """The real keypoint store, with its reads counted."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.reads: list[list[str]] = []
+
+    def get_many(self, extractor_id: str, sha256s: Any) -> Any:
+        keys = list(sha256s)
+        self.reads.append(keys)
+        return self.inner.get_many(extractor_id, keys)
+
+    def put_many(self, extractor_id: str, features: Any) -> None:
+        self.inner.put_many(extractor_id, features)
+
+
+def test_a_verified_photo_is_remembered_until_the_references_change(
+        rescan_world: World, container: Container, grocery_dir: Path) -> None:
+    km = container.scorer.keypoints
+    assert km is not None
+    counting = _CountingCache(km.cache)
+    km.cache = counting
+    photo = _on_new_scene(grocery_dir)
+    first = container.scorer.score(_listing("again-1", photo, 0.25)).result
+    sha = _image(photo).sha256
+    assert [sha] in counting.reads
+    n = len(counting.reads)
+    second = container.scorer.score(_listing("again-2", photo, 0.25)).result
+    assert len(counting.reads) == n  # neither features nor a search: the answer was remembered
+    assert [(m.reference.image_id, m.similarity, m.box) for m in second.matches if m.signal is SignalName.KEYPOINTS] \
+        == [(m.reference.image_id, m.similarity, m.box) for m in first.matches if m.signal is SignalName.KEYPOINTS]
+    # A new reference may be in the photo: the next verification searches again.
+    late = (grocery_dir / "catalogue" / "Yoggi-Vanilla-Yoghurt.jpg").read_bytes()
+    container.catalog.add([ReferenceUpload("yoggi", ReferenceKind.PRODUCT, late, "test", sku="Yoggi-Vanilla",
+                                           price=Money(20.0, "USD"))])
+    container.scorer.score(_listing("again-3", photo, 0.25))
+    assert len(counting.reads) > n
