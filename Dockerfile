@@ -31,6 +31,11 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     COUNTERLENS_DATA_DIR=/data \
     COUNTERLENS_SERVER__HOST=0.0.0.0 \
     COUNTERLENS_SERVER__PORT=8000
+# OpenCV (SIFT keypoints; rapidocr's OCR) is the opencv-python wheel that rapidocr depends on, which links
+# libGL and GLib: the slim image has neither, and `import cv2` would fail at start.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libgl1 libglib2.0-0 \
+ && rm -rf /var/lib/apt/lists/*
 RUN useradd --system --uid 10001 --home-dir /data counterlens
 WORKDIR /app
 COPY pyproject.toml README.md ./
