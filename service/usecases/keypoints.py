@@ -78,16 +78,9 @@ class KeypointMatcher:
                     todo.setdefault(sha, []).append(i)
         missing = 0
         if todo:
-            found = self.cache.get_many(self.extractor_id, todo)
-            fresh: dict[str, KeypointSet] = {}
-            if images is not None:
-                for sha in todo:
-                    if sha not in found:
-                        fresh[sha] = self.extractor.extract(images[todo[sha][0]].pixels)
-                if fresh:
-                    self.cache.put_many(self.extractor_id, fresh)
+            found, _ = self._describe(todo, None if images is None else (lambda sha: images[todo[sha][0]].pixels))
             for sha, rows in todo.items():
-                features = found.get(sha) or fresh.get(sha)
+                features = found.get(sha)
                 if features is None:
                     missing += len(rows)
                     continue
@@ -135,14 +128,29 @@ class KeypointMatcher:
                 self.loader()
             self._loaded = True
 
+    def _describe(self, shas: Iterable[str], pixels: Callable[[str], RGBImage] | None,
+                  progress: Callable[[int], None] | None = None) -> tuple[dict[str, KeypointSet], int]:
+        """Features by sha256: the stored ones, and, with ``pixels``, the others described now from
+        ``pixels(sha256)`` and stored (64 at a time). Answers them and how many were described now."""
+        wanted = list(dict.fromkeys(shas))
+        found = dict(self.cache.get_many(self.extractor_id, wanted))
+        todo = [sha for sha in wanted if sha not in found] if pixels is not None else []
+        for start in range(0, len(todo), 64):
+            assert pixels is not None
+            chunk = todo[start:start + 64]
+            fresh = {sha: self.extractor.extract(pixels(sha)) for sha in chunk}
+            self.cache.put_many(self.extractor_id, fresh)
+            found.update(fresh)
+            if progress:
+                progress(len(chunk))
+        return found, len(todo)
+
     def add_references(self, refs: Sequence[tuple[int, str, RGBImage]]) -> None:
         """Describe (through the cache) and index reference images: (image id, sha256, pixels)."""
-        cached = self.cache.get_many(self.extractor_id, [sha for _, sha, _ in refs])
-        fresh = {sha: self.extractor.extract(px) for _, sha, px in refs if sha not in cached}
-        if fresh:
-            self.cache.put_many(self.extractor_id, fresh)
+        by_sha = {sha: px for _, sha, px in refs}
+        found, _ = self._describe(by_sha, by_sha.__getitem__)
         for image_id, sha, _ in refs:
-            self.index.add(image_id, cached.get(sha) or fresh[sha])
+            self.index.add(image_id, found[sha])
         self._forget()
 
     def remove_references(self, image_ids: Iterable[int]) -> int:
@@ -154,29 +162,16 @@ class KeypointMatcher:
                   progress: Callable[[int], None] | None = None) -> int:
         """Index every expected reference (image id -> sha256) from stored features, describing from its
         stored image (``pixels(sha256)``) those the extractor has not described yet; without ``pixels``
-        those are left out (logged). Answers how many were described."""
-        cached = self.cache.get_many(self.extractor_id, expected.values())
-        todo = sorted(i for i, sha in expected.items() if sha not in cached)
-        if pixels is None:
-            if todo:
-                log.warning("%d references have no stored keypoints for %s: not verified until the catalog "
-                            "is reconciled (counterlens serve or catalog reindex)", len(todo), self.extractor_id)
-            expected = {i: sha for i, sha in expected.items() if sha in cached}
-            todo = []
-        if todo:
-            log.info("describing %d references for %s", len(todo), self.extractor_id)
-        for start in range(0, len(todo), 64):
-            chunk = todo[start:start + 64]
-            load = pixels
-            assert load is not None  # todo is empty without pixels
-            fresh = {expected[i]: self.extractor.extract(load(expected[i])) for i in chunk}
-            self.cache.put_many(self.extractor_id, fresh)
-            cached = {**cached, **fresh}
-            if progress:
-                progress(len(chunk))
+        those are left out (logged). Answers how many images were described."""
+        found, described = self._describe(expected.values(), pixels, progress)
+        left_out = sum(sha not in found for sha in expected.values())
+        if left_out:
+            log.warning("%d references have no stored keypoints for %s: not verified until the catalog "
+                        "is reconciled (counterlens serve or catalog reindex)", left_out, self.extractor_id)
         with self._load_lock:
             for image_id, sha in expected.items():
-                self.index.add(image_id, cached[sha])
+                if sha in found:
+                    self.index.add(image_id, found[sha])
             self._loaded = True
         self._forget()
-        return len(todo)
+        return described

@@ -159,3 +159,16 @@ def test_a_verified_photo_is_remembered_until_the_references_change(
                                            price=Money(20.0, "USD"))])
     container.scorer.score(_listing("again-3", photo, 0.25))
     assert len(counting.reads) > n
+
+
+def test_a_photo_without_keypoints_is_described_once_and_verified_as_such(container: Container) -> None:
+    """A flat photo has no keypoints: stored as such, it is read back as verified with nothing found (not
+    as 'not stored'), and a reference of the same bytes is indexed from that stored, empty description."""
+    km = container.scorer.keypoints
+    assert km is not None
+    flat = np.full((200, 300, 3), 200, np.uint8)
+    img = _image(flat)
+    assert km.verify([img], [img.sha256]) == ([], 0)
+    km.add_references([(999_001, img.sha256, flat)])  # described from the cache; the memory is reset
+    assert 999_001 in km.index
+    assert km.verify(None, [img.sha256]) == ([], 0)  # from the stored description, no pixels
