@@ -6,7 +6,7 @@ the index needs no database.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -119,6 +119,30 @@ class KeypointIndex(Protocol):
     def remove(self, image_ids: Iterable[int]) -> int: ...
     def __contains__(self, image_id: object) -> bool: ...
     def verify(self, query: KeypointSet, *, min_inliers: int = ...) -> Sequence[VerifiedReference]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class LocatedLogo:
+    """A catalog logo found in a photo by its shape and colour: ``score`` in [0, 1], where (``box``)."""
+
+    image_id: int
+    score: float
+    box: Box
+
+
+class LogoLocator(Protocol):
+    """Logo references as templates, looked for inside photos (a mark printed small on a product)."""
+
+    def add(self, image_id: int, pixels: RGBImage) -> bool:
+        """Index a logo; False where the image is not a mark on a plain background (nothing indexed)."""
+        ...
+
+    def remove(self, image_ids: Iterable[int]) -> int: ...
+    def __contains__(self, image_id: object) -> bool: ...
+    def __len__(self) -> int: ...
+    def locate(self, pixels: RGBImage, only: Collection[int] | None = None) -> list[LocatedLogo]:
+        """The logos found in a photo, best first; ``only``: look for these image ids alone."""
+        ...
 
 
 class CatalogReader(Protocol):
