@@ -17,6 +17,7 @@ from embeddings.registry import build_image_embedder
 from embeddings.thread_batcher import ThreadBatcher
 from index.faiss_index import set_search_threads
 from index.keypoint_index import FaissKeypointIndex
+from index.logo_templates import TemplateLogoLocator
 from index.registry import ReferenceIndexes
 from service.domain.assessment import ScoringParams
 from service.domain.policy import VerdictPolicy
@@ -37,6 +38,7 @@ from service.usecases.catalog_cache import CachedCatalog
 from service.usecases.embedding import CachedEmbedder
 from service.usecases.keypoints import KeypointMatcher
 from service.usecases.listing_input import ListingImageLoader
+from service.usecases.logo_templates import LogoTemplateMatcher
 from service.usecases.matching import MatchingConfig, ModelRoles, ReferenceMatcher
 from service.usecases.rescan import StoredRescanJob, StoredRescanScheduler
 from service.usecases.score_queue import ScoringQueue
@@ -190,6 +192,7 @@ def build_container(settings: Settings, *, reconcile: bool = True,
     params = scoring_params(settings)
     catalog_view = CachedCatalog(catalog_repo, BrandPolicyLookup(catalog_repo, params.policy).brand_policy)
     keypoints = build_keypoints(settings, KeypointStore(db), catalog_view)
+    logo_templates = build_logo_templates(settings, catalog_view)
     matcher = ReferenceMatcher(
         lambda name, kind: _open_or_none(indexes, cached, name, kind), catalog_view, roles,
         MatchingConfig(top_k=settings.index.top_k))
@@ -199,10 +202,10 @@ def build_container(settings: Settings, *, reconcile: bool = True,
         logo=cached[roles.logo], matcher=matcher, catalog=catalog_view, history=listings,
         policies=catalog_view, ocr=ocr, params=params,
         options=ScorerOptions(logo_search=settings.scoring.logo_search, ocr=settings.models.ocr,
-                              keypoints=settings.keypoints.mode),
-        recorder=listings, keypoints=keypoints)
+                              keypoints=settings.keypoints.mode, logo_templates=settings.logo_templates.mode),
+        recorder=listings, keypoints=keypoints, logo_templates=logo_templates)
     catalog = CatalogService(catalog_repo, blobs, indexes, cached, roles, settings.intake, fetcher,
-                             on_change=scorer.catalog_changed, keypoints=keypoints)
+                             on_change=scorer.catalog_changed, keypoints=keypoints, logo_templates=logo_templates)
     if reconcile:
         catalog.reconcile()
     container = Container(settings=settings, db=db, catalog_repo=catalog_repo, listings=listings,
@@ -226,6 +229,16 @@ def build_keypoints(settings: Settings, store: KeypointStore, catalog: CatalogRe
     extractor = SiftExtractor(max_side=k.max_side, min_side=k.min_side, max_features=k.max_features)
     index = FaissKeypointIndex(ratio=k.ratio, exact_max=k.exact_max, hnsw_ef_search=k.hnsw_ef_search)
     return KeypointMatcher(extractor, store, index, catalog, min_inliers=k.min_inliers)
+
+
+def build_logo_templates(settings: Settings, catalog: CatalogReader) -> LogoTemplateMatcher | None:
+    """Logo search by template, or None when ``logo_templates.mode`` is "never"."""
+    t = settings.logo_templates
+    if t.mode == "never":
+        return None
+    locator = TemplateLogoLocator(work_side=t.work_side, min_width=t.min_width, max_width=t.max_width,
+                                  colour_sigma=t.colour_sigma, candidates=t.candidates)
+    return LogoTemplateMatcher(locator, catalog)
 
 
 def _request_rescan(scheduler: StoredRescanScheduler, change: CatalogChange) -> None:

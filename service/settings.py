@@ -88,6 +88,27 @@ class KeypointSettings(BaseModel):
         return self
 
 
+class LogoTemplateSettings(BaseModel):
+    # Logo references looked for in the photos by silhouette and colour (template matching: see
+    # index/logo_templates.py). Their matches are ``logo`` matches with ``method: "template"``, on the logo
+    # ramp. ~12 ms a logo and photo here, so cascaded by default, and then only the logos of the brands
+    # the listing is already tied to are looked for; "always" looks for every logo in every photo.
+    mode: Literal["cascade", "always", "never"] = "cascade"
+    work_side: int = Field(default=320, ge=64, le=2048)
+    # The sizes looked for: the mark's long side as a fraction of the photo's long side.
+    min_width: float = Field(default=0.08, gt=0, lt=1)
+    max_width: float = Field(default=0.5, gt=0, le=1)
+    colour_sigma: float = Field(default=50.0, gt=0)
+    # Positions per logo re-scored at full resolution (one per band of scales).
+    candidates: int = Field(default=4, ge=1, le=20)
+
+    @model_validator(mode="after")
+    def _widths(self) -> LogoTemplateSettings:
+        if self.min_width >= self.max_width:
+            raise ValueError("logo_templates.min_width must be below logo_templates.max_width")
+        return self
+
+
 class ScoringSettings(BaseModel):
     review_threshold: float = Field(default=0.5, ge=0, le=1)
     likely_threshold: float = Field(default=0.8, ge=0, le=1)
@@ -164,6 +185,7 @@ class Settings(BaseSettings):
     index: IndexSettings = IndexSettings()
     scoring: ScoringSettings = ScoringSettings()
     keypoints: KeypointSettings = KeypointSettings()
+    logo_templates: LogoTemplateSettings = LogoTemplateSettings()
     intake: IntakeSettings = IntakeSettings()
     server: ServerSettings = ServerSettings()
 

@@ -152,6 +152,9 @@ class Match:
     similarity: float
     image_index: int
     box: Box | None = None
+    # How a ``logo`` match was found where there is more than one way: "template" (silhouette and
+    # colour, index/logo_templates.py); None for the embedding search.
+    method: str | None = None
 
     def as_contract(self) -> dict[str, Any]:
         """The stable JSON shape shared by /score, rescan output and the review queue."""
@@ -166,6 +169,8 @@ class Match:
         }
         if self.box is not None:
             out["box"] = list(self.box)
+        if self.method is not None:
+            out["method"] = self.method
         return out
 
 

@@ -105,7 +105,8 @@ def match_reason(match: Match) -> str:
         what = "logo" if ref.kind is ReferenceKind.LOGO else "official photo"
         return (f"{photo} shows {ref.brand}'s {what} {describe_reference(ref)}{where}: "
                 f"{keypoint_inliers(match.similarity)} keypoints agree on one geometric transform, {sim}")
-    return f"{ref.brand}'s logo {describe_reference(ref)} found in {photo}{where}, {sim}"
+    how = " by its shape and colour" if match.method == "template" else ""
+    return f"{ref.brand}'s logo {describe_reference(ref)} found in {photo}{where}{how}, {sim}"
 
 
 def visual_signal(

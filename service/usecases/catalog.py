@@ -28,6 +28,7 @@ from service.storage.errors import StorageError
 from service.storage.records import ReferenceRecord, RemovedReferences
 from service.usecases.embedding import CachedEmbedder
 from service.usecases.keypoints import KeypointMatcher
+from service.usecases.logo_templates import LogoTemplateMatcher
 from service.usecases.matching import LOGO_ID_STRIDE, ModelRoles, derived_key, logo_variants
 
 log = logging.getLogger("counterlens.catalog")
@@ -92,7 +93,8 @@ class CatalogService:
                  embedders: dict[str, CachedEmbedder], roles: ModelRoles, limits: ImageLimits,
                  fetcher: SafeFetcher | None = None,
                  on_change: Callable[[], None] | None = None,
-                 keypoints: KeypointMatcher | None = None) -> None:
+                 keypoints: KeypointMatcher | None = None,
+                 logo_templates: LogoTemplateMatcher | None = None) -> None:
         self.repo = repo
         self.blobs = blobs
         self.indexes = indexes
@@ -103,7 +105,10 @@ class CatalogService:
         self._on_change = on_change
         self.keypoints = keypoints  # None: the keypoints signal is off
         if keypoints is not None:
-            keypoints.loader = lambda: self._index_keypoints(describe=False)
+            keypoints.loading.loader = lambda: self._index_keypoints(describe=False)
+        self.logo_templates = logo_templates  # None: no logo search by template
+        if logo_templates is not None:
+            logo_templates.loading.loader = self._index_logo_templates
         self.listeners: list[Callable[[CatalogChange], None]] = []
         # One writer at a time: the database row, the blob and the index entry change together.
         self._write = threading.Lock()
@@ -199,6 +204,8 @@ class CatalogService:
                                                                 emb.embed(images).vectors)
         if self.keypoints is not None:
             self.keypoints.add_references([(r.id, r.sha256, p) for r, p in zip(records, pixels, strict=True)])
+        if self.logo_templates is not None and logos:
+            self.logo_templates.add_references([(r.id, r.brand, p) for r, p in logos])
 
     def _open(self, model: str, kind: ReferenceKind):  # type: ignore[no-untyped-def]
         emb = self.embedders[model]
@@ -216,6 +223,8 @@ class CatalogService:
             self._open(self.roles.logo, ReferenceKind.LOGO).remove(_logo_ids(logo_ids, LOGO_ID_STRIDE))
         if self.keypoints is not None:
             self.keypoints.remove_references(removed.ids)
+        if self.logo_templates is not None and logo_ids:
+            self.logo_templates.remove_references(logo_ids)
         self.indexes.save_dirty()
         for sha in removed.unreferenced_sha256s:
             self.blobs.delete(sha)
@@ -364,7 +373,18 @@ class CatalogService:
                 done.append(rec)
             if self.keypoints is not None:
                 self._index_keypoints(describe=True, progress=progress)
+            if self.logo_templates is not None:
+                self._index_logo_templates()
         return done
+
+    def _index_logo_templates(self) -> None:
+        """Make templates of every logo reference from its stored image (they are not stored)."""
+        assert self.logo_templates is not None
+        shas = dict(self.repo.iter_reference_hashes(ReferenceKind.LOGO))
+        refs = self.repo.references(shas) if shas else {}
+        expected = {i: (refs[i].brand, sha) for i, sha in shas.items() if i in refs}
+        n = self.logo_templates.reconcile(expected, lambda sha: self.decode(self.blobs.get(sha), "blob").pixels)
+        log.info("logo templates: %d of %d logos", n, len(expected))
 
     def _index_keypoints(self, *, describe: bool, progress: Progress | None = None) -> None:
         """Fill the keypoint index with every reference, describing those without stored keypoints from

@@ -23,6 +23,7 @@ from service.domain.ports import (
     VerifiedReference,
 )
 from service.domain.visual import keypoint_similarity
+from service.usecases.load_once import LoadOnce
 
 log = logging.getLogger("counterlens.keypoints")
 
@@ -40,10 +41,8 @@ class KeypointMatcher:
         self.min_inliers = min_inliers
         self.max_matches = max_matches
         # The reference side is filled by ``reconcile`` (the catalog's start-up reconciliation) or, in a
-        # process that skips it (a Ray actor, a CLI command), by ``loader`` on first use, once, locked.
-        self.loader: Callable[[], None] | None = None
-        self._loaded = False
-        self._load_lock = threading.RLock()  # reconcile takes it, also when called by the loader
+        # process that skips it (a Ray actor, a CLI command), by ``loading.loader`` on first use, once, locked.
+        self.loading = LoadOnce()
         self.lru_size = lru_size
         self._verified: OrderedDict[str, list[VerifiedReference]] = OrderedDict()
         self._generation = 0  # bumped whenever the reference set changes
@@ -64,7 +63,7 @@ class KeypointMatcher:
         A photo's verification is remembered by its hash until the reference set changes (an LRU), so a
         photo seen again costs neither its features nor a search; otherwise its features come from the
         cache, else from the pixels (decoded now if need be), and are stored."""
-        self._ensure_loaded()
+        self.loading.ensure()
         hits: dict[int, Sequence[VerifiedReference]] = {}
         todo: dict[str, list[int]] = {}
         with self._lru_lock:
@@ -120,14 +119,6 @@ class KeypointMatcher:
 
     # ------------------------------------------------------------------ reference images
 
-    def _ensure_loaded(self) -> None:
-        if self._loaded:
-            return
-        with self._load_lock:
-            if not self._loaded and self.loader is not None:
-                self.loader()
-            self._loaded = True
-
     def _describe(self, shas: Iterable[str], pixels: Callable[[str], RGBImage] | None,
                   progress: Callable[[int], None] | None = None) -> tuple[dict[str, KeypointSet], int]:
         """Features by sha256: the stored ones, and, with ``pixels``, the others described now from
@@ -168,10 +159,10 @@ class KeypointMatcher:
         if left_out:
             log.warning("%d references have no stored keypoints for %s: not verified until the catalog "
                         "is reconciled (counterlens serve or catalog reindex)", left_out, self.extractor_id)
-        with self._load_lock:
+        with self.loading.lock:
             for image_id, sha in expected.items():
                 if sha in found:
                     self.index.add(image_id, found[sha])
-            self._loaded = True
+            self.loading.done = True
         self._forget()
         return described

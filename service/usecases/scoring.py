@@ -35,6 +35,7 @@ from service.storage.errors import InvalidInputError
 from service.storage.listings import ScoreWrite
 from service.usecases.embedding import CachedEmbedder
 from service.usecases.keypoints import KeypointMatcher
+from service.usecases.logo_templates import LOGO_TEMPLATE_VERSION, LogoTemplateMatcher
 from service.usecases.matching import CropGrid, ListingVectors, ReferenceMatcher, derived_key
 
 log = logging.getLogger("counterlens.scoring")
@@ -79,6 +80,10 @@ class ScorerOptions:
     # Keypoint verification (needs a KeypointMatcher): "cascade" where it could change the verdict (see
     # ListingScorer._wants_keypoints); "always" on every photo.
     keypoints: Mode = "cascade"
+    # Logo search by template (needs a LogoTemplateMatcher): "cascade" where the closer look is worth it,
+    # and then only for the logos of the brands already candidates (every logo when none is);
+    # "always": every logo in every photo.
+    logo_templates: Mode = "cascade"
     # Below this preliminary risk a listing with a candidate brand is not worth the expensive signals.
     cascade_floor: float = 0.15
     market_ttl_s: float = 10.0
@@ -113,6 +118,7 @@ class ListingScorer:
         options: ScorerOptions | None = None,
         recorder: ScoreRecorder | None = None,
         keypoints: KeypointMatcher | None = None,
+        logo_templates: LogoTemplateMatcher | None = None,
     ) -> None:
         self.copy = copy
         self.semantic = semantic
@@ -126,6 +132,7 @@ class ListingScorer:
         self.options = options or ScorerOptions()
         self.recorder = recorder
         self.keypoints = keypoints
+        self.logo_templates = logo_templates
         self._names: BrandNames | None = None
         self._names_lock = threading.Lock()
         self._ocr_cache: OrderedDict[str, list[OcrLine]] = OrderedDict()
@@ -153,6 +160,8 @@ class ListingScorer:
             out["semantic"] = self.semantic.model_id
         if self.keypoints is not None and self.options.keypoints != "never":
             out["keypoints"] = self.keypoints.extractor_id
+        if self.logo_templates is not None and self.options.logo_templates != "never":
+            out["logo_templates"] = LOGO_TEMPLATE_VERSION
         return out
 
     # ------------------------------------------------------------------ entry points
@@ -349,7 +358,8 @@ class ListingScorer:
         candidates = candidate_brands(matches, scan.mentions, p.visual, p.brand_evidence)
         seller_confirmed = (confirmed.get(listing.seller.seller_id, 0) if listing.seller is not None else None)
         facts = ListingFacts.of(listing, seller_confirmed)
-        cascaded = "cascade" in (self.options.logo_search, self.options.ocr if self.ocr is not None else "never")
+        cascaded = "cascade" in (self.options.logo_search, self.options.ocr if self.ocr is not None else "never",
+                                 self.options.logo_templates if self.logo_templates is not None else "never")
         closer = self._worth_a_closer_look(facts, matches, scan, candidates, known) if cascaded else False
         skipped: dict[SignalName, str] = {}
         hashes = it.hashes
@@ -391,6 +401,9 @@ class ListingScorer:
                 if not any(m.signal is SignalName.LOGO for m in matches):
                     skipped[SignalName.LOGO] = skipped_reason
 
+        # Logo search by template: a logo's silhouette in its colour, at any size (index/logo_templates.py).
+        found, matches, candidates = self._logo_templates(it, found, matches, candidates, scan, closer, skipped)
+
         # OCR: text printed in the photos ("REPLICA", a brand name) — ~0.5 s a photo, so cascaded.
         if images and self.ocr is not None and self._should_run(self.options.ocr, closer):
             photo_texts = [PhotoText(i, line.text, line.confidence)
@@ -406,6 +419,36 @@ class ListingScorer:
         contexts = self._contexts(candidates, listing.listing_id, known)
         assessment = assess(facts, matches, scan, contexts, p, skipped)
         return assessment.to_result(_ordered(found), self.model_versions())
+
+    def _logo_templates(self, it: _Item, found: list[Match], matches: list[Match],
+                        candidates: list[BrandCandidate], scan: TextScan, closer: bool,
+                        skipped: dict[SignalName, str]) -> tuple[list[Match], list[Match], list[BrandCandidate]]:
+        """Template matches of the logos added to ``found`` (and the evidence re-read), where the mode
+        says so: "always" every logo; "cascade", when the listing is worth a closer look, the logos of its
+        candidate brands (every logo when it has none: counterfeit wording without a brand)."""
+        mode = self.options.logo_templates
+        it.ran["logo_templates"] = False
+        if self.logo_templates is None or mode == "never":
+            return found, matches, candidates
+        if not self._should_run(mode, closer):
+            if not any(m.signal is SignalName.LOGO for m in matches):
+                skipped.setdefault(SignalName.LOGO, "no candidate brand or counterfeit wording: logo search "
+                                   "skipped")
+            return found, matches, candidates
+        if it.images is None:
+            skipped.setdefault(SignalName.LOGO, "a stored rescan has no photos: logo templates not searched")
+            return found, matches, candidates
+        brands = None if mode == "always" or not candidates else {c.brand for c in candidates}
+        got = self.logo_templates.find(it.images, brands)
+        it.ran["logo_templates"] = True
+        if not got:
+            return found, matches, candidates
+        skipped.pop(SignalName.LOGO, None)  # the crops may have been skipped, but a logo was searched
+        p = self.params
+        found = found + got
+        matches = one_product_per_photo(found)
+        candidates = candidate_brands(matches, scan.mentions, p.visual, p.brand_evidence)
+        return found, matches, candidates
 
     def _worth_a_closer_look(self, facts: ListingFacts, matches: list[Match], scan: TextScan,
                              candidates: list[BrandCandidate], known: dict[tuple[str, str | None], BrandContext],

@@ -18,7 +18,9 @@ def test_env_prefix_and_nested_groups(monkeypatch: pytest.MonkeyPatch, tmp_path:
     monkeypatch.setenv("COUNTERLENS_SCORING__REVIEW_THRESHOLD", "0.4")
     monkeypatch.setenv("COUNTERLENS_MODELS__COPY_MODEL", "sscd")
     monkeypatch.setenv("COUNTERLENS_SCORING__CURRENCY_RATES", '{"usd": 1, "eur": 0.9}')
+    monkeypatch.setenv("COUNTERLENS_LOGO_TEMPLATES__MODE", "always")
     s = Settings()
+    assert s.logo_templates.mode == "always"
     assert s.data_dir == tmp_path
     assert s.scoring.review_threshold == 0.4 and s.models.copy_model == "sscd"
     assert s.scoring.currency_rates == {"USD": 1.0, "EUR": 0.9}
@@ -31,6 +33,8 @@ def test_env_prefix_and_nested_groups(monkeypatch: pytest.MonkeyPatch, tmp_path:
     ({"scoring": {"currency_rates": {"USD": 1, "EUR": 0}}}, "must be positive"),
     ({"models": {"provider": "tpu"}}, "provider"),
     ({"server": {"port": 70000}}, "port"),
+    ({"logo_templates": {"min_width": 0.5, "max_width": 0.4}}, "min_width must be below"),
+    ({"logo_templates": {"mode": "sometimes"}}, "mode"),
 ])
 def test_invalid_settings_are_refused(overrides: dict[str, object], needle: str) -> None:
     with pytest.raises(ValidationError) as err:
