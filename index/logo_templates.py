@@ -317,8 +317,9 @@ class TemplateLogoLocator:
             kc, ks = _edge_kernels(t)
             if kc is None or ks is None:
                 continue
-            edges = (cv2.matchTemplate(fine.cos2[y0:y1, x0:x1], kc, cv2.TM_CCORR)
-                     + cv2.matchTemplate(fine.sin2[y0:y1, x0:x1], ks, cv2.TM_CCORR))
+            cos2, sin2 = fine.orientation
+            edges = (cv2.matchTemplate(cos2[y0:y1, x0:x1], kc, cv2.TM_CCORR)
+                     + cv2.matchTemplate(sin2[y0:y1, x0:x1], ks, cv2.TM_CCORR))
             score = np.clip(ncc, 0, 1) * np.clip(edges, 0, 1)
             y, x = np.unravel_index(int(np.argmax(score)), score.shape)
             if float(score[y, x]) > best[0]:
@@ -339,17 +340,23 @@ def _edge_kernels(template: Floats) -> tuple[Floats | None, Floats | None]:
 
 
 class _FineView:
-    """A photo at the fine level: pixels and its doubled gradient orientation, weighted by a saturating
-    gradient strength (faint texture counts less than a printed edge) and blurred a little (JPEG and
-    resampling move edges by a pixel)."""
+    """A photo at the fine level: pixels, and (made on first use: a photo with no candidate never needs
+    it) its doubled gradient orientation, weighted by a saturating gradient strength (faint texture
+    counts less than a printed edge) and blurred a little (JPEG and resampling move edges by a pixel)."""
 
     def __init__(self, img: Floats) -> None:
         self.img = img
         self.planes = np.ascontiguousarray(img.transpose(2, 0, 1))
-        c, s, mag = _doubled_orientation(img.mean(axis=2).astype(np.float32))
-        weight = np.minimum(mag / 40.0, 1.0)
-        self.cos2 = cv2.GaussianBlur(c * weight, (3, 3), 0.7)
-        self.sin2 = cv2.GaussianBlur(s * weight, (3, 3), 0.7)
+        self._orientation: tuple[Floats, Floats] | None = None
+
+    @property
+    def orientation(self) -> tuple[Floats, Floats]:
+        if self._orientation is None:
+            c, s, mag = _doubled_orientation(self.img.mean(axis=2).astype(np.float32))
+            weight = np.minimum(mag / 40.0, 1.0)
+            self._orientation = (_f32(cv2.GaussianBlur(c * weight, (3, 3), 0.7)),
+                                 _f32(cv2.GaussianBlur(s * weight, (3, 3), 0.7)))
+        return self._orientation
 
 
 def _resized(img: npt.NDArray[np.uint8] | Floats, long_side: int) -> Floats:
