@@ -158,7 +158,11 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_results(rescan_world: Wor
     folder = listings_dir(w, tmp_path / "in")
     # One price for every listing, equal to the reference price: the market statistic (which depends on
     # which other listings happen to be stored already) cannot differ between the runs compared.
-    rows = [listing(f"L{i:03d}", name, price=REFERENCE_PRICE) for i, (_, name) in enumerate(w.instore)]
+    # Each photo three times (photos re-used across listings, as on marketplaces): a Ctrl-C drains the
+    # listings in flight (17-33 lines written here, more on a loaded machine) and a resumed run re-uses
+    # the cached embeddings, so the rows must outlast both by far for the kill -9 to land mid-run (with
+    # 69 rows it once landed after the last line, in CI).
+    rows = [listing(f"L{i:03d}", name, price=REFERENCE_PRICE) for i, (_, name) in enumerate(w.instore * 3)]
     rows += [listing(f"C-{sku}", name, price=REFERENCE_PRICE) for sku, name in w.copies.items()]
     src = write_jsonl(folder / "listings.jsonl", rows)
 
