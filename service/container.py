@@ -202,7 +202,8 @@ def build_container(settings: Settings, *, reconcile: bool = True,
         logo=cached[roles.logo], matcher=matcher, catalog=catalog_view, history=listings,
         policies=catalog_view, ocr=ocr, params=params,
         options=ScorerOptions(logo_search=settings.scoring.logo_search, ocr=settings.models.ocr,
-                              keypoints=settings.keypoints.mode, logo_templates=settings.logo_templates.mode),
+                              keypoints=settings.keypoints.mode, logo_templates=settings.logo_templates.mode,
+                              logo_templates_every_up_to=settings.logo_templates.cascade_every_logo_up_to),
         recorder=listings, keypoints=keypoints, logo_templates=logo_templates)
     catalog = CatalogService(catalog_repo, blobs, indexes, cached, roles, settings.intake, fetcher,
                              on_change=scorer.catalog_changed, keypoints=keypoints, logo_templates=logo_templates)

@@ -101,6 +101,9 @@ class LogoTemplateSettings(BaseModel):
     colour_sigma: float = Field(default=50.0, gt=0)
     # Positions per logo re-scored at full resolution (one per band of scales).
     candidates: int = Field(default=4, ge=1, le=20)
+    # The cascade looks for every logo while the catalog has at most this many (a logo of another brand
+    # pasted on a brand's product), above it only for the candidate brands' logos (~10 ms a logo).
+    cascade_every_logo_up_to: int = Field(default=16, ge=0)
 
     @model_validator(mode="after")
     def _widths(self) -> LogoTemplateSettings:

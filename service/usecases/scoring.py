@@ -81,9 +81,10 @@ class ScorerOptions:
     # ListingScorer._wants_keypoints); "always" on every photo.
     keypoints: Mode = "cascade"
     # Logo search by template (needs a LogoTemplateMatcher): "cascade" where the closer look is worth it,
-    # and then only for the logos of the brands already candidates (every logo when none is);
-    # "always": every logo in every photo.
+    # for every logo while the catalog has at most ``logo_templates_every_up_to``, else only for the
+    # logos of the brands already candidates (every logo when none is); "always": every logo, every photo.
     logo_templates: Mode = "cascade"
+    logo_templates_every_up_to: int = 16
     # Below this preliminary risk a listing with a candidate brand is not worth the expensive signals.
     cascade_floor: float = 0.15
     market_ttl_s: float = 10.0
@@ -424,8 +425,9 @@ class ListingScorer:
                         candidates: list[BrandCandidate], scan: TextScan, closer: bool,
                         skipped: dict[SignalName, str]) -> tuple[list[Match], list[Match], list[BrandCandidate]]:
         """Template matches of the logos added to ``found`` (and the evidence re-read), where the mode
-        says so: "always" every logo; "cascade", when the listing is worth a closer look, the logos of its
-        candidate brands (every logo when it has none: counterfeit wording without a brand)."""
+        says so: "always" every logo; "cascade", when the listing is worth a closer look, every logo of a
+        small catalog, else the logos of its candidate brands (every logo when it has none: counterfeit
+        wording without a brand)."""
         mode = self.options.logo_templates
         it.ran["logo_templates"] = False
         if self.logo_templates is None or mode == "never":
@@ -438,7 +440,9 @@ class ListingScorer:
         if it.images is None:
             skipped.setdefault(SignalName.LOGO, "a stored rescan has no photos: logo templates not searched")
             return found, matches, candidates
-        brands = None if mode == "always" or not candidates else {c.brand for c in candidates}
+        every = (mode == "always" or not candidates
+                 or len(self.logo_templates) <= self.options.logo_templates_every_up_to)
+        brands = None if every else {c.brand for c in candidates}
         got = self.logo_templates.find(it.images, brands)
         it.ran["logo_templates"] = True
         if not got:

@@ -38,8 +38,9 @@ pytestmark = pytest.mark.slow
 LOGOS = ("spotify", "visa", "mastercard")
 
 
-def _settings(data_dir: Path, mode: Literal["cascade", "always", "never"]) -> Settings:
-    return settings(data_dir).model_copy(update={"logo_templates": LogoTemplateSettings(mode=mode)})
+def _settings(data_dir: Path, mode: Literal["cascade", "always", "never"], every_up_to: int = 16) -> Settings:
+    return settings(data_dir).model_copy(update={"logo_templates": LogoTemplateSettings(
+        mode=mode, cascade_every_logo_up_to=every_up_to)})
 
 
 def _with_logos(c: Container) -> Container:
@@ -48,8 +49,10 @@ def _with_logos(c: Container) -> Container:
     return c
 
 
-def _container(world: World, data_dir: Path, mode: Literal["cascade", "always", "never"]) -> Container:
-    return _with_logos(build_container(_settings(fresh_data_dir(world, data_dir), mode), embedders=world.embedders))
+def _container(world: World, data_dir: Path, mode: Literal["cascade", "always", "never"],
+               every_up_to: int = 16) -> Container:
+    return _with_logos(build_container(_settings(fresh_data_dir(world, data_dir), mode, every_up_to),
+                                       embedders=world.embedders))
 
 
 @pytest.fixture
@@ -61,7 +64,8 @@ def always(rescan_world: World, tmp_path: Path) -> Iterator[Container]:
 
 @pytest.fixture
 def cascade(rescan_world: World, tmp_path: Path) -> Iterator[Container]:
-    c = _container(rescan_world, tmp_path / "cascade", "cascade")
+    """The cascade as for a large logo catalog: only the candidate brands' logos are looked for."""
+    c = _container(rescan_world, tmp_path / "cascade", "cascade", every_up_to=0)
     yield c
     c.close()
 
@@ -129,6 +133,18 @@ def test_the_cascade_looks_only_for_candidate_brands_logos(cascade: Container, g
     assert _template_matches(quiet.result) == {}
     sig = quiet.result.signal(SignalName.LOGO)
     assert sig is not None and not sig.ran and "skipped" in (sig.skipped_because or "")
+
+
+def test_the_cascade_looks_for_every_logo_of_a_small_catalog(rescan_world: World, grocery_dir: Path,
+                                                             tmp_path: Path) -> None:
+    c = _container(rescan_world, tmp_path / "small", "cascade")  # 3 logos, within the default 16
+    try:
+        photo = _photo(grocery_dir, {"spotify": (30, 40), "visa": (200, 200)})
+        named = c.scorer.score(_listing("named", photo, title="Spotify speaker"))
+        assert named.ran["logo_templates"] is True
+        assert set(_template_matches(named.result)) == {"spotify", "visa"}  # another brand's logo too
+    finally:
+        c.close()
 
 
 def test_deleted_logos_stop_matching_and_added_ones_start(always: Container, grocery_dir: Path) -> None:
