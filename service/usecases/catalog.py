@@ -383,8 +383,17 @@ class CatalogService:
         shas = dict(self.repo.iter_reference_hashes(ReferenceKind.LOGO))
         refs = self.repo.references(shas) if shas else {}
         expected = {i: (refs[i].brand, sha) for i, sha in shas.items() if i in refs}
-        n = self.logo_templates.reconcile(expected, lambda sha: self.decode(self.blobs.get(sha), "blob").pixels)
+        n = self.logo_templates.reconcile(expected, self._stored_pixels)
         log.info("logo templates: %d of %d logos", n, len(expected))
+
+    def _stored_pixels(self, sha256: str) -> RGBImage | None:
+        """A stored reference image decoded, or None (logged) where its blob is missing, corrupt or no
+        longer decodes under the current limits."""
+        try:
+            return self.decode(self.blobs.get(sha256), "blob").pixels
+        except (StorageError, CatalogInputError, IntakeError) as exc:
+            log.warning("reference image %s cannot be read: %s", sha256[:12], exc)
+            return None
 
     def _index_keypoints(self, *, describe: bool, progress: Progress | None = None) -> None:
         """Fill the keypoint index with every reference, describing those without stored keypoints from

@@ -40,8 +40,8 @@ class LogoTemplateMatcher:
         # command), by ``loading.loader`` on first use, once, locked.
         self.loading = LoadOnce()
         self._found: OrderedDict[tuple[str, frozenset[str] | None], list[LocatedLogo]] = OrderedDict()
-        self._generation = 0
-        self._lru_lock = threading.Lock()
+        self._generation = 0  # bumped whenever the logos change
+        self._lock = threading.Lock()  # guards _brand_of, _found and _generation
 
     def __len__(self) -> int:
         self.loading.ensure()
@@ -50,7 +50,8 @@ class LogoTemplateMatcher:
     def brands(self) -> frozenset[str]:
         """The brands with at least one logo indexed."""
         self.loading.ensure()
-        return frozenset(self._brand_of.values())
+        with self._lock:
+            return frozenset(self._brand_of.values())
 
     # ------------------------------------------------------------------ listing photos
 
@@ -59,12 +60,16 @@ class LogoTemplateMatcher:
         ``brands``: look only for these brands' logos (None: every logo)."""
         self.loading.ensure()
         wanted = frozenset(brands) if brands is not None else None
-        ids = ([i for i, b in self._brand_of.items() if b in wanted] if wanted is not None else None)
+        # The logos to look for and the generation they belong to, read together: an answer is only
+        # remembered if no logo changed since, so a logo added meanwhile is never cached as absent.
+        with self._lock:
+            generation = self._generation
+            ids = ([i for i, b in self._brand_of.items() if b in wanted] if wanted is not None else None)
         if ids is not None and not ids:
             return []
         best: dict[int, tuple[float, int, LocatedLogo]] = {}
         for photo, image in enumerate(images):
-            for hit in self._locate(image, wanted, ids):
+            for hit in self._locate(image, wanted, ids, generation):
                 if hit.image_id not in best or hit.score > best[hit.image_id][0]:
                     best[hit.image_id] = (hit.score, photo, hit)
         if not best:
@@ -76,17 +81,16 @@ class LogoTemplateMatcher:
         out.sort(key=lambda m: (-m.similarity, m.reference.image_id))
         return out[: self.max_matches]
 
-    def _locate(self, image: ListingImage, wanted: frozenset[str] | None,
-                ids: Sequence[int] | None) -> list[LocatedLogo]:
+    def _locate(self, image: ListingImage, wanted: frozenset[str] | None, ids: Sequence[int] | None,
+                generation: int) -> list[LocatedLogo]:
         key = (image.sha256, wanted)
-        with self._lru_lock:
-            generation = self._generation
-            hit = self._found.get(key)
+        with self._lock:
+            hit = self._found.get(key) if generation == self._generation else None
             if hit is not None:
                 self._found.move_to_end(key)
                 return hit
         found = self.locator.locate(image.pixels, only=ids)
-        with self._lru_lock:
+        with self._lock:
             if generation == self._generation:  # else the logos changed during the search: do not keep it
                 self._found[key] = found
                 while len(self._found) > self.lru_size:
@@ -94,7 +98,7 @@ class LogoTemplateMatcher:
         return found
 
     def _forget(self) -> None:
-        with self._lru_lock:
+        with self._lock:
             self._generation += 1
             self._found.clear()
 
@@ -106,7 +110,8 @@ class LogoTemplateMatcher:
         added = 0
         for image_id, brand, pixels in refs:
             if self.locator.add(image_id, pixels):
-                self._brand_of[image_id] = brand
+                with self._lock:
+                    self._brand_of[image_id] = brand
                 added += 1
             else:
                 log.info("logo %d of %s is not a mark on a plain background: no template", image_id, brand)
@@ -115,22 +120,31 @@ class LogoTemplateMatcher:
 
     def remove_references(self, image_ids: Iterable[int]) -> int:
         ids = list(image_ids)
+        with self._lock:
+            for i in ids:
+                self._brand_of.pop(i, None)
         removed = self.locator.remove(ids)
-        for i in ids:
-            self._brand_of.pop(i, None)
         self._forget()
         return removed
 
-    def reconcile(self, expected: Mapping[int, tuple[str, str]], pixels: Callable[[str], RGBImage]) -> int:
+    def reconcile(self, expected: Mapping[int, tuple[str, str]],
+                  pixels: Callable[[str], RGBImage | None]) -> int:
         """Index every expected logo (image id -> (brand, sha256)) from its stored image, and drop the
-        indexed ones no longer expected. Answers how many are indexed."""
+        indexed ones no longer expected. ``pixels(sha256)`` is None for an image that cannot be read or
+        decoded: that logo is left out, since one bad blob must not stop the service, nor fail every
+        score of a lazily loading process. Answers how many are indexed. (A logo deleted while this runs
+        may be indexed again; its matches are dropped, since the catalog no longer knows the id.)"""
         with self.loading.lock:
-            gone = [i for i in list(self._brand_of) if i not in expected]
+            with self._lock:
+                gone = [i for i in self._brand_of if i not in expected]
             if gone:
                 self.remove_references(gone)
             for i, (brand, sha) in expected.items():
-                if i not in self.locator:
-                    self.add_references([(i, brand, pixels(sha))])
+                if i in self.locator:
+                    continue
+                image = pixels(sha)
+                if image is not None:
+                    self.add_references([(i, brand, image)])
             self.loading.done = True
         return len(self.locator)
 

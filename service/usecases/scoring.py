@@ -359,8 +359,12 @@ class ListingScorer:
         candidates = candidate_brands(matches, scan.mentions, p.visual, p.brand_evidence)
         seller_confirmed = (confirmed.get(listing.seller.seller_id, 0) if listing.seller is not None else None)
         facts = ListingFacts.of(listing, seller_confirmed)
+        # (Logo templates count only where there are logos: with none, deciding ``closer`` would only
+        # send more listings to keypoint verification.)
+        templates = (self.options.logo_templates
+                     if self.logo_templates is not None and len(self.logo_templates) else "never")
         cascaded = "cascade" in (self.options.logo_search, self.options.ocr if self.ocr is not None else "never",
-                                 self.options.logo_templates if self.logo_templates is not None else "never")
+                                 templates)
         closer = self._worth_a_closer_look(facts, matches, scan, candidates, known) if cascaded else False
         skipped: dict[SignalName, str] = {}
         hashes = it.hashes
@@ -432,22 +436,26 @@ class ListingScorer:
         it.ran["logo_templates"] = False
         if self.logo_templates is None or mode == "never":
             return found, matches, candidates
+        # The logo signal is "skipped" only where no logo search ran at all and nothing found a logo:
+        # the crop search may have run, and a stored rescan keeps its embeddings' logo matches.
+        unsearched = not it.ran.get("logo_crops") and not any(m.signal is SignalName.LOGO for m in matches)
         if not self._should_run(mode, closer):
-            if not any(m.signal is SignalName.LOGO for m in matches):
+            if unsearched:
                 skipped.setdefault(SignalName.LOGO, "no candidate brand or counterfeit wording: logo search "
                                    "skipped")
             return found, matches, candidates
         if it.images is None:
-            skipped.setdefault(SignalName.LOGO, "a stored rescan has no photos: logo templates not searched")
+            if unsearched:
+                skipped.setdefault(SignalName.LOGO, "a stored rescan has no photos: logo templates not searched")
             return found, matches, candidates
         every = (mode == "always" or not candidates
                  or len(self.logo_templates) <= self.options.logo_templates_every_up_to)
         brands = None if every else {c.brand for c in candidates}
         got = self.logo_templates.find(it.images, brands)
         it.ran["logo_templates"] = True
+        skipped.pop(SignalName.LOGO, None)  # the crops may have been skipped, but logos were searched
         if not got:
             return found, matches, candidates
-        skipped.pop(SignalName.LOGO, None)  # the crops may have been skipped, but a logo was searched
         p = self.params
         found = found + got
         matches = one_product_per_photo(found)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from index.logo_templates import TemplateLogoLocator
 from service.container import Container, build_container
 from service.demo import logo_on_white, render_logo
 from service.domain.model import (
@@ -28,8 +29,10 @@ from service.domain.model import (
     SellerInfo,
     SignalName,
 )
+from service.domain.ports import LocatedLogo
 from service.settings import LogoTemplateSettings, Settings
 from service.usecases.catalog import ReferenceUpload
+from service.usecases.logo_templates import LogoTemplateMatcher
 from tests.conftest import jpeg_bytes, png_bytes
 from tests.usecases.rescan_world import World, fresh_data_dir, settings
 
@@ -179,4 +182,68 @@ def test_a_stored_rescan_says_it_could_not_search(always: Container, grocery_dir
     assert again is not None and again.ran["logo_templates"] is False
     sig = again.result.signal(SignalName.LOGO)
     assert sig is not None
-    assert sig.skipped_because == "a stored rescan has no photos: logo templates not searched" or sig.ran
+    embedded = [m for m in again.result.matches if m.signal is SignalName.LOGO]
+    # Skipped with its reason exactly when nothing else found a logo in the stored embeddings.
+    assert (sig.skipped_because == "a stored rescan has no photos: logo templates not searched") == (not embedded)
+
+
+def test_a_stored_rescan_keeps_the_embeddings_logo_evidence(always: Container) -> None:
+    # The photo is the logo itself: the whole-photo search of the logo index finds it from stored
+    # embeddings, and a rescan that cannot search templates must not throw that evidence away.
+    photo = np.asarray(logo_on_white("spotify", 256))
+    listing = _listing("logo-itself", photo, title="Speaker")
+    first = always.scorer.score(listing).result
+    assert any(m.signal is SignalName.LOGO and m.method is None for m in first.matches)
+    bare = Listing(listing.listing_id, listing.title, price=listing.price, seller=listing.seller)
+    again = always.scorer.rescore_stored(bare, [listing.images[0].sha256], persist=False)
+    assert again is not None
+    sig = again.result.signal(SignalName.LOGO)
+    assert sig is not None and sig.ran and sig.skipped_because is None
+    assert sig.score > 0 and again.result.brand == "spotify"
+
+
+def test_an_unreadable_logo_image_is_left_out_not_fatal(rescan_world: World, always: Container,
+                                                          grocery_dir: Path) -> None:
+    data_dir = always.settings.data_dir
+    visa = next(r for r in always.catalog_repo.list_references("visa") if r.kind is ReferenceKind.LOGO)
+    always.close()
+    always.blobs.path_for(visa.sha256).unlink()
+    for reconcile in (True, False):  # at start-up, and lazily (a Ray actor, a CLI command)
+        c = build_container(_settings(data_dir, "always"), reconcile=reconcile, embedders=rescan_world.embedders)
+        try:
+            got = c.scorer.score(_listing(f"after-{reconcile}", _photo(grocery_dir, {"spotify": (40, 200)})))
+            assert set(_template_matches(got.result)) == {"spotify"}
+            assert c.scorer.logo_templates is not None
+            assert c.scorer.logo_templates.brands() == frozenset(LOGOS) - {"visa"}
+        finally:
+            c.close()
+
+
+class _AddsALogoDuringTheFirstSearch(TemplateLogoLocator):
+    """A real locator that, while searching its first photo, has a logo added (as a concurrent catalog
+    write would)."""
+
+    def __init__(self, on_first: Callable[[], None]) -> None:
+        super().__init__()
+        self.on_first: Callable[[], None] | None = on_first
+
+    def locate(self, pixels: np.ndarray, only: Collection[int] | None = None) -> list[LocatedLogo]:
+        if self.on_first is not None:
+            hook, self.on_first = self.on_first, None
+            hook()
+        return super().locate(pixels, only)
+
+
+def test_a_logo_added_during_a_search_is_not_cached_as_absent(always: Container, grocery_dir: Path) -> None:
+    catalog = always.scorer.catalog
+    refs = {r.brand: r for slug in ("spotify", "visa")
+            for r in always.catalog_repo.list_references(slug) if r.kind is ReferenceKind.LOGO}
+    matcher = LogoTemplateMatcher(_AddsALogoDuringTheFirstSearch(
+        lambda: matcher.add_references([(refs["visa"].id, "visa", np.asarray(logo_on_white("visa", 256)))])),
+        catalog)
+    matcher.add_references([(refs["spotify"].id, "spotify", np.asarray(logo_on_white("spotify", 256)))])
+    first, second = (_image(_photo(grocery_dir, {"spotify": (30, 40)})),
+                     _image(_photo(grocery_dir, {"visa": (200, 200)})))
+    matcher.find([first, second], {"spotify", "visa"})  # visa's logo is added while photo 1 is searched
+    # Photo 2 was searched without visa's logo: that answer must not be remembered as current.
+    assert {m.reference.brand for m in matcher.find([second], {"spotify", "visa"})} == {"visa"}
