@@ -91,18 +91,18 @@ class KeypointSettings(BaseModel):
 class LogoTemplateSettings(BaseModel):
     # Logo references looked for in the photos by silhouette and colour (template matching: see
     # index/logo_templates.py). Their matches are ``logo`` matches with ``method: "template"``, on the logo
-    # ramp. ~12 ms a logo and photo here, so cascaded by default, and then only the logos of the brands
-    # the listing is already tied to are looked for; "always" looks for every logo in every photo.
+    # ramp. ~8-12 ms a logo and photo here, so cascaded by default (see cascade_every_logo_up_to);
+    # "always" looks for every logo in every photo.
     mode: Literal["cascade", "always", "never"] = "cascade"
     work_side: int = Field(default=320, ge=64, le=2048)
     # The sizes looked for: the mark's long side as a fraction of the photo's long side.
     min_width: float = Field(default=0.08, gt=0, lt=1)
     max_width: float = Field(default=0.5, gt=0, le=1)
     colour_sigma: float = Field(default=50.0, gt=0)
-    # Positions per logo re-scored at full resolution (one per band of scales).
+    # Positions per logo re-scored at ``work_side`` (one per band of sizes found at half that).
     candidates: int = Field(default=4, ge=1, le=20)
     # The cascade looks for every logo while the catalog has at most this many (a logo of another brand
-    # pasted on a brand's product), above it only for the candidate brands' logos (~10 ms a logo).
+    # pasted on a brand's product), above it only for the candidate brands' logos (~8-12 ms a logo).
     cascade_every_logo_up_to: int = Field(default=16, ge=0)
 
     @model_validator(mode="after")
