@@ -26,8 +26,8 @@ a large catalog only for the logos of the brands a listing is already tied to.
 Limits: one colour per logo (a multi-coloured logo is matched on its dominant colour's pixels plus the
 rest of its silhouette); no rotation beyond a few degrees; a recoloured mark (a brand's logo printed in
 another colour) is found only through its edges, which alone do not reach the scores above; marks
-smaller than ``min_width`` of the photo are not looked for; a mark within ~1 % of the photo's border
-(3 px at 320) scores low or is lost, since the padded template cannot sit over the border.
+smaller than ``min_width`` of the photo are not looked for; a mark cut by the photo's border is
+scored on its visible part.
 """
 
 from __future__ import annotations
@@ -242,12 +242,14 @@ class TemplateLogoLocator:
         img = np.asarray(pixels)
         h0, w0 = img.shape[:2]
         fine = _FineView(_resized(img, self.work_side))
-        coarse_size = (max(1, fine.img.shape[1] // 2), max(1, fine.img.shape[0] // 2))
+        # The maps searched are padded by _PAD with "not the colour" and "no edge", so a padded template
+        # can sit over a mark that touches the photo's border; positions are in padded pixels until the box.
+        coarse_size = (max(1, (fine.img.shape[1] + 2 * _PAD) // 2), max(1, (fine.img.shape[0] + 2 * _PAD) // 2))
         found: list[LocatedLogo] = []
         for image_id, logo in logos.items():
             # Closeness at the fine level, then averaged down: a thin line of the logo's colour stays
             # partly close at the coarse level, where resizing the photo first would blend it away.
-            close = _closeness(fine.planes, logo.colour, self.colour_sigma)
+            close = np.pad(_closeness(fine.planes, logo.colour, self.colour_sigma), _PAD)
             small = _f32(cv2.resize(close, coarse_size, interpolation=cv2.INTER_AREA))
             cands = self._coarse_candidates(image_id, logo, coarse[image_id], small)
             if not cands:
@@ -256,9 +258,9 @@ class TemplateLogoLocator:
             score, box = best
             if score >= self.min_score and box is not None:
                 f = max(h0, w0) / max(fine.img.shape[:2])
-                x0, y0, x1, y1 = box
+                x0, y0, x1, y1 = (v - _PAD for v in box)
                 found.append(LocatedLogo(image_id, score, (
-                    int(x0 * f), int(y0 * f), min(w0, math.ceil(x1 * f)), min(h0, math.ceil(y1 * f)))))
+                    max(0, int(x0 * f)), max(0, int(y0 * f)), min(w0, math.ceil(x1 * f)), min(h0, math.ceil(y1 * f)))))
         found.sort(key=lambda r: (-r.score, r.image_id))
         return found
 
@@ -300,9 +302,8 @@ class TemplateLogoLocator:
     def _refine(self, c: _Candidate, logo: Silhouette, fine: _FineView,
                 close_fine: Floats) -> tuple[float, Box | None]:
         """Both scores at the fine level, in a window around the coarse position, at three scales."""
-        img = fine.img
-        height, width = img.shape[:2]
-        long_side = max(height, width)
+        long_side = max(fine.img.shape[:2])
+        height, width = close_fine.shape  # padded
         factor = 2.0  # the coarse level is the fine one halved
         best: tuple[float, Box | None] = (0.0, None)
         for s in (c.scale / self.scale_step, c.scale, c.scale * self.scale_step):
@@ -345,7 +346,8 @@ def _edge_kernels(template: Floats) -> tuple[Floats | None, Floats | None]:
 class _FineView:
     """A photo at the fine level: pixels, and (made on first use: a photo with no candidate never needs
     it) its doubled gradient orientation, weighted by a saturating gradient strength (faint texture
-    counts less than a printed edge) and blurred a little (JPEG and resampling move edges by a pixel)."""
+    counts less than a printed edge) and blurred a little (JPEG and resampling move edges by a pixel),
+    padded by ``_PAD`` with zeros like the closeness maps."""
 
     def __init__(self, img: Floats) -> None:
         self.img = img
@@ -357,8 +359,8 @@ class _FineView:
         if self._orientation is None:
             c, s, mag = _doubled_orientation(self.img.mean(axis=2).astype(np.float32))
             weight = np.minimum(mag / 40.0, 1.0)
-            self._orientation = (_f32(cv2.GaussianBlur(c * weight, (3, 3), 0.7)),
-                                 _f32(cv2.GaussianBlur(s * weight, (3, 3), 0.7)))
+            self._orientation = (np.pad(_f32(cv2.GaussianBlur(c * weight, (3, 3), 0.7)), _PAD),
+                                 np.pad(_f32(cv2.GaussianBlur(s * weight, (3, 3), 0.7)), _PAD))
         return self._orientation
 
 

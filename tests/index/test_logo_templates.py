@@ -142,3 +142,13 @@ def test_normalised_cross_correlation_equals_a_brute_force() -> None:
                 want[y, x] = (w0 * t0).sum() / np.sqrt((w0 * w0).sum() * (t0 * t0).sum())
     np.testing.assert_allclose(got, want, atol=2e-4)
     assert np.all(got[:, :2] == 0)
+
+
+def test_marks_touching_the_border_are_found(locator: TemplateLogoLocator, grocery_dir: Path) -> None:
+    photo = scene(grocery_dir, "Lemon", 1)
+    side = int(photo.width * 0.25)
+    for at in [(0, 0), (photo.width - side, 0), (0, photo.height - side), (photo.width - side, photo.height - side)]:
+        pixels, truth = paste(photo, "spotify", 0.25, at)
+        got = locator.locate(pixels)
+        assert got and got[0].image_id == CATALOG.index("spotify"), (at, got[:2])
+        assert iou(got[0].box, truth) > 0.6 and got[0].score >= 0.4, (at, got[0], truth)
