@@ -138,6 +138,12 @@ class _Template:
         return self.zero_mean.shape
 
 
+def _integrals(field: Floats) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Integral images of ``field`` and of its square (float64: sums of squares over large windows)."""
+    s1, s2 = cv2.integral2(field, sdepth=cv2.CV_64F)[:2]
+    return np.asarray(s1, np.float64), np.asarray(s2, np.float64)
+
+
 def _ncc(field: Floats, template: _Template, min_std: float,
          sums: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None = None) -> Floats:
     """Normalised cross-correlation of ``template`` at every position of ``field`` (top-left anchored,
@@ -147,10 +153,7 @@ def _ncc(field: Floats, template: _Template, min_std: float,
     num = _f32(cv2.matchTemplate(field, template.zero_mean, cv2.TM_CCORR))
     if template.norm <= 1e-6:
         return np.zeros_like(num)
-    if sums is None:
-        i1, i2 = cv2.integral2(field, sdepth=cv2.CV_64F)[:2]
-        sums = (np.asarray(i1, np.float64), np.asarray(i2, np.float64))
-    s1, s2 = sums
+    s1, s2 = sums if sums is not None else _integrals(field)
     n = h * w
     win1 = s1[h:, w:] - s1[:-h, w:] - s1[h:, :-w] + s1[:-h, :-w]
     win2 = s2[h:, w:] - s2[:-h, w:] - s2[h:, :-w] + s2[:-h, :-w]
@@ -164,7 +167,6 @@ def _ncc(field: Floats, template: _Template, min_std: float,
 
 @dataclass(frozen=True, slots=True)
 class _Candidate:
-    image_id: int
     scale: float  # the mark's long side as a fraction of the photo's long side
     cy: float  # the template's centre at the coarse level
     cx: float
@@ -251,7 +253,7 @@ class TemplateLogoLocator:
             # partly close at the coarse level, where resizing the photo first would blend it away.
             close = np.pad(_closeness(fine.planes, logo.colour, self.colour_sigma), _PAD)
             small = _f32(cv2.resize(close, coarse_size, interpolation=cv2.INTER_AREA))
-            cands = self._coarse_candidates(image_id, logo, coarse[image_id], small)
+            cands = self._coarse_candidates(logo, coarse[image_id], small)
             if not cands:
                 continue
             best = max((self._refine(c, logo, fine, close) for c in cands), key=lambda r: r[0])
@@ -264,14 +266,13 @@ class TemplateLogoLocator:
         found.sort(key=lambda r: (-r.score, r.image_id))
         return found
 
-    def _coarse_candidates(self, image_id: int, logo: Silhouette, templates: list[_Template | None],
+    def _coarse_candidates(self, logo: Silhouette, templates: list[_Template | None],
                            close: Floats) -> list[_Candidate]:
         """The coarse level's best positions for one logo, from its colour closeness map ``close``."""
         n_close = float(np.count_nonzero(close > 0.5))
         mark_share = float(logo.mask.mean())
         per_scale: list[_Candidate] = []
-        s1, s2 = cv2.integral2(close, sdepth=cv2.CV_64F)[:2]
-        sums = (np.asarray(s1, np.float64), np.asarray(s2, np.float64))
+        sums = _integrals(close)
         for s, t in zip(self.scales, templates, strict=True):
             if t is None or t.shape[0] >= close.shape[0] or t.shape[1] >= close.shape[1]:
                 continue
@@ -283,7 +284,7 @@ class TemplateLogoLocator:
                 break
             ncc = _ncc(close, t, 0.1, sums)
             y, x = np.unravel_index(int(np.argmax(ncc)), ncc.shape)
-            per_scale.append(_Candidate(image_id, s, y + t.shape[0] / 2, x + t.shape[1] / 2,
+            per_scale.append(_Candidate(s, y + t.shape[0] / 2, x + t.shape[1] / 2,
                                         float(ncc[y, x])))
         # The best position of each band of neighbouring scales (``candidates`` bands), best first: a thin
         # line-art mark blurs at the coarse level, so its true scale may not hold the overall best.

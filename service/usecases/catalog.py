@@ -386,11 +386,15 @@ class CatalogService:
         n = self.logo_templates.reconcile(expected, self._stored_pixels)
         log.info("logo templates: %d of %d logos", n, len(expected))
 
+    def _blob_pixels(self, sha256: str) -> RGBImage:
+        """A stored reference image, decoded."""
+        return self.decode(self.blobs.get(sha256), "blob").pixels
+
     def _stored_pixels(self, sha256: str) -> RGBImage | None:
-        """A stored reference image decoded, or None (logged) where its blob is missing, corrupt or no
-        longer decodes under the current limits."""
+        """:meth:`_blob_pixels`, or None (logged) where the blob is missing, corrupt or no longer decodes
+        under the current limits."""
         try:
-            return self.decode(self.blobs.get(sha256), "blob").pixels
+            return self._blob_pixels(sha256)
         except (StorageError, CatalogInputError, IntakeError) as exc:
             log.warning("reference image %s cannot be read: %s", sha256[:12], exc)
             return None
@@ -400,7 +404,7 @@ class CatalogService:
         their blobs when ``describe``."""
         assert self.keypoints is not None
         expected = {i: sha for kind in ReferenceKind for i, sha in self.repo.iter_reference_hashes(kind)}
-        pixels = (lambda sha: self.decode(self.blobs.get(sha), "blob").pixels) if describe else None
+        pixels = self._blob_pixels if describe else None
         described = self.keypoints.reconcile(expected, pixels, progress)
         log.info("keypoint index: %d references, %d described now", len(expected), described)
 
@@ -415,7 +419,7 @@ class CatalogService:
         log.info("embedding %d %s references for %s", len(todo), kind.value, emb.model_id)
         for start in range(0, len(todo), 32):
             chunk = [shas[i] for i in todo[start:start + 32]]
-            pixels = [self.decode(self.blobs.get(sha), "blob").pixels for sha in chunk]
+            pixels = [self._blob_pixels(sha) for sha in chunk]
             images: list[ListingImage] = []
             for sha, px in zip(chunk, pixels, strict=True):
                 if kind is ReferenceKind.LOGO:

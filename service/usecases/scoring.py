@@ -354,9 +354,8 @@ class ListingScorer:
         p = self.params
         listing, vectors, images = it.listing, it.vectors, it.images
         names = self._brand_names()
-        matches = one_product_per_photo(found)  # the evidence; ``found`` is what the answer lists
         scan = scan_text(listing.title, listing.description, brands=names, weights=p.text)
-        candidates = candidate_brands(matches, scan.mentions, p.visual, p.brand_evidence)
+        matches, candidates = self._evidence(found, scan)  # ``found`` is what the answer lists
         seller_confirmed = (confirmed.get(listing.seller.seller_id, 0) if listing.seller is not None else None)
         facts = ListingFacts.of(listing, seller_confirmed)
         # (Logo templates count only where there are logos: with none, deciding ``closer`` would only
@@ -376,8 +375,7 @@ class ListingScorer:
             verified, unverified = self.keypoints.verify(images, hashes)
             if verified:
                 found = found + verified
-                matches = one_product_per_photo(found)
-                candidates = candidate_brands(matches, scan.mentions, p.visual, p.brand_evidence)
+                matches, candidates = self._evidence(found, scan)
                 # ``closer`` (crops, OCR) stays as the cheap signals decided it: re-deciding it on the
                 # verified product sent 1 s of crop search and OCR after many verified listings (bench_score:
                 # cold p99 at 16 concurrent requests 8.4 s), where the verification is the closer look.
@@ -396,8 +394,7 @@ class ListingScorer:
             if crops:
                 vectors.crops = crops
                 found = self.matcher.match(vectors) + verified
-                matches = one_product_per_photo(found)
-                candidates = candidate_brands(matches, scan.mentions, p.visual, p.brand_evidence)
+                matches, candidates = self._evidence(found, scan)
             it.ran["logo_crops"] = True
         else:
             it.ran["logo_crops"] = False
@@ -424,6 +421,13 @@ class ListingScorer:
         contexts = self._contexts(candidates, listing.listing_id, known)
         assessment = assess(facts, matches, scan, contexts, p, skipped)
         return assessment.to_result(_ordered(found), self.model_versions())
+
+    def _evidence(self, found: Sequence[Match], scan: TextScan) -> tuple[list[Match], list[BrandCandidate]]:
+        """What the matches found say: one product per photo (the evidence), and the candidate brands
+        that evidence and the text's mentions make."""
+        p = self.params
+        matches = one_product_per_photo(found)
+        return matches, candidate_brands(matches, scan.mentions, p.visual, p.brand_evidence)
 
     def _logo_templates(self, it: _Item, found: list[Match], matches: list[Match],
                         candidates: list[BrandCandidate], scan: TextScan, closer: bool,
@@ -456,10 +460,8 @@ class ListingScorer:
         skipped.pop(SignalName.LOGO, None)  # the crops may have been skipped, but logos were searched
         if not got:
             return found, matches, candidates
-        p = self.params
         found = found + got
-        matches = one_product_per_photo(found)
-        candidates = candidate_brands(matches, scan.mentions, p.visual, p.brand_evidence)
+        matches, candidates = self._evidence(found, scan)
         return found, matches, candidates
 
     def _worth_a_closer_look(self, facts: ListingFacts, matches: list[Match], scan: TextScan,
@@ -507,8 +509,7 @@ class ListingScorer:
                                                                 m.image_index))
         if not verified:
             return False
-        matches = one_product_per_photo([*found, *verified.values()])
-        candidates = candidate_brands(matches, scan.mentions, p.visual, p.brand_evidence)
+        matches, candidates = self._evidence([*found, *verified.values()], scan)
         result = assess(facts, matches, scan, self._contexts(candidates, facts.listing_id, known), p)
         return result.risk >= result.policy.review_threshold
 
