@@ -73,6 +73,8 @@ def main() -> None:
     ap.add_argument("--logos", type=int, nargs="+", default=[12, 50])
     ap.add_argument("--photos", type=int, default=60)
     args = ap.parse_args()
+    if args.photos < 1 or min(args.logos) < 1:
+        ap.error("--photos and every --logos count must be at least 1")
     console = Console()
     settings = Settings(data_dir=args.models_from)
     t = settings.logo_templates
