@@ -95,6 +95,11 @@ class FaissKeypointIndex:
         return image_id in self._refs
 
     @property
+    def params_id(self) -> str:
+        return (f"rootsift-ratio{self.ratio}-votes{self.min_votes}-cand{self.max_candidates}-exact{self.exact_max}"
+                f"-hnsw{self.hnsw_m}x{self.hnsw_ef_search}-reproj{self.reprojection}")
+
+    @property
     def references(self) -> int:
         return len(self._refs)
 

@@ -96,10 +96,23 @@ class KeypointExtractor(Protocol):
 
 
 class KeypointCache(Protocol):
-    """Features per (image content sha256, extractor_id)."""
+    """Features per (image content sha256, extractor_id), and each photo's latest verification: what it
+    matched (``VerifiedReference`` rows) against one reference set (``references``: a fingerprint of the
+    indexed references and the verifier's parameters)."""
 
     def get_many(self, extractor_id: str, sha256s: Iterable[str]) -> dict[str, KeypointSet]: ...
     def put_many(self, extractor_id: str, features: Mapping[str, KeypointSet]) -> None: ...
+
+    def get_verified(self, extractor_id: str, references: str,
+                     sha256s: Iterable[str]) -> dict[str, list[VerifiedReference]]:
+        """The photos among ``sha256s`` last verified against exactly ``references`` (the others are
+        absent)."""
+        ...
+
+    def put_verified(self, extractor_id: str, references: str,
+                     verified: Mapping[str, Sequence[VerifiedReference]]) -> None:
+        """Remember verifications of described photos (a photo without stored features is ignored)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +132,12 @@ class KeypointIndex(Protocol):
     def remove(self, image_ids: Iterable[int]) -> int: ...
     def __contains__(self, image_id: object) -> bool: ...
     def verify(self, query: KeypointSet, *, min_inliers: int = ...) -> Sequence[VerifiedReference]: ...
+
+    @property
+    def params_id(self) -> str:
+        """The parameters a verification depends on besides the references (a persisted verification
+        made with others is not reused)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)

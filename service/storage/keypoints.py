@@ -2,18 +2,22 @@
 
 Implements :class:`~service.domain.ports.KeypointCache`. Like the embedding cache it is keyed by content,
 so references and listing photos share it, a photo re-used by many listings is described once, and a
-``--stored`` rescan verifies keypoints against new references without the photo's pixels.
+``--stored`` rescan verifies keypoints against new references without the photo's pixels. The row also
+keeps the photo's latest verification and the fingerprint of the references it was made against, so a
+new process verifies a photo again only after the references changed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import json
+from collections.abc import Iterable, Mapping, Sequence
 from typing import cast
 
 import numpy as np
 import sqlalchemy as sa
 
 from service.domain.model import KeypointSet
+from service.domain.ports import VerifiedReference
 from service.storage import validate
 from service.storage._sql import chunked, dialect_insert
 from service.storage.db import Database
@@ -51,6 +55,12 @@ class KeypointStore:
         self._upsert = ins.on_conflict_do_update(
             index_elements=["sha256", "extractor_id"],
             set_={c: getattr(ins.excluded, c) for c in ("count", "dim", "width", "height", "scale", "data")})
+        self._select_verified = sa.select(t.c.sha256, t.c.verified).where(
+            t.c.extractor_id == sa.bindparam("extractor"), t.c.verified_refs == sa.bindparam("refs"),
+            t.c.sha256.in_(sa.bindparam("shas", expanding=True)))
+        self._update_verified = t.update().where(
+            t.c.sha256 == sa.bindparam("b_sha"), t.c.extractor_id == sa.bindparam("b_extractor"),
+        ).values(verified_refs=sa.bindparam("b_refs"), verified=sa.bindparam("b_verified"))
 
     def get_many(self, extractor_id: str, sha256s: Iterable[str]) -> dict[str, KeypointSet]:
         """The stored features among ``sha256s`` (missing ones are absent). Read-only arrays."""
@@ -86,9 +96,53 @@ class KeypointStore:
             for chunk in chunked(rows):
                 conn.execute(self._upsert, chunk)
 
+    def get_verified(self, extractor_id: str, references: str,
+                     sha256s: Iterable[str]) -> dict[str, list[VerifiedReference]]:
+        """The latest verifications among ``sha256s`` made against ``references`` (others are absent).
+        A row whose JSON does not read is absent: the photo is verified again."""
+        extractor = validate.text(extractor_id, "extractor_id", 128)
+        keys = list(dict.fromkeys(sha256s))
+        out: dict[str, list[VerifiedReference]] = {}
+        if not keys:
+            return out
+        with self._db.reading() as conn:
+            for chunk in chunked(keys):
+                for sha, text in conn.execute(self._select_verified, {"extractor": extractor, "refs": references,
+                                                                      "shas": chunk}).all():
+                    got = _read_verified(text)
+                    if got is not None:
+                        out[sha] = got
+        return out
+
+    def put_verified(self, extractor_id: str, references: str,
+                     verified: Mapping[str, Sequence[VerifiedReference]]) -> None:
+        """Overwrite the photos' latest verification; a photo without a features row is ignored (there
+        is nothing to verify without features, and the row is where a verification lives)."""
+        extractor = validate.text(extractor_id, "extractor_id", 128)
+        refs = validate.text(references, "references", 64)
+        rows = [{"b_sha": validate.sha256(sha, "sha256"), "b_extractor": extractor, "b_refs": refs,
+                 "b_verified": json.dumps([[v.image_id, v.inliers, None if v.box is None else list(v.box)]
+                                           for v in found])}
+                for sha, found in verified.items()]
+        if not rows:
+            return
+        with self._db.writing() as conn:
+            for chunk in chunked(rows):
+                conn.execute(self._update_verified, chunk)
+
     def count(self, extractor_id: str | None = None) -> int:
         q = sa.select(sa.func.count()).select_from(_TABLE)
         if extractor_id is not None:
             q = q.where(_TABLE.c.extractor_id == extractor_id)
         with self._db.reading() as conn:
             return int(conn.scalar(q) or 0)
+
+
+def _read_verified(text: str | None) -> list[VerifiedReference] | None:
+    try:
+        rows = json.loads(text or "")
+        return [VerifiedReference(int(i), int(n), None if box is None else
+                                  (int(box[0]), int(box[1]), int(box[2]), int(box[3])))
+                for i, n, box in rows]
+    except (ValueError, TypeError, IndexError):
+        return None

@@ -162,7 +162,10 @@ class Embedding(Base):
 class PhotoKeypoints(Base):
     """Local features (keypoints and descriptors) per (image content, extractor id + parameters); shared
     by references and listing photos like the embeddings, so a ``--stored`` rescan verifies without
-    pixels. ``data``: ``count`` float32 (x, y) pairs, then ``count`` rows of ``dim`` uint8."""
+    pixels. ``data``: ``count`` float32 (x, y) pairs, then ``count`` rows of ``dim`` uint8.
+
+    ``verified`` is the photo's latest verification (JSON ``[[image_id, inliers, box or null], ...]``)
+    against the reference set fingerprinted ``verified_refs``; reused only while that is the current one."""
 
     __tablename__ = "photo_keypoints"
 
@@ -174,6 +177,8 @@ class PhotoKeypoints(Base):
     height: Mapped[int] = mapped_column(sa.Integer)
     scale: Mapped[float] = mapped_column(sa.Float)
     data: Mapped[bytes] = mapped_column(sa.LargeBinary)
+    verified_refs: Mapped[str | None] = mapped_column(sa.String(64), nullable=True)
+    verified: Mapped[str | None] = mapped_column(sa.Text, nullable=True)
 
 
 class Listing(Base):

@@ -7,7 +7,7 @@ import pytest
 import sqlalchemy as sa
 
 from service.domain.model import KeypointSet
-from service.domain.ports import KeypointCache
+from service.domain.ports import KeypointCache, VerifiedReference
 from service.storage import InvalidInputError, Storage
 from tests.storage.factories import sha
 
@@ -60,3 +60,33 @@ def test_bad_input_is_refused_and_stores_nothing(storage: Storage) -> None:
     with pytest.raises(InvalidInputError, match="positive size"):
         storage.keypoints.put_many("sift@1", {sha("flat"): flat})
     assert storage.keypoints.count() == 0
+
+
+def test_a_verification_is_read_back_only_against_the_same_references(storage: Storage) -> None:
+    cache: KeypointCache = storage.keypoints
+    photos = [sha(f"v-{i}") for i in range(505)]  # > one chunk
+    cache.put_many("sift@1", {s: _features(5, i) for i, s in enumerate(photos)})
+    found = [VerifiedReference(7, 31, (10, 20, 110, 220)), VerifiedReference(9, 8, None)]
+    cache.put_verified("sift@1", "refs-a", {s: (found if i % 2 else []) for i, s in enumerate(photos)})
+    got = cache.get_verified("sift@1", "refs-a", [*photos, sha("never-described")])
+    assert set(got) == set(photos)
+    assert got[photos[1]] == found and got[photos[0]] == []  # "nothing matched" is an answer too
+    assert cache.get_verified("sift@1", "refs-b", photos) == {}  # other references: verify again
+    assert cache.get_verified("sift@2", "refs-a", photos) == {}  # another extractor's features
+    # A newer verification replaces the older one; a photo never described is not stored.
+    cache.put_verified("sift@1", "refs-b", {photos[1]: found[:1], sha("never-described"): found})
+    assert cache.get_verified("sift@1", "refs-b", [photos[1], sha("never-described")]) == {photos[1]: found[:1]}
+    assert photos[1] not in cache.get_verified("sift@1", "refs-a", [photos[1]])
+    # Features stay readable beside it.
+    assert len(cache.get_many("sift@1", [photos[1]])[photos[1]]) == 5
+
+
+def test_an_unreadable_verification_is_a_miss_and_a_bad_hash_is_refused(storage: Storage) -> None:
+    store = storage.keypoints
+    store.put_many("sift@1", {sha("x"): _features(5, 1)})
+    store.put_verified("sift@1", "refs-a", {sha("x"): [VerifiedReference(1, 9, None)]})
+    with storage.db.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE photo_keypoints SET verified = '[[1, \"nine\"'"))
+    assert store.get_verified("sift@1", "refs-a", [sha("x")]) == {}
+    with pytest.raises(InvalidInputError, match="sha256"):
+        store.put_verified("sift@1", "refs-a", {"not-a-hash": []})

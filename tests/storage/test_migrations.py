@@ -91,7 +91,7 @@ def test_upgrade_from_0001_keeps_scored_listings(fresh_db: Callable[[], Target])
                 "INSERT INTO listings (listing_id, title, description, image_sha256s, first_seen, last_seen_at, "
                 "last_scored_at, latest_risk, latest_verdict) VALUES ('old', 't', '', '[]', :t, :t, :t, 0.1, "
                 "'clear')"), {"t": "2026-01-01 00:00:00+00:00"})
-        assert migrate(target.url) == head_revision() == "0003"
+        assert migrate(target.url) == head_revision() == "0004"
         with db.engine.connect() as conn:
             assert conn.execute(sa.text("SELECT listing_id, latest_digest FROM listings")).all() == [("old", None)]
     finally:

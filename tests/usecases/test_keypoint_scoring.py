@@ -137,6 +137,14 @@ class _CountingCache:
     def put_many(self, extractor_id: str, features: Any) -> None:
         self.inner.put_many(extractor_id, features)
 
+    def get_verified(self, extractor_id: str, references: str, sha256s: Any) -> Any:
+        keys = list(sha256s)
+        self.reads.append(keys)
+        return self.inner.get_verified(extractor_id, references, keys)
+
+    def put_verified(self, extractor_id: str, references: str, verified: Any) -> None:
+        self.inner.put_verified(extractor_id, references, verified)
+
 
 def test_a_verified_photo_is_remembered_until_the_references_change(
         rescan_world: World, container: Container, grocery_dir: Path) -> None:
@@ -172,3 +180,47 @@ def test_a_photo_without_keypoints_is_described_once_and_verified_as_such(contai
     km.add_references([(999_001, img.sha256, flat)])  # described from the cache; the memory is reset
     assert 999_001 in km.index
     assert km.verify(None, [img.sha256]) == ([], 0)  # from the stored description, no pixels
+
+
+def test_a_verification_is_reused_by_the_next_process_until_the_references_change(
+        rescan_world: World, container: Container, grocery_dir: Path) -> None:
+    """A restarted server or a ``--stored`` rescan reads back what an earlier process verified against
+    the same references (no descriptor search), and verifies again once the references changed."""
+    listing = _listing("next-process", _on_new_scene(grocery_dir), 0.25)
+    first = container.scorer.score(listing).result
+    sha = listing.images[0].sha256
+    bare = Listing(listing.listing_id, listing.title, price=listing.price)
+    later = build_container(container.settings, embedders=rescan_world.embedders)  # same database and catalog
+    try:
+        km = later.scorer.keypoints
+        assert km is not None and container.scorer.keypoints is not None
+        assert km.references_id == container.scorer.keypoints.references_id
+        searches: list[int] = []
+        verify = km.index.verify
+
+        def counted(query: Any, **kw: Any) -> Any:
+            searches.append(len(query))
+            return verify(query, **kw)
+
+        km.index.verify = counted  # type: ignore[method-assign]
+        again = later.scorer.rescore_stored(bare, [sha], persist=False)
+        assert again is not None and again.ran["keypoints"] is True and searches == []
+        assert [(m.reference.image_id, m.signal, m.similarity, m.box) for m in again.result.matches] == \
+            [(m.reference.image_id, m.signal, m.similarity, m.box) for m in first.matches]
+        assert again.result.verdict is first.verdict
+
+        before = km.references_id
+        late = (grocery_dir / "catalogue" / "Yoggi-Vanilla-Yoghurt.jpg").read_bytes()
+        later.catalog.add([ReferenceUpload("yoggi", ReferenceKind.PRODUCT, late, "test", sku="Yoggi-Vanilla",
+                                           price=Money(20.0, "USD"))])
+        assert km.references_id != before
+        later.scorer.rescore_stored(bare, [sha], persist=False)
+        assert len(searches) == 1  # new references: verified again, and that is stored under the new set
+        km2 = build_container(container.settings, embedders=rescan_world.embedders)
+        try:
+            assert km2.scorer.keypoints is not None and km2.scorer.keypoints.references_id == km.references_id
+            assert km2.scorer.keypoints.cache.get_verified(km.extractor_id, km.references_id, [sha])
+        finally:
+            km2.close()
+    finally:
+        later.close()
