@@ -13,22 +13,22 @@ the same photos, so the ratio service/raw says what HTTP, storage, search and fu
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import io
+import json
 import os
 import random
 import shutil
 import socket
-import statistics
 import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
+from loadgen import post_load, post_request, process_tree_cpu_s  # the script's folder is on sys.path
 from PIL import Image, ImageEnhance
 from rich.console import Console
 from rich.table import Table
@@ -59,8 +59,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _start_server(data_dir: Path, models_from: Path | None,
-                  extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
+def _start_server(data_dir: Path, models_from: Path | None, extra_env: dict[str, str] | None = None,
+                  workers: int = 1) -> tuple[subprocess.Popen[bytes], str]:
     env = dict(os.environ, COUNTERLENS_DATA_DIR=str(data_dir), COUNTERLENS_SERVER__LOG_LEVEL="warning",
                **(extra_env or {}))
     if models_from is not None and not (data_dir / "models").exists():
@@ -75,8 +75,8 @@ def _start_server(data_dir: Path, models_from: Path | None,
     cl = str(REPO / ".venv" / "bin" / "counterlens")
     subprocess.run([cl, "catalog", "import", str(manifest)], env=env, check=True, capture_output=True)
     port = _free_port()
-    proc = subprocess.Popen([cl, "serve", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([cl, "serve", "--port", str(port), "--workers", str(workers)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -104,38 +104,6 @@ def _raw_throughput(photos: list[bytes], data_dir: Path, batch: int) -> float:
     return float(raw_model_rate(list(embedders.values()), pixels, batch))
 
 
-async def _drive(url: str, bodies: list[dict[str, Any]], concurrency: int, time_limit: float) -> dict[str, Any]:
-    latencies: list[float] = []
-    errors = 0
-    queue = list(bodies)
-    deadline = time.monotonic() + time_limit
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
-        async def worker() -> None:
-            nonlocal errors
-            while queue and time.monotonic() < deadline:
-                body = queue.pop()
-                t0 = time.perf_counter()
-                try:
-                    r = await client.post("/v1/score", json=body)
-                    if r.status_code != 200:
-                        errors += 1
-                except httpx.HTTPError:
-                    errors += 1
-                latencies.append(time.perf_counter() - t0)
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    lat = sorted(latencies)
-
-    def pct(q: float) -> float:
-        return lat[min(len(lat) - 1, int(q * len(lat)))] * 1000 if lat else float("nan")
-
-    return {"n": len(lat), "rate": len(lat) / elapsed, "p50": pct(0.50), "p95": pct(0.95), "p99": pct(0.99),
-            "errors": errors, "mean_ms": statistics.fmean(lat) * 1000 if lat else float("nan")}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", help="an already running service (default: start one)")
@@ -144,45 +112,64 @@ def main() -> None:
     ap.add_argument("--time-limit", type=float, default=60.0, help="seconds per level at most")
     ap.add_argument("--models-from", type=Path, help="a models folder to copy instead of exporting")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=1, help="server worker processes (with no --url)")
     ap.add_argument("--no-cascade", action="store_true",
                     help="start the server with the expensive signals off (logo search in crops, OCR, "
                          "keypoint verification): "
                          "the cheap path alone, which the cascade adds to for undecided listings")
     args = ap.parse_args()
-    levels = [int(c) for c in args.concurrency.split(",")]
+    try:
+        levels = [int(c) for c in args.concurrency.split(",")]
+    except ValueError:
+        ap.error(f"--concurrency: comma-separated whole numbers, got {args.concurrency!r}")
+    if min(levels) < 1 or args.n < 1 or args.workers < 1 or args.time_limit <= 0:
+        ap.error("--concurrency, --n and --workers must be >= 1 and --time-limit > 0")
     tmp = Path(tempfile.mkdtemp(prefix="counterlens-bench-"))
     proc = None
     try:
         url = args.url
         if url is None:
-            console.print("starting a server and importing the grocery-dev catalogue...")
+            console.print(f"starting a server ({args.workers} worker process(es)) and importing the grocery-dev "
+                          "catalogue...")
             extra = ({"COUNTERLENS_SCORING__LOGO_SEARCH": "never", "COUNTERLENS_MODELS__OCR": "never",
                       "COUNTERLENS_KEYPOINTS__MODE": "never"} if args.no_cascade else {})
-            proc, url = _start_server(tmp / "data", args.models_from, extra)
+            proc, url = _start_server(tmp / "data", args.models_from, extra, args.workers)
+        parsed = urlsplit(url)
+        if parsed.scheme != "http" or not parsed.hostname:
+            ap.error(f"--url: an http://host:port URL, got {url!r}")
+        host, port = parsed.hostname, parsed.port or 80
         photos = _photos(args.n * len(levels), args.seed)
         console.print("measuring raw model throughput (same photos, this process)...")
         raw = _raw_throughput(photos[: min(256, len(photos))], tmp / "data", batch=16)
 
-        def body(i: int, photo: bytes) -> dict[str, Any]:
-            return {"listing_id": f"bench-{args.seed}-{i}", "title": "grocery item", "price": {"amount": 5.0},
+        def request(i: int, photo: bytes) -> bytes:
+            body = {"listing_id": f"bench-{args.seed}-{i}", "title": "grocery item", "price": {"amount": 5.0},
                     "seller": {"id": f"seller-{i % 50}"}, "images": [{"base64": base64.b64encode(photo).decode()}]}
+            req: bytes = post_request(host, port, "/v1/score", json.dumps(body).encode("ascii"))
+            return req
 
-        table = Table("phase", "concurrency", "listings", "listings/s", "p50 ms", "p95 ms", "p99 ms", "errors",
-                      "service/raw")
+        table = Table("phase", "c", "listings", "listings/s", "p50 ms", "p95 ms", "p99 ms", "errors",
+                      "service/raw", "server CPU ms", "client CPU ms")
+
+        def run(phase: str, c: int, requests: list[bytes]) -> None:
+            cpu0 = process_tree_cpu_s(proc.pid) if proc is not None else None
+            got = post_load(host, port, requests, c, args.time_limit)
+            cpu1 = process_tree_cpu_s(proc.pid) if proc is not None else None
+            server = "-" if cpu0 is None or cpu1 is None or not got.n else f"{(cpu1 - cpu0) / got.n * 1000:.1f}"
+            table.add_row(phase, str(c), str(got.n), f"{got.rate:.1f}", f"{got.percentile_ms(0.50):.0f}",
+                          f"{got.percentile_ms(0.95):.0f}", f"{got.percentile_ms(0.99):.0f}", str(got.errors),
+                          f"{got.rate / raw:.2f}" if phase == "cold" else "-", server, f"{got.client_cpu_ms:.2f}")
+
         for k, c in enumerate(levels):
             chunk = photos[k * args.n:(k + 1) * args.n]
-            cold = asyncio.run(_drive(url, [body(k * args.n + i, p) for i, p in enumerate(chunk)], c,
-                                      args.time_limit))
-            table.add_row("cold", str(c), str(cold["n"]), f"{cold['rate']:.1f}", f"{cold['p50']:.0f}",
-                          f"{cold['p95']:.0f}", f"{cold['p99']:.0f}", str(cold["errors"]), f"{cold['rate'] / raw:.2f}")
+            run("cold", c, [request(k * args.n + i, p) for i, p in enumerate(chunk)])
             # The same photos again, under new listing ids: every embedding comes from the cache.
-            warm = asyncio.run(_drive(url, [body(10**6 + k * args.n + i, p) for i, p in enumerate(chunk)], c,
-                                      args.time_limit))
-            table.add_row("cached", str(c), str(warm["n"]), f"{warm['rate']:.1f}", f"{warm['p50']:.0f}",
-                          f"{warm['p95']:.0f}", f"{warm['p99']:.0f}", str(warm["errors"]), "-")
+            run("cached", c, [request(10**6 + k * args.n + i, p) for i, p in enumerate(chunk)])
         console.print(table)
         console.print("expensive signals: " + ("off (--no-cascade)" if args.no_cascade else
                                                "the server's settings (default: cascade)"))
+        console.print("server CPU: user + system time of the server's processes over the phase, per listing "
+                      "(2 cores: 1,000 ms of CPU a second at most per core)")
         console.print(f"raw model throughput (all roles side by side, batch 16): {raw:.1f} photos/s; machine: "
                       f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
     finally:

@@ -1,0 +1,148 @@
+"""A lean HTTP/1.1 load generator for the service benchmarks: keep-alive connections on one asyncio loop,
+requests encoded before the clock starts, responses read by their ``Content-Length``.
+
+Why not httpx: on this 2-core machine the client shares the cores with the server it measures, and an
+httpx ``AsyncClient.post`` costs ~3 ms of CPU a request (building the request, JSON encoding, its
+connection pool). That is as much as the server's own work on a cached listing, so the client, not the
+service, set the cached figures. Here a request costs the client one ``write`` and one header parse
+(``client_cpu_ms`` in the result says how much), like wrk or hey would, and what is measured is the
+service. It speaks only what the benchmarks need: POST, a JSON body, ``Content-Length`` or chunked
+responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(slots=True)
+class LoadResult:
+    latencies_s: list[float] = field(default_factory=list)
+    errors: int = 0
+    statuses: dict[int, int] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+    client_cpu_s: float = 0.0
+
+    @property
+    def n(self) -> int:
+        return len(self.latencies_s)
+
+    @property
+    def rate(self) -> float:
+        return self.n / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def percentile_ms(self, q: float) -> float:
+        lat = sorted(self.latencies_s)
+        return lat[min(len(lat) - 1, int(q * len(lat)))] * 1000 if lat else float("nan")
+
+    @property
+    def client_cpu_ms(self) -> float:
+        """The load generator's own CPU time per request."""
+        return self.client_cpu_s / self.n * 1000 if self.n else float("nan")
+
+
+def post_request(host: str, port: int, path: str, body: bytes) -> bytes:
+    """The bytes of one keep-alive POST of a JSON body."""
+    head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")
+    return head.encode("ascii") + body
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
+    """Read one response; answers its status and whether the server keeps the connection open."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split(b" ", 2)[1])
+    length, chunked, keep = 0, False, True
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            length = int(value)
+        elif name == b"transfer-encoding" and b"chunked" in value.lower():
+            chunked = True
+        elif name == b"connection" and value.strip().lower() == b"close":
+            keep = False
+    if chunked:
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            await reader.readexactly(size + 2)  # the chunk and its CRLF
+            if size == 0:
+                break
+    elif length:
+        await reader.readexactly(length)
+    return status, keep
+
+
+async def _drive(host: str, port: int, requests: Sequence[bytes], concurrency: int,
+                 time_limit: float) -> LoadResult:
+    out = LoadResult()
+    todo = deque(requests)
+    deadline = time.monotonic() + time_limit
+
+    async def worker() -> None:
+        conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        try:
+            while todo and time.monotonic() < deadline:
+                req = todo.popleft()
+                t0 = time.perf_counter()
+                try:
+                    if conn is None:
+                        conn = await asyncio.open_connection(host, port)
+                    conn[1].write(req)
+                    status, keep = await _read_response(conn[0])
+                    out.statuses[status] = out.statuses.get(status, 0) + 1
+                    if status != 200:
+                        out.errors += 1
+                    if not keep:
+                        conn[1].close()
+                        conn = None
+                except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+                    out.errors += 1
+                    if conn is not None:
+                        conn[1].close()
+                    conn = None
+                out.latencies_s.append(time.perf_counter() - t0)
+        finally:
+            if conn is not None:
+                conn[1].close()
+
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    out.elapsed_s = time.perf_counter() - t0
+    out.client_cpu_s = time.process_time() - cpu0
+    return out
+
+
+def post_load(host: str, port: int, requests: Sequence[bytes], concurrency: int,
+              time_limit: float = 60.0) -> LoadResult:
+    """Send ``requests`` (from :func:`post_request`) over ``concurrency`` keep-alive connections, each
+    waiting for its response before the next request, until all are sent or ``time_limit`` passes."""
+    if concurrency < 1:
+        raise ValueError("concurrency must be >= 1")
+    return asyncio.run(_drive(host, port, requests, concurrency, time_limit))
+
+
+def process_tree_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) used so far by a process and its live children (uvicorn's worker
+    processes), from /proc; None where /proc is not there."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total, found = 0.0, False
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        # The command name (field 2) may hold spaces; the fields after it start behind its ')'.
+        fields = text[text.rindex(")") + 2:].split()
+        this, parent = int(stat.parent.name), int(fields[1])
+        if this == pid or parent == pid:
+            total += (int(fields[11]) + int(fields[12])) / tick
+            found = True
+    return total if found else None
