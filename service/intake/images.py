@@ -329,6 +329,23 @@ def decode_base64(payload: str | bytes, field: str | None = None, max_bytes: int
     elif text[:5].lower() == "data:":
         raise IntakeError(IntakeErrorCode.BAD_BASE64,
                           "malformed data URL (expected data:image/...;base64,...)", field)
+    # (Canonical: whole quads, "=" only in the last two places; Python 3.11's strict mode alone lets
+    # surplus padding through.)
+    if (text and len(text) % 4 == 0 and len(text) // 4 * 3 <= max_bytes + 2
+            and text.find("=", 0, len(text) - 2) == -1):
+        # The common case, canonical base64 not far over the limit (from its length), in one pass in C
+        # (~0.07 ms for 26 KB where the checks below take ~0.6 ms); anything else (line breaks, the
+        # URL-safe alphabet, missing padding, stray characters) takes the lenient path, which accepts or
+        # names the problem.
+        try:
+            raw = binascii.a2b_base64(text, strict_mode=True)
+        except (binascii.Error, ValueError):
+            pass
+        else:
+            if len(raw) > max_bytes:
+                raise IntakeError(IntakeErrorCode.TOO_LARGE,
+                                  f"the base64 data decodes to {len(raw)} bytes; the limit is {max_bytes}", field)
+            return raw
     text = _WHITESPACE.sub("", text)
     if not text:
         raise IntakeError(IntakeErrorCode.BAD_BASE64, "the base64 data is empty", field)

@@ -324,6 +324,9 @@ def test_base64_over_the_limit_is_refused_from_its_length(photo_bytes: bytes) ->
     ("QUJDR", IntakeErrorCode.BAD_BASE64),
     ("QU=JD", IntakeErrorCode.BAD_BASE64),
     ("QUJD===", IntakeErrorCode.BAD_BASE64),
+    ("QUJD====", IntakeErrorCode.BAD_BASE64),  # whole quads, yet surplus padding
+    ("QUJDRA=A", IntakeErrorCode.BAD_BASE64),
+    ("QUJ=QUJD", IntakeErrorCode.BAD_BASE64),
     ("data:image/png,rawbytes", IntakeErrorCode.BAD_BASE64),
     ("data:image/png;base64", IntakeErrorCode.BAD_BASE64),
     ("data:text/html;base64,PGh0bWw+", IntakeErrorCode.UNSUPPORTED_TYPE),
@@ -344,3 +347,15 @@ def test_data_url_svg_is_refused_after_decoding_by_sniffing() -> None:
     data = decode_base64(f"data:image/svg+xml;base64,{svg}", "f", 1024)
     err = _refused(data, IntakeErrorCode.UNSUPPORTED_TYPE)
     assert "SVG" in err.message
+
+
+def test_canonical_base64_of_every_length_decodes_exactly_at_and_over_the_limit() -> None:
+    rng = np.random.default_rng(3)
+    for n in [1, 2, 3, 4, 5, 97, 1000, 4096]:
+        data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        b64 = base64.b64encode(data).decode()
+        assert decode_base64(b64, "f", n) == data
+        assert decode_base64(b64.encode(), "f", n) == data
+        with pytest.raises(IntakeError) as info:
+            decode_base64(b64, "f", n - 1)
+        assert info.value.code == IntakeErrorCode.TOO_LARGE and str(n) in info.value.message
