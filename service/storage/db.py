@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -32,6 +33,11 @@ from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.storage.errors import InvalidInputError
+
+try:
+    import fcntl
+except ImportError:  # Windows: SqliteWriteLock queues threads only
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger("counterlens.storage")
 
@@ -124,6 +130,57 @@ def _install_sqlite_hooks(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
+class SqliteWriteLock:
+    """Queues the writers of one SQLite file: the threads of a process on a re-entrant lock, processes
+    (``serve --workers N``, a rescan beside the server) on an ``flock`` of a sidecar file ``<db>-writer``.
+
+    Both hand over as soon as the writer is done. Without them a writer that finds the database locked
+    sleeps in SQLite's busy handler (1, 2, 5, 10 ... 100 ms): with two server processes that halved
+    what the second one added. The busy timeout still covers writers that do not take this lock (the
+    ``sqlite3`` shell, another program). Where ``fcntl`` is missing (Windows) only threads are queued.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self._threads = threading.RLock()
+        self._depth = 0  # re-entries of the thread holding ``_threads``
+        self._path = None if path is None or fcntl is None else path.with_name(path.name + "-writer")
+        self._fd: int | None = None
+        self._fd_pid = 0
+
+    def _file(self) -> int:
+        assert self._path is not None
+        if self._fd is None or self._fd_pid != os.getpid():  # a forked child takes a lock of its own
+            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+            self._fd_pid = os.getpid()
+        return self._fd
+
+    def __enter__(self) -> SqliteWriteLock:
+        self._threads.acquire()
+        if self._depth == 0 and self._path is not None:
+            try:
+                assert fcntl is not None
+                fcntl.flock(self._file(), fcntl.LOCK_EX)
+            except BaseException:
+                self._threads.release()
+                raise
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._depth -= 1
+        try:
+            if self._depth == 0 and self._path is not None and self._fd is not None:
+                assert fcntl is not None
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._threads.release()
+
+    def close(self) -> None:
+        if self._fd is not None and self._fd_pid == os.getpid():
+            os.close(self._fd)
+        self._fd = None
+
+
 class Database:
     """One engine and its session factories; ``read()``/``write()`` give one-transaction sessions."""
 
@@ -134,13 +191,12 @@ class Database:
         self._write_engine = self.engine.execution_options(**{_WRITE_OPTION: True})
         self._reader = sessionmaker(self.engine, expire_on_commit=False, autoflush=False)
         self._writer = sessionmaker(self._write_engine, expire_on_commit=False, autoflush=False)
-        # SQLite admits one writer. Writers of this process queue on a Python lock, which hands over in
-        # microseconds; without it a thread that finds the database locked sleeps in SQLite's busy
-        # handler (1, 2, 5, 10 ... 100 ms), which put second-long tails on /v1/score latency when model
-        # threads stored embeddings while another thread stored scores. Other processes still meet the
-        # busy handler. PostgreSQL takes concurrent writers as they come.
+        # SQLite admits one writer. Writers queue on SqliteWriteLock, which hands over in microseconds;
+        # without it a writer that finds the database locked sleeps in SQLite's busy handler (1, 2, 5,
+        # 10 ... 100 ms), which put second-long tails on /v1/score latency when model threads stored
+        # embeddings while another thread stored scores. PostgreSQL takes concurrent writers as they come.
         self._write_lock: AbstractContextManager[Any] = (
-            threading.RLock() if self.dialect == "sqlite" else nullcontext())
+            SqliteWriteLock(_sqlite_file(self.url)) if self.dialect == "sqlite" else nullcontext())
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -172,6 +228,8 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if isinstance(self._write_lock, SqliteWriteLock):
+            self._write_lock.close()
 
     def __repr__(self) -> str:
         return f"Database({self.url.render_as_string(hide_password=True)!r})"

@@ -1,0 +1,75 @@
+"""SQLite writers queue on SqliteWriteLock: threads of a process, and processes (server workers, a rescan
+beside the server) on an flock of the ``<db>-writer`` sidecar, instead of sleeping in SQLite's busy
+handler."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import threading
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from service.storage.db import Database, migrate
+
+
+def _write_row(url: str, value: int, done: mp.synchronize.Event) -> None:
+    db = Database(url)
+    try:
+        with db.writing() as conn:
+            conn.execute(sa.text("INSERT INTO t (v) VALUES (:v)"), {"v": value})
+        done.set()
+    finally:
+        db.dispose()
+
+
+def _db(tmp_path: Path) -> tuple[str, Database]:
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    migrate(url)
+    db = Database(url)
+    with db.writing() as conn:
+        conn.execute(sa.text("CREATE TABLE t (v INTEGER)"))
+    return url, db
+
+
+def test_another_process_waits_for_the_lock_not_for_sqlite(tmp_path: Path) -> None:
+    """The holder of the lock has not begun a SQLite transaction, so only the lock can hold the other
+    process back."""
+    url, db = _db(tmp_path)
+    ctx = mp.get_context("spawn")
+    done = ctx.Event()
+    try:
+        with db._write_lock:
+            child = ctx.Process(target=_write_row, args=(url, 7, done))
+            child.start()
+            assert not done.wait(3.0)  # started (spawn takes ~1 s) and still waiting
+            assert (tmp_path / "w.db-writer").exists()
+        assert done.wait(30.0)
+        child.join(30)
+        assert child.exitcode == 0
+        with db.reading() as conn:
+            assert conn.execute(sa.text("SELECT v FROM t")).scalars().all() == [7]
+    finally:
+        db.dispose()
+
+
+def test_threads_and_nested_writes_of_one_process(tmp_path: Path) -> None:
+    _, db = _db(tmp_path)
+    try:
+        with db.writing() as conn, db._write_lock:  # re-entrant in the thread that holds it
+            conn.execute(sa.text("INSERT INTO t (v) VALUES (0)"))
+
+        def many(k: int) -> None:
+            for i in range(25):
+                with db.writing() as c:
+                    c.execute(sa.text("INSERT INTO t (v) VALUES (:v)"), {"v": k * 100 + i})
+
+        threads = [threading.Thread(target=many, args=(k,)) for k in range(1, 5)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        with db.reading() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM t")).scalar() == 101
+    finally:
+        db.dispose()
