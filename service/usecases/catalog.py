@@ -360,6 +360,11 @@ class CatalogService:
                 emb = self.embedders[model]
                 ids, keys, shas = self._expected(kind)
                 self._embed_missing(model, kind, keys, shas, progress)
+                have = emb.lookup(list(keys.values()))
+                if len(have) < len(set(keys.values())):
+                    # Left out: references whose image could not be read to embed (logged there).
+                    keys = {i: k for i, k in keys.items() if k in have}
+                    ids = sorted(keys)
 
                 def stored(wanted: np.ndarray, _emb: CachedEmbedder = emb,
                            _keys: dict[int, str] = keys) -> np.ndarray:
@@ -404,7 +409,7 @@ class CatalogService:
         their blobs when ``describe``."""
         assert self.keypoints is not None
         expected = {i: sha for kind in ReferenceKind for i, sha in self.repo.iter_reference_hashes(kind)}
-        pixels = self._blob_pixels if describe else None
+        pixels = self._stored_pixels if describe else None
         described = self.keypoints.reconcile(expected, pixels, progress)
         log.info("keypoint index: %d references, %d described now", len(expected), described)
 
@@ -419,9 +424,11 @@ class CatalogService:
         log.info("embedding %d %s references for %s", len(todo), kind.value, emb.model_id)
         for start in range(0, len(todo), 32):
             chunk = [shas[i] for i in todo[start:start + 32]]
-            pixels = [self._blob_pixels(sha) for sha in chunk]
+            pixels = [self._stored_pixels(sha) for sha in chunk]
             images: list[ListingImage] = []
             for sha, px in zip(chunk, pixels, strict=True):
+                if px is None:
+                    continue  # unreadable: left out of the index (logged), the others are indexed
                 if kind is ReferenceKind.LOGO:
                     images += [ListingImage(derived_key(sha, f"logo-variant:{v}"), variant)
                                for v, variant in enumerate(logo_variants(px))]

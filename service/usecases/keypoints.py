@@ -157,22 +157,25 @@ class KeypointMatcher:
 
     # ------------------------------------------------------------------ reference images
 
-    def _describe(self, shas: Iterable[str], pixels: Callable[[str], RGBImage] | None,
+    def _describe(self, shas: Iterable[str], pixels: Callable[[str], RGBImage | None] | None,
                   progress: Callable[[int], None] | None = None) -> tuple[dict[str, KeypointSet], int]:
         """Features by sha256: the stored ones, and, with ``pixels``, the others described now from
-        ``pixels(sha256)`` and stored (64 at a time). Answers them and how many were described now."""
+        ``pixels(sha256)`` and stored (64 at a time; where it answers None, an image that cannot be
+        read, there are none). Answers them and how many were described now."""
         wanted = list(dict.fromkeys(shas))
         found = dict(self.cache.get_many(self.extractor_id, wanted))
         todo = [sha for sha in wanted if sha not in found] if pixels is not None else []
+        described = 0
         for start in range(0, len(todo), 64):
             assert pixels is not None
             chunk = todo[start:start + 64]
-            fresh = {sha: self.extractor.extract(pixels(sha)) for sha in chunk}
+            fresh = {sha: self.extractor.extract(px) for sha in chunk if (px := pixels(sha)) is not None}
             self.cache.put_many(self.extractor_id, fresh)
             found.update(fresh)
+            described += len(fresh)
             if progress:
                 progress(len(chunk))
-        return found, len(todo)
+        return found, described
 
     def add_references(self, refs: Sequence[tuple[int, str, RGBImage]]) -> None:
         """Describe (through the cache) and index reference images: (image id, sha256, pixels)."""
@@ -188,11 +191,12 @@ class KeypointMatcher:
         self._forget(removed=ids)
         return removed
 
-    def reconcile(self, expected: Mapping[int, str], pixels: Callable[[str], RGBImage] | None,
+    def reconcile(self, expected: Mapping[int, str], pixels: Callable[[str], RGBImage | None] | None,
                   progress: Callable[[int], None] | None = None) -> int:
         """Index every expected reference (image id -> sha256) from stored features, describing from its
-        stored image (``pixels(sha256)``) those the extractor has not described yet; without ``pixels``
-        those are left out (logged). Answers how many images were described."""
+        stored image (``pixels(sha256)``) those the extractor has not described yet; without ``pixels``,
+        or where it answers None (an unreadable image), those are left out (logged). Answers how many
+        images were described."""
         found, described = self._describe(expected.values(), pixels, progress)
         left_out = sum(sha not in found for sha in expected.values())
         if left_out:

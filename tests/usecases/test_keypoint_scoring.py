@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
 from PIL import Image
 
 from service.container import Container, build_container
@@ -224,3 +225,32 @@ def test_a_verification_is_reused_by_the_next_process_until_the_references_chang
             km2.close()
     finally:
         later.close()
+
+
+def test_a_reference_image_that_cannot_be_read_is_left_out_at_start_up(
+        rescan_world: World, container: Container) -> None:
+    """Its stored keypoints and embeddings gone (a new extractor or model) and its blob unreadable: the
+    start-up reconciliation leaves that reference out of the keypoint index and the product index, and
+    indexes the rest, instead of failing."""
+    km = container.scorer.keypoints
+    assert km is not None
+    ref = next(r for r in container.catalog_repo.list_references("arla") if r.sku == SKU)
+    copy_model = container.scorer.copy.model_id
+    container.close()
+    with container.db.engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM photo_keypoints WHERE sha256 = :s"), {"s": ref.sha256})
+        conn.execute(sa.text("DELETE FROM embeddings WHERE sha256 = :s AND model_id = :m"),
+                     {"s": ref.sha256, "m": copy_model})
+    container.blobs.path_for(ref.sha256).write_bytes(b"not an image any more")
+    again = build_container(container.settings, embedders=rescan_world.embedders)
+    try:
+        kp = again.scorer.keypoints
+        assert kp is not None and ref.id not in kp.index
+        hits = again.scorer.copy.lookup([ref.sha256])
+        assert ref.sha256 not in hits
+        others = [r for r in again.catalog_repo.list_references("arla") if r.id != ref.id]
+        assert others and all(r.id in kp.index for r in others)
+        copy_index = again.indexes.get(again.roles.copy, ReferenceKind.PRODUCT)
+        assert ref.id not in copy_index and all(r.id in copy_index for r in others if r.kind is ReferenceKind.PRODUCT)
+    finally:
+        again.close()
