@@ -79,13 +79,15 @@ def _start_server(data_dir: Path, models_from: Path | None, extra_env: dict[str,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
+    ready = 0  # in a row: each check is a new connection, which may reach any worker
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return proc, url
+            ready = ready + 1 if httpx.get(f"{url}/readyz", timeout=2).status_code == 200 else 0
         except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
+            ready = 0
+        if ready >= 4 * workers:
+            return proc, url
+        time.sleep(0.5 if ready == 0 else 0.05)
     proc.kill()
     raise SystemExit("the server did not become ready")
 

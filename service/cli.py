@@ -70,9 +70,19 @@ def serve(
     configure_logging(settings.server.log_level)
     console.print(f"counterlens listening on http://{settings.server.host}:{settings.server.port} "
                   f"(data dir {settings.data_dir}, {settings.server.workers} worker(s))")
-    uvicorn.run("service.api.main:app_factory", factory=True, host=settings.server.host,
-                port=settings.server.port, workers=settings.server.workers, log_config=None,
-                access_log=False, timeout_graceful_shutdown=10)
+    options: dict[str, Any] = {"log_config": None, "access_log": False, "timeout_graceful_shutdown": 10}
+    from service.api.workers import APP, ReusePortSupervisor, reuse_port_supported
+
+    if settings.server.workers > 1 and reuse_port_supported():
+        # A listening socket per worker, so connections spread over the workers (service/api/workers.py).
+        try:
+            status = ReusePortSupervisor(settings.server.host, settings.server.port, settings.server.workers,
+                                         **options).run()
+        except OSError as exc:
+            fail(f"cannot listen on {settings.server.host}:{settings.server.port}: {exc}", 1)
+        raise typer.Exit(status)
+    uvicorn.run(APP, factory=True, host=settings.server.host, port=settings.server.port,
+                workers=settings.server.workers, **options)
 
 
 def _container(settings: Settings, *, reconcile: bool = True) -> Any:

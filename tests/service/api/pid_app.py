@@ -1,0 +1,18 @@
+"""A tiny app factory for the worker supervisor's tests: answers which process served the request."""
+
+from __future__ import annotations
+
+import os
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+
+async def _pid(_: Request) -> PlainTextResponse:
+    return PlainTextResponse(str(os.getpid()))
+
+
+def app_factory() -> Starlette:
+    return Starlette(routes=[Route("/", _pid)])
