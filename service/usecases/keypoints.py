@@ -53,7 +53,7 @@ class KeypointMatcher:
         self._verified: OrderedDict[str, list[VerifiedReference]] = OrderedDict()
         self._generation = 0  # bumped whenever the reference set changes
         self._indexed: dict[int, str] = {}  # the references in the index: image id -> sha256
-        self._references_id = self._fingerprint()
+        self._references_id: str | None = self._fingerprint()
         self._lru_lock = threading.Lock()
 
     @property
@@ -61,9 +61,11 @@ class KeypointMatcher:
         return self.extractor.extractor_id
 
     @property
-    def references_id(self) -> str:
+    def references_id(self) -> str | None:
         """A fingerprint of what a verification depends on: the indexed references (ids and contents),
-        the index's parameters and ``min_inliers``. Equal in every process that indexed the same catalog."""
+        the index's parameters and ``min_inliers``. Equal in every process that indexed the same catalog.
+        None while the index is being changed (and after a change failed half-way): verifications are
+        then neither read from nor written to the cache."""
         return self._references_id
 
     def _fingerprint(self) -> str:
@@ -97,7 +99,7 @@ class KeypointMatcher:
                 else:
                     todo.setdefault(sha, []).append(i)
         missing = 0
-        if todo:
+        if todo and references is not None:
             for sha, verified in self.cache.get_verified(self.extractor_id, references, todo).items():
                 for i in todo.pop(sha):
                     hits[i] = verified
@@ -114,7 +116,7 @@ class KeypointMatcher:
                 for i in rows:
                     hits[i] = verified
                 self._remember(sha, verified, generation)
-            if fresh and self._current(generation):
+            if fresh and references is not None and self._current(generation):
                 self.cache.put_verified(self.extractor_id, references, fresh)
         return self._matches(hits), missing
 
@@ -130,8 +132,19 @@ class KeypointMatcher:
             while len(self._verified) > self.lru_size:
                 self._verified.popitem(last=False)
 
-    def _forget(self, indexed: Mapping[int, str] | None = None, removed: Iterable[int] = ()) -> None:
-        """The references changed: ``indexed`` were (re)indexed, ``removed`` left the index."""
+    def _change(self, apply: Callable[[], None], indexed: Mapping[int, str] | None = None,
+                removed: Iterable[int] = ()) -> None:
+        """Change the index (``apply``): ``indexed`` are (re)indexed, ``removed`` leave it.
+
+        The generation moves and the fingerprint is None *before* the index changes, so a verification
+        running meanwhile is neither remembered nor stored under the old fingerprint (its answer may
+        come from the new index); the new fingerprint is set once the index holds the change. If
+        ``apply`` fails, the fingerprint stays None (nothing stored) until a later change succeeds."""
+        with self._lru_lock:
+            self._generation += 1
+            self._references_id = None
+            self._verified.clear()
+        apply()
         with self._lru_lock:
             self._indexed.update(indexed or {})
             for image_id in removed:
@@ -181,31 +194,47 @@ class KeypointMatcher:
         """Describe (through the cache) and index reference images: (image id, sha256, pixels)."""
         by_sha = {sha: px for _, sha, px in refs}
         found, _ = self._describe(by_sha, by_sha.__getitem__)
-        for image_id, sha, _ in refs:
-            self.index.add(image_id, found[sha])
-        self._forget(indexed={image_id: sha for image_id, sha, _ in refs})
+        def apply() -> None:
+            for image_id, sha, _ in refs:
+                self.index.add(image_id, found[sha])
+
+        self._change(apply, indexed={image_id: sha for image_id, sha, _ in refs})
 
     def remove_references(self, image_ids: Iterable[int]) -> int:
         ids = [int(i) for i in image_ids]
-        removed = self.index.remove(ids)
-        self._forget(removed=ids)
-        return removed
+        removed = [0]
+
+        def apply() -> None:
+            removed[0] = self.index.remove(ids)
+
+        self._change(apply, removed=ids)
+        return removed[0]
 
     def reconcile(self, expected: Mapping[int, str], pixels: Callable[[str], RGBImage | None] | None,
                   progress: Callable[[int], None] | None = None) -> int:
-        """Index every expected reference (image id -> sha256) from stored features, describing from its
-        stored image (``pixels(sha256)``) those the extractor has not described yet; without ``pixels``,
-        or where it answers None (an unreadable image), those are left out (logged). Answers how many
-        images were described."""
-        found, described = self._describe(expected.values(), pixels, progress)
-        left_out = sum(sha not in found for sha in expected.values())
+        """Make the index hold the expected references (image id -> sha256): those it lacks are added from
+        stored features, describing from its stored image (``pixels(sha256)``) those the extractor has
+        not described yet (without ``pixels``, or where it answers None, an unreadable image, they are
+        left out, logged), and indexed ones no longer expected are removed. Answers how many images were
+        described."""
+        with self._lru_lock:
+            have = dict(self._indexed)
+        todo = {i: sha for i, sha in expected.items() if have.get(i) != sha}  # only what is not indexed yet
+        stale = [i for i in have if i not in expected]  # deleted since (by another process)
+        found, described = self._describe(todo.values(), pixels, progress)
+        left_out = sum(sha not in found for sha in todo.values())
         if left_out:
             log.warning("%d references have no stored keypoints for %s: not verified until the catalog "
                         "is reconciled (counterlens serve or catalog reindex)", left_out, self.extractor_id)
-        indexed = {image_id: sha for image_id, sha in expected.items() if sha in found}
-        with self.loading.lock:
+        indexed = {image_id: sha for image_id, sha in todo.items() if sha in found}
+
+        def apply() -> None:
+            if stale:
+                self.index.remove(stale)
             for image_id, sha in indexed.items():
                 self.index.add(image_id, found[sha])
+
+        with self.loading.lock:
+            self._change(apply, indexed=indexed, removed=stale)
             self.loading.done = True
-        self._forget(indexed=indexed)
         return described

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,11 @@ import pytest
 import sqlalchemy as sa
 from PIL import Image
 
+from index.keypoint_index import FaissKeypointIndex
 from service.container import Container, build_container
-from service.domain.model import Listing, ListingImage, Money, ReferenceKind, SignalName, Verdict
+from service.domain.model import KeypointSet, Listing, ListingImage, Money, ReferenceKind, SignalName, Verdict
 from service.usecases.catalog import ReferenceUpload
+from service.usecases.keypoints import KeypointMatcher
 from tests.conftest import jpeg_bytes
 from tests.usecases.rescan_world import REFERENCE_PRICE, World, fresh_data_dir, settings
 
@@ -254,3 +257,59 @@ def test_a_reference_image_that_cannot_be_read_is_left_out_at_start_up(
         assert ref.id not in copy_index and all(r.id in copy_index for r in others if r.kind is ReferenceKind.PRODUCT)
     finally:
         again.close()
+
+
+class _VerifiesDuringAdd(FaissKeypointIndex):
+    """A real keypoint index that, while a reference is being added, lets a verification run (as a
+    concurrent request would)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.during_add: Callable[[], None] | None = None
+
+    def add(self, image_id: int, features: KeypointSet) -> None:
+        super().add(image_id, features)
+        if self.during_add is not None:
+            hook, self.during_add = self.during_add, None
+            hook()
+
+
+def test_a_verification_made_while_the_references_change_is_not_stored(
+        container: Container, grocery_dir: Path) -> None:
+    km = container.scorer.keypoints
+    assert km is not None
+    index = _VerifiesDuringAdd()
+    matcher = KeypointMatcher(km.extractor, km.cache, index, km.catalog, min_inliers=km.min_inliers)
+    expected = {r.id: r.sha256 for r in container.catalog_repo.list_references("arla")}
+    matcher.reconcile(expected, None)
+    before = matcher.references_id
+    assert before is not None
+    photo = _image(_on_new_scene(grocery_dir))
+    km.cache.put_many(km.extractor_id, {photo.sha256: km.extractor.extract(photo.pixels)})
+    during: list[str | None] = []
+
+    def verify_now() -> None:
+        during.append(matcher.references_id)
+        matcher.verify(None, [photo.sha256])
+
+    index.during_add = verify_now
+    late = np.asarray(Image.open(grocery_dir / "catalogue" / "Yoggi-Vanilla-Yoghurt.jpg").convert("RGB"))
+    matcher.add_references([(999_002, hashlib.sha256(late.tobytes()).hexdigest(), late)])
+    after = matcher.references_id
+    assert during == [None] and after not in (None, before)
+    # The verification ran against a half-changed index: stored under neither fingerprint.
+    assert km.cache.get_verified(km.extractor_id, before, [photo.sha256]) == {}
+    assert km.cache.get_verified(km.extractor_id, after, [photo.sha256]) == {}
+    matcher.verify(None, [photo.sha256])  # now, against the changed index: stored under the new one
+    assert photo.sha256 in km.cache.get_verified(km.extractor_id, after, [photo.sha256])
+
+
+def test_reconcile_removes_references_deleted_by_another_process(container: Container) -> None:
+    km = container.scorer.keypoints
+    assert km is not None
+    expected = {r.id: r.sha256 for r in container.catalog_repo.list_references("arla")}
+    gone = next(iter(expected))
+    assert gone in km.index
+    before = km.references_id
+    km.reconcile({i: s for i, s in expected.items() if i != gone}, None)
+    assert gone not in km.index and km.references_id != before
