@@ -65,7 +65,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     # Errors the inner layers raise on purpose, each naming its field.
     from service.intake.errors import IntakeError
-    from service.storage.errors import ConflictError, InvalidInputError, NotFoundError, StorageError
+    from service.storage.errors import (
+        ConflictError,
+        InvalidInputError,
+        NotFoundError,
+        StorageError,
+        WriteLockTimeoutError,
+    )
     from service.usecases.catalog import CatalogInputError
 
     @app.exception_handler(IntakeError)
@@ -80,6 +86,8 @@ def install_error_handlers(app: FastAPI) -> None:
             status, code = 409, "conflict"
         elif isinstance(exc, InvalidInputError):
             status, code = 422, "invalid_input"
+        elif isinstance(exc, WriteLockTimeoutError):
+            status, code = 503, "busy"  # the database is held by a hung writer: try again later
         else:
             status, code = 500, "storage_error"
         return JSONResponse(error_body(code, exc.message, exc.field), status_code=status)

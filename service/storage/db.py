@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
@@ -32,7 +33,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.storage.errors import InvalidInputError
+from service.storage.errors import InvalidInputError, WriteLockTimeoutError
 
 try:
     import fcntl
@@ -137,29 +138,77 @@ class SqliteWriteLock:
     Both hand over as soon as the writer is done. Without them a writer that finds the database locked
     sleeps in SQLite's busy handler (1, 2, 5, 10 ... 100 ms): with two server processes that halved
     what the second one added. The busy timeout still covers writers that do not take this lock (the
-    ``sqlite3`` shell, another program). Where ``fcntl`` is missing (Windows) only threads are queued.
+    ``sqlite3`` shell, another program).
+
+    Waiting is bounded like SQLite's own (``timeout_s``, the busy timeout): a writer that hangs inside its
+    transaction makes the others fail with :class:`WriteLockTimeoutError` instead of waiting forever. The
+    sidecar is created with the database file's permissions and opened read-only where it cannot be
+    written (``flock`` needs no write access). Where ``fcntl`` is missing (Windows), or the sidecar cannot
+    be opened at all (a read-only folder: then nothing can write the database either), only threads are
+    queued.
     """
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, timeout_s: float = SQLITE_BUSY_TIMEOUT_MS / 1000) -> None:
         self._threads = threading.RLock()
         self._depth = 0  # re-entries of the thread holding ``_threads``
+        self._db_path = path
         self._path = None if path is None or fcntl is None else path.with_name(path.name + "-writer")
+        self._timeout_s = timeout_s
         self._fd: int | None = None
         self._fd_pid = 0
 
-    def _file(self) -> int:
-        assert self._path is not None
-        if self._fd is None or self._fd_pid != os.getpid():  # a forked child takes a lock of its own
-            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
-            self._fd_pid = os.getpid()
+    def _file(self) -> int | None:
+        """The sidecar's descriptor for this process (a forked child opens its own), or None."""
+        if self._path is None:
+            return None
+        if self._fd is None or self._fd_pid != os.getpid():
+            try:
+                mode = self._db_path.stat().st_mode & 0o666 if self._db_path is not None else 0o644
+            except OSError:
+                mode = 0o644
+            try:
+                fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
+            except PermissionError:
+                try:
+                    fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError as exc:
+                    log.warning("cannot open %s (%s): writers of other processes are not queued", self._path, exc)
+                    self._path = None
+                    return None
+            self._fd, self._fd_pid = fd, os.getpid()
         return self._fd
 
-    def __enter__(self) -> SqliteWriteLock:
-        self._threads.acquire()
-        if self._depth == 0 and self._path is not None:
+    def _flock(self, fd: int) -> None:
+        assert fcntl is not None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the common case: free, no wait
+            return
+        except BlockingIOError:
+            pass
+        # Held by another process: poll (a blocking flock cannot time out). 0.2-2 ms steps keep the hand-
+        # over quick next to SQLite's 1-100 ms sleeps, and a poll is one system call.
+        deadline, pause = time.monotonic() + self._timeout_s, 0.0002
+        while True:
+            time.sleep(pause)
             try:
-                assert fcntl is not None
-                fcntl.flock(self._file(), fcntl.LOCK_EX)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise WriteLockTimeoutError(
+                        f"another process has been writing {self._db_path} for over {self._timeout_s:.0f} s",
+                        None) from None
+                pause = min(pause * 2, 0.002)
+
+    def __enter__(self) -> SqliteWriteLock:
+        if not self._threads.acquire(timeout=self._timeout_s):
+            raise WriteLockTimeoutError(f"another thread has been writing {self._db_path} for over "
+                                   f"{self._timeout_s:.0f} s", None)
+        if self._depth == 0:
+            try:
+                fd = self._file()
+                if fd is not None:
+                    self._flock(fd)
             except BaseException:
                 self._threads.release()
                 raise
@@ -169,16 +218,18 @@ class SqliteWriteLock:
     def __exit__(self, *exc: object) -> None:
         self._depth -= 1
         try:
-            if self._depth == 0 and self._path is not None and self._fd is not None:
+            if self._depth == 0 and self._fd is not None and self._fd_pid == os.getpid():
                 assert fcntl is not None
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
         finally:
             self._threads.release()
 
     def close(self) -> None:
-        if self._fd is not None and self._fd_pid == os.getpid():
-            os.close(self._fd)
-        self._fd = None
+        """Close the sidecar (after the writers of this process are done: taken under the lock)."""
+        with self._threads:
+            if self._fd is not None and self._fd_pid == os.getpid():
+                os.close(self._fd)
+            self._fd = None
 
 
 class Database:

@@ -30,3 +30,7 @@ class NotFoundError(StorageError, LookupError):
 
 class ConflictError(StorageError):
     """The row already exists (for example a brand slug taken)."""
+
+
+class WriteLockTimeoutError(StorageError, TimeoutError):
+    """A SQLite writer waited longer than the busy timeout for another writer (a hung process?)."""

@@ -5,17 +5,22 @@ handler."""
 from __future__ import annotations
 
 import multiprocessing as mp
+import multiprocessing.synchronize
 import threading
+import time
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
-from service.storage.db import Database, migrate
+from service.storage.db import Database, SqliteWriteLock, migrate
+from service.storage.errors import WriteLockTimeoutError
 
 
-def _write_row(url: str, value: int, done: mp.synchronize.Event) -> None:
+def _write_row(url: str, value: int, started: mp.synchronize.Event, done: mp.synchronize.Event) -> None:
     db = Database(url)
     try:
+        started.set()
         with db.writing() as conn:
             conn.execute(sa.text("INSERT INTO t (v) VALUES (:v)"), {"v": value})
         done.set()
@@ -37,12 +42,13 @@ def test_another_process_waits_for_the_lock_not_for_sqlite(tmp_path: Path) -> No
     process back."""
     url, db = _db(tmp_path)
     ctx = mp.get_context("spawn")
-    done = ctx.Event()
+    started, done = ctx.Event(), ctx.Event()
     try:
         with db._write_lock:
-            child = ctx.Process(target=_write_row, args=(url, 7, done))
+            child = ctx.Process(target=_write_row, args=(url, 7, started, done))
             child.start()
-            assert not done.wait(3.0)  # started (spawn takes ~1 s) and still waiting
+            assert started.wait(60.0)
+            assert not done.wait(1.5)  # it is at its write, and waits
             assert (tmp_path / "w.db-writer").exists()
         assert done.wait(30.0)
         child.join(30)
@@ -73,3 +79,40 @@ def test_threads_and_nested_writes_of_one_process(tmp_path: Path) -> None:
             assert conn.execute(sa.text("SELECT count(*) FROM t")).scalar() == 101
     finally:
         db.dispose()
+
+
+def test_waiting_is_bounded_and_the_lock_is_released_only_by_the_outermost_exit(tmp_path: Path) -> None:
+    """Two locks on one file are two sidecar descriptors, so they exclude each other like two processes."""
+    path = tmp_path / "x.db"
+    path.touch()
+    a, b = SqliteWriteLock(path), SqliteWriteLock(path, timeout_s=0.3)
+    try:
+        with a:
+            with a:  # re-entered by its thread
+                pass
+            started = time.monotonic()
+            with pytest.raises(WriteLockTimeoutError, match="another process"), b:
+                pass
+            assert 0.25 < time.monotonic() - started < 5.0  # the inner exit kept the file locked
+        with b:  # free once the outer block is left
+            pass
+        with pytest.raises(RuntimeError), a:
+            raise RuntimeError("a failed write")
+        with b:  # released by the failure too
+            pass
+    finally:
+        a.close()
+        b.close()
+
+
+def test_the_sidecar_takes_the_database_files_permissions(tmp_path: Path) -> None:
+    path = tmp_path / "p.db"
+    path.touch()
+    path.chmod(0o600)
+    lock = SqliteWriteLock(path)
+    try:
+        with lock:
+            pass
+        assert (tmp_path / "p.db-writer").stat().st_mode & 0o777 == 0o600
+    finally:
+        lock.close()
