@@ -79,15 +79,17 @@ def _start_server(data_dir: Path, models_from: Path | None, extra_env: dict[str,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
-    ready = 0  # in a row: each check is a new connection, which may reach any worker
+    ready: set[int] = set()  # the workers that answered ready (each check is a new connection)
     while time.monotonic() < deadline:
         try:
-            ready = ready + 1 if httpx.get(f"{url}/readyz", timeout=2).status_code == 200 else 0
+            r = httpx.get(f"{url}/readyz", timeout=2)
+            if r.status_code == 200:
+                ready.add(int(r.json()["pid"]))
         except httpx.HTTPError:
-            ready = 0
-        if ready >= 4 * workers:
+            pass
+        if len(ready) >= workers:
             return proc, url
-        time.sleep(0.5 if ready == 0 else 0.05)
+        time.sleep(0.5 if not ready else 0.05)
     proc.kill()
     raise SystemExit("the server did not become ready")
 

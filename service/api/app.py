@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -136,10 +137,13 @@ def create_app(settings: Settings, container_factory: ContainerFactory | None = 
 
     @app.get("/readyz", tags=["health"])
     async def readyz() -> JSONResponse:
+        # ``pid``: with ``serve --workers N`` each worker answers for itself (a check that wants every
+        # worker ready counts the pids that answered).
         if state.container is None:
-            body = {"status": "error" if state.load_error else "loading", "detail": state.load_error}
+            body = {"status": "error" if state.load_error else "loading", "detail": state.load_error,
+                    "pid": os.getpid()}
             return JSONResponse(body, status_code=503)
-        return JSONResponse({"status": "ready", **state.container.describe()})
+        return JSONResponse({"status": "ready", "pid": os.getpid(), **state.container.describe()})
 
     @app.get("/v1/jobs/stored-rescan", tags=["jobs"], summary="The background stored rescan's state")
     async def stored_rescan_status() -> dict[str, Any]:

@@ -10,8 +10,12 @@ spreads connections over the workers by a hash of their addresses.
 A worker binds its socket at start but listens only once its app has started (uvicorn creates the server
 after the lifespan's start), so the kernel never hands it a connection before then. Like uvicorn's
 supervisor, this one restarts a worker that dies, stops them all on SIGINT/SIGTERM (each shuts down
-gracefully), and gives up when workers keep dying right after they start (bad settings, a port taken by
-another user's socket), exiting with their status.
+gracefully), restarts them one at a time on SIGHUP (the others keep serving), and gives up when workers
+keep dying before their app has started (bad settings, an app that cannot load), exiting with their
+status. A worker whose supervisor is gone (killed with SIGKILL) stops by itself within a second.
+
+The port must be free when the supervisor starts: it is probed without ``SO_REUSEPORT``, so a second
+supervisor, or orphans of an earlier one, are refused rather than silently sharing the connections.
 
 Only where the platform has ``SO_REUSEPORT`` (Linux, the BSDs, macOS); elsewhere ``serve`` falls back to
 uvicorn's own supervisor.
@@ -21,19 +25,19 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from typing import Any
 
 log = logging.getLogger("counterlens.workers")
 
 APP = "service.api.main:app_factory"
-_QUICK_DEATH_S = 10.0  # a worker that dies this soon after its start counts towards giving up
-_MAX_QUICK_DEATHS = 5
+_MAX_FAILED_STARTS = 5  # workers in a row that die before their app started: give up
 
 
 def reuse_port_supported() -> bool:
@@ -54,22 +58,41 @@ def bind_reuse_port(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _worker_main(app: str, host: str, port: int, uvicorn_options: dict[str, Any]) -> None:  # a child process
+def _exit_with_parent(parent: int) -> None:
+    """Stop this worker (gracefully, SIGTERM) once its supervisor is gone: it is then re-parented."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _report_started(server: Any, started: Any) -> None:
+    while not server.should_exit:
+        if server.started:
+            started.set()
+            return
+        time.sleep(0.05)
+
+
+def _worker_main(app: str, host: str, port: int, uvicorn_options: dict[str, Any], parent: int,
+                 started: Any) -> None:  # a child process
     import uvicorn
 
+    threading.Thread(target=_exit_with_parent, args=(parent,), name="exit-with-parent", daemon=True).start()
     try:
         sock = bind_reuse_port(host, port)
     except OSError as exc:
         logging.getLogger("counterlens.workers").error("cannot bind %s:%d: %s", host, port, exc)
         raise SystemExit(3) from None
     config = uvicorn.Config(app, factory=True, host=host, port=port, **uvicorn_options)
-    uvicorn.Server(config).run(sockets=[sock])
+    server = uvicorn.Server(config)
+    threading.Thread(target=_report_started, args=(server, started), name="report-started", daemon=True).start()
+    server.run(sockets=[sock])
 
 
 @dataclass
 class _Slot:
     process: BaseProcess
-    started: float = field(default_factory=time.monotonic)
+    started: Any  # a multiprocessing Event, set once the worker's app has started
 
 
 class ReusePortSupervisor:
@@ -83,37 +106,56 @@ class ReusePortSupervisor:
         self.uvicorn_options = uvicorn_options
         self._ctx = mp.get_context("spawn")  # a fresh interpreter: no threads or locks carried over
         self._stop = threading.Event()
+        self._restart = threading.Event()
         self._slots: list[_Slot] = []
 
     def _start(self) -> _Slot:
-        p = self._ctx.Process(target=_worker_main, args=(self.app, self.host, self.port, self.uvicorn_options),
-                              name="counterlens-worker", daemon=False)
+        started = self._ctx.Event()
+        p = self._ctx.Process(target=_worker_main, name="counterlens-worker", daemon=False,
+                              args=(self.app, self.host, self.port, self.uvicorn_options, os.getpid(), started))
         p.start()
-        return _Slot(p)
+        return _Slot(p, started)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
-        log.info("stopping the workers (signal %d)", signum)
-        self._stop.set()
+        if signum == signal.SIGHUP:
+            log.info("restarting the workers one at a time (SIGHUP)")
+            self._restart.set()
+        else:
+            log.info("stopping the workers (signal %d)", signum)
+            self._stop.set()
+
+    def _probe_port(self) -> None:
+        """Fail (OSError) when anything listens on the port already: bound without SO_REUSEPORT, the probe
+        conflicts with every listener, ours included."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers are fine
+            probe.bind((self.host, self.port))
 
     def run(self) -> int:
         """Start the workers, keep them running, and answer the exit status."""
-        # Fails here, in the supervisor, when the port cannot be had at all (taken by another program).
-        bind_reuse_port(self.host, self.port).close()
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        quick_deaths, status = 0, 0
+        self._probe_port()
+        signals = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+        previous = {s: signal.signal(s, self._on_signal) for s in signals}
+        failed_starts, status = 0, 0
         try:
             self._slots = [self._start() for _ in range(self.workers)]
-            while not self._stop.wait(0.5):
+            while not self._stop.wait(0.2):
+                if self._restart.is_set():
+                    self._restart.clear()
+                    self._rolling_restart()
                 for i, slot in enumerate(self._slots):
                     code = slot.process.exitcode
                     if code is None:
                         continue
-                    quick = time.monotonic() - slot.started < _QUICK_DEATH_S
-                    quick_deaths = quick_deaths + 1 if quick else 0
+                    # Dying before the app started is what bad settings or a broken app do: restarting
+                    # cannot help, so after a few in a row the supervisor gives up.
+                    failed_starts = 0 if slot.started.is_set() else failed_starts + 1
+                    give_up = failed_starts >= _MAX_FAILED_STARTS
                     log.warning("worker %d (pid %s) exited with status %s%s", i, slot.process.pid, code,
-                                "; restarting it" if quick_deaths < _MAX_QUICK_DEATHS else "")
-                    if quick_deaths >= _MAX_QUICK_DEATHS:
-                        status = code or 1
+                                "" if give_up else "; restarting it")
+                    if give_up:
+                        status = code if code > 0 else 1
                         self._stop.set()
                         break
                     self._slots[i] = self._start()
@@ -122,6 +164,27 @@ class ReusePortSupervisor:
             for s, handler in previous.items():
                 signal.signal(s, handler)
         return status
+
+    def _rolling_restart(self, timeout: float = 120.0) -> None:
+        """Replace each worker in turn, starting the new one before stopping the old one (both listen on
+        the port meanwhile), so some worker always accepts connections."""
+        for i, old in enumerate(list(self._slots)):
+            if self._stop.is_set():
+                return
+            new = self._start()
+            deadline = time.monotonic() + timeout
+            while not new.started.wait(0.2):
+                if new.process.exitcode is not None or time.monotonic() > deadline or self._stop.is_set():
+                    log.warning("a replacement worker did not start; keeping the old one")
+                    if new.process.exitcode is None:
+                        new.process.terminate()
+                    new.process.join(10)
+                    return
+            self._slots[i] = new
+            old.process.terminate()
+            old.process.join(30)
+            if old.process.exitcode is None:
+                old.process.kill()
 
     def _shutdown(self, timeout: float = 30.0) -> None:
         for slot in self._slots:

@@ -102,9 +102,55 @@ def test_workers_that_cannot_start_end_the_supervisor_with_their_status() -> Non
     assert sup.stderr is not None and b"exited with status" in sup.stderr.read()
 
 
-def test_a_port_held_by_another_program_is_refused_before_any_worker_starts() -> None:
+@pytest.mark.parametrize("reuse_port", [False, True])
+def test_a_port_already_listened_on_is_refused_before_any_worker_starts(reuse_port: bool) -> None:
+    """Also a listener with SO_REUSEPORT (a second supervisor, an earlier one's orphans): the kernel would
+    let the new workers join its group and share the connections."""
     with socket.socket() as holder:
+        if reuse_port:
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         with pytest.raises(OSError):
             ReusePortSupervisor("127.0.0.1", holder.getsockname()[1], 2, app=APP).run()
+
+
+def test_sighup_replaces_the_workers_while_the_port_keeps_answering() -> None:
+    port = _free_port()
+    sup = _supervisor(port, 2)
+    try:
+        first = _pids_until(port, 2)
+        sup.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and any(_alive(pid) for pid in first):
+            _get(port)  # raises where no worker accepts: the port must answer throughout
+            time.sleep(0.05)
+        assert not any(_alive(pid) for pid in first)  # both old workers stopped...
+        assert len(_pids_until(port, 2) - first) == 2  # ...and two new ones answer
+        assert sup.poll() is None
+    finally:
+        sup.send_signal(signal.SIGTERM)
+        assert sup.wait(60) == 0
+
+
+def test_workers_stop_by_themselves_when_the_supervisor_is_killed() -> None:
+    port = _free_port()
+    sup = _supervisor(port, 2)
+    workers = _pids_until(port, 2)
+    sup.kill()
+    sup.wait(10)
+    deadline = time.monotonic() + 30
+    alive = set(workers)
+    while alive and time.monotonic() < deadline:
+        alive = {pid for pid in alive if _alive(pid)}
+        time.sleep(0.2)
+    assert not alive
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")  # a zombie is gone
