@@ -81,7 +81,7 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
 
 
 async def _drive(host: str, port: int, requests: Sequence[bytes], concurrency: int,
-                 time_limit: float) -> LoadResult:
+                 time_limit: float, timeout: float) -> LoadResult:
     out = LoadResult()
     todo = deque(requests)
     deadline = time.monotonic() + time_limit
@@ -94,21 +94,23 @@ async def _drive(host: str, port: int, requests: Sequence[bytes], concurrency: i
                 t0 = time.perf_counter()
                 try:
                     if conn is None:
-                        conn = await asyncio.open_connection(host, port)
+                        conn = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
                     conn[1].write(req)
-                    status, keep = await _read_response(conn[0])
+                    status, keep = await asyncio.wait_for(_read_response(conn[0]), timeout)
                     out.statuses[status] = out.statuses.get(status, 0) + 1
-                    if status != 200:
+                    if status == 200:
+                        out.latencies_s.append(time.perf_counter() - t0)  # figures are of answered requests
+                    else:
                         out.errors += 1
                     if not keep:
                         conn[1].close()
                         conn = None
-                except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+                except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError,
+                        TimeoutError):
                     out.errors += 1
                     if conn is not None:
                         conn[1].close()
                     conn = None
-                out.latencies_s.append(time.perf_counter() - t0)
         finally:
             if conn is not None:
                 conn[1].close()
@@ -121,12 +123,14 @@ async def _drive(host: str, port: int, requests: Sequence[bytes], concurrency: i
 
 
 def post_load(host: str, port: int, requests: Sequence[bytes], concurrency: int,
-              time_limit: float = 60.0) -> LoadResult:
+              time_limit: float = 60.0, timeout: float = 60.0) -> LoadResult:
     """Send ``requests`` (from :func:`post_request`) over ``concurrency`` keep-alive connections, each
-    waiting for its response before the next request, until all are sent or ``time_limit`` passes."""
+    waiting for its response (at most ``timeout`` seconds: then an error) before the next request, until
+    all are sent or ``time_limit`` passes. Rate and latencies count the requests answered 200; the
+    others are ``errors`` (``statuses`` has every status seen)."""
     if concurrency < 1:
         raise ValueError("concurrency must be >= 1")
-    return asyncio.run(_drive(host, port, requests, concurrency, time_limit))
+    return asyncio.run(_drive(host, port, requests, concurrency, time_limit, timeout))
 
 
 def process_tree_cpu_s(pid: int) -> float | None:

@@ -1,0 +1,65 @@
+"""The benchmarks' load generator against a real local HTTP/1.1 server (keep-alive, Content-Length and
+chunked answers, errors and a server that never answers)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from scripts.loadgen import post_load, post_request
+
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        if self.path == "/hang":
+            time.sleep(3)
+        if self.path == "/chunked":
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for part in (body[:3], body[3:], b""):
+                self.wfile.write(f"{len(part):x}\r\n".encode() + part + b"\r\n")
+            return
+        status = 500 if self.path == "/err" else 200
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def server() -> Iterator[int]:
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield srv.server_address[1]
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_answers_errors_and_timeouts_are_told_apart(server: int) -> None:
+    reqs = ([post_request("127.0.0.1", server, "/ok", b'{"a": 1}')] * 20
+            + [post_request("127.0.0.1", server, "/chunked", b'{"chunked": true}')] * 5
+            + [post_request("127.0.0.1", server, "/err", b"{}")] * 3)
+    got = post_load("127.0.0.1", server, reqs, concurrency=4)
+    assert got.n == 25 and got.errors == 3 and got.statuses == {200: 25, 500: 3}
+    assert got.rate > 0 and got.percentile_ms(0.99) >= got.percentile_ms(0.5) > 0
+
+    hung = post_load("127.0.0.1", server, [post_request("127.0.0.1", server, "/hang", b"{}")], 1, timeout=0.5)
+    assert hung.n == 0 and hung.errors == 1
+
+
+def test_bad_concurrency_is_refused() -> None:
+    with pytest.raises(ValueError, match="concurrency"):
+        post_load("127.0.0.1", 1, [], concurrency=0)
