@@ -13,7 +13,6 @@ import pytest
 from scripts.loadgen import post_load, post_request
 
 
-
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
