@@ -35,6 +35,7 @@ from service.storage.keypoints import KeypointStore
 from service.storage.listings import ListingRepository
 from service.usecases.catalog import CatalogChange, CatalogService
 from service.usecases.catalog_cache import CachedCatalog
+from service.usecases.catalog_watch import CatalogWatcher
 from service.usecases.embedding import CachedEmbedder
 from service.usecases.keypoints import KeypointMatcher
 from service.usecases.listing_input import ListingImageLoader
@@ -107,6 +108,7 @@ class Container:
     catalog: CatalogService
     scorer: ListingScorer
     stored_rescans: StoredRescanScheduler | None = None
+    catalog_watch: CatalogWatcher | None = None
     _score_queue: ScoringQueue | None = field(default=None, repr=False)
     _score_queue_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -136,6 +138,8 @@ class Container:
         with self._score_queue_lock:
             if self._score_queue is not None:
                 self._score_queue.close()
+        if self.catalog_watch is not None:
+            self.catalog_watch.close()
         if self.stored_rescans is not None:
             self.stored_rescans.close()
         self.indexes.save_dirty()
@@ -168,12 +172,14 @@ def build_embedders(settings: Settings) -> tuple[dict[str, ImageEmbedder], Model
 
 def build_container(settings: Settings, *, reconcile: bool = True,
                     embedders: dict[str, ImageEmbedder] | None = None,
-                    background_rescans: bool = False) -> Container:
+                    background_rescans: bool = False, watch_catalog: bool = False) -> Container:
     """Everything the API and the CLI need. ``embedders`` lets tests share already-built models.
 
     ``background_rescans`` (the API): catalog changes start stored rescans in a background thread
     (re-matching stored listings near new product references, or a brand's listings after a removal).
-    A CLI import exits at once instead; docs/rescan.md shows the `rescan --stored` cron for it."""
+    A CLI import exits at once instead; docs/rescan.md shows the `rescan --stored` cron for it.
+    ``watch_catalog`` (the API): catalog changes made by other processes (other workers, a CLI import) are
+    patched into this process's indexes every ``server.catalog_sync_s`` seconds (CatalogWatcher)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     set_search_threads(settings.index.search_threads)
     db = Database(settings.database_url, echo=settings.storage.echo_sql)
@@ -218,6 +224,8 @@ def build_container(settings: Settings, *, reconcile: bool = True,
             scorer, listings, brand=req.brand, near_references=sorted(req.near_references)))
         container.stored_rescans = scheduler
         catalog.listeners.append(lambda ch: _request_rescan(scheduler, ch))
+    if watch_catalog and settings.server.catalog_sync_s > 0:
+        container.catalog_watch = CatalogWatcher(catalog, settings.server.catalog_sync_s)
     return container
 
 

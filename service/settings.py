@@ -175,6 +175,9 @@ class ServerSettings(BaseModel):
     scoring_threads: int = Field(default=2, ge=1, le=64)
     max_batch_listings: int = Field(default=32, ge=1, le=1024)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Seconds between checks for catalog changes made by other processes (other workers, a CLI import),
+    # which are then patched into this worker's indexes (service.usecases.catalog_watch); 0: never.
+    catalog_sync_s: float = Field(default=2.0, ge=0, le=3600)
 
 
 class Settings(BaseSettings):

@@ -301,6 +301,15 @@ class CatalogRepository:
             return list(s.scalars(sa.select(ReferenceImage.id).where(ReferenceImage.kind == k)
                                   .order_by(ReferenceImage.id)))
 
+    def reference_set_version(self) -> tuple[int, int, int]:
+        """(count, max id, sum of ids) of the reference images: changes whenever a reference is added
+        (ids only grow: AUTOINCREMENT) or deleted, so another process can tell cheaply that its indexes
+        are behind the database."""
+        with self._db.reading() as conn:
+            row = conn.execute(sa.select(sa.func.count(), sa.func.coalesce(sa.func.max(ReferenceImage.id), 0),
+                                         sa.func.coalesce(sa.func.sum(ReferenceImage.id), 0))).one()
+        return int(row[0]), int(row[1]), int(row[2])
+
     def iter_reference_hashes(self, kind: ReferenceKind | str,
                               batch_size: int = 2000) -> Iterator[tuple[int, str]]:
         """(id, sha256) of every reference of the kind in id order, read in pages of short transactions

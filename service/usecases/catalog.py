@@ -32,6 +32,7 @@ from service.usecases.logo_templates import LogoTemplateMatcher
 from service.usecases.matching import LOGO_ID_STRIDE, ModelRoles, derived_key, logo_variants
 
 log = logging.getLogger("counterlens.catalog")
+_SYNC_TRIES = 3  # sync() calls on one reference-set version before it gives up waiting for stored data
 
 MANIFEST_COLUMNS = ("brand", "sku", "kind", "image", "ref_id", "title", "price", "currency")
 Progress = Callable[[int], None]
@@ -112,6 +113,10 @@ class CatalogService:
         self.listeners: list[Callable[[CatalogChange], None]] = []
         # One writer at a time: the database row, the blob and the index entry change together.
         self._write = threading.Lock()
+        # The reference set (repo.reference_set_version) the in-memory indexes were last made to agree
+        # with; None: never (a lazily loading process). See sync().
+        self._synced: tuple[int, int, int] | None = None
+        self._sync_tries: tuple[tuple[int, int, int] | None, int] = (None, 0)
         n = len(logo_variants(np.zeros((4, 4, 3), np.uint8)))
         assert n <= LOGO_ID_STRIDE
         self.logo_variant_count = n
@@ -356,6 +361,7 @@ class CatalogService:
         embedding for the current model is not stored yet (a new model) are embedded from their blobs."""
         done = []
         with self._write:
+            self._synced = self.repo.reference_set_version()  # read first: a later change is caught up later
             for model, kind in self.index_plan():
                 emb = self.embedders[model]
                 ids, keys, shas = self._expected(kind)
@@ -381,6 +387,65 @@ class CatalogService:
             if self.logo_templates is not None:
                 self._index_logo_templates()
         return done
+
+    # ------------------------------------------------------------------ other processes' changes
+
+    def sync(self) -> bool:
+        """Catch up with references other processes added or deleted (another API worker, a CLI import):
+        the in-memory indexes, keypoints and logo templates are patched from what those processes stored
+        (embeddings, features, blobs); nothing is embedded or saved here. One cheap query when nothing
+        changed. Answers whether anything was patched.
+
+        A reference whose embedding or keypoints are not stored yet (its process is still describing it)
+        is left for the next call: the version is recorded once everything expected was found, or after
+        ``_SYNC_TRIES`` calls on one version (a reference that can never be described, an unreadable
+        image, must not make every call patch again)."""
+        if self.repo.reference_set_version() == self._synced:
+            return False
+        with self._write:
+            version = self.repo.reference_set_version()
+            if version == self._synced:
+                return False
+            complete = self._catch_up()
+            tries = self._sync_tries[1] + 1 if self._sync_tries[0] == version else 1
+            self._sync_tries = (version, tries)
+            if complete or tries >= _SYNC_TRIES:
+                if not complete:
+                    log.warning("some references have no stored embedding or keypoints; left out of this "
+                                "process's indexes until the next catalog change or restart")
+                self._synced = version
+        if self._on_change:
+            self._on_change()
+        return True
+
+    def _catch_up(self) -> bool:
+        complete = True
+        for model, kind in self.index_plan():
+            emb = self.embedders[model]
+            ids, keys, _ = self._expected(kind)
+            index = self._open(model, kind)
+            have = {int(i) for i in index.ids()}
+            wanted = set(ids)
+            gone = np.array(sorted(have - wanted), np.int64)
+            if gone.size:
+                index.remove(gone)
+            new = sorted(wanted - have)
+            if new:
+                got = emb.lookup([keys[i] for i in new])
+                found = [i for i in new if keys[i] in got]
+                complete &= len(found) == len(new)
+                if found:
+                    index.add(np.array(found, np.int64), np.stack([got[keys[i]] for i in found]))
+            if new or gone.size:
+                log.info("caught up with other processes", extra={"index": f"{model}/{kind.value}",
+                                                                  "added": len(new), "removed": int(gone.size)})
+        if self.keypoints is not None:
+            expected = {i: sha for kind in ReferenceKind for i, sha in self.repo.iter_reference_hashes(kind)}
+            self.keypoints.reconcile(expected, None)
+            complete &= all(i in self.keypoints.index for i in expected)
+        if self.logo_templates is not None:
+            self._index_logo_templates()
+        return complete
 
     def _index_logo_templates(self) -> None:
         """Make templates of every logo reference from its stored image (they are not stored)."""
