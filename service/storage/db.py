@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -111,6 +112,26 @@ def create_engine(database_url: str, *, echo: bool = False, pool_size: int = 8) 
     return engine
 
 
+def _ensure_wal(cur: Any) -> None:
+    """Put the file in WAL mode (a property of the file: kept once set, so usually only read here).
+
+    Switching needs an exclusive lock, for which SQLite answers "database is locked" at once instead of
+    waiting in its busy handler: several processes or threads opening a new database together (server
+    workers, concurrent migrations) failed that way. So a locked switch is retried until the busy timeout.
+    """
+    deadline, pause = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000, 0.001
+    while True:
+        try:
+            if str(cur.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+
+
 def _install_sqlite_hooks(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -118,9 +139,9 @@ def _install_sqlite_hooks(engine: Engine) -> None:
         dbapi_connection.isolation_level = None
         cur = dbapi_connection.cursor()
         try:
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA foreign_keys=ON")
             cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            _ensure_wal(cur)
+            cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA synchronous=NORMAL")
         finally:
             cur.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import multiprocessing.synchronize
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -116,3 +117,25 @@ def test_the_sidecar_takes_the_database_files_permissions(tmp_path: Path) -> Non
         assert (tmp_path / "p.db-writer").stat().st_mode & 0o777 == 0o600
     finally:
         lock.close()
+
+
+def test_opening_a_database_another_connection_has_locked_waits_for_it(tmp_path: Path) -> None:
+    """Switching a new file to WAL while another connection writes in the old journal mode fails at once
+    with "database is locked" (SQLite's busy handler is not used for it): server workers or migrations
+    opening a new database together failed that way (test_concurrent_migrations_all_succeed, ~1 run in
+    12)."""
+    path = tmp_path / "new.db"
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("CREATE TABLE t (v INTEGER)")
+    threading.Timer(0.5, lambda: holder.execute("COMMIT")).start()
+    db = Database(f"sqlite:///{path}")
+    try:
+        started = time.monotonic()
+        with db.reading() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("SELECT count(*) FROM t").scalar() == 0
+        assert time.monotonic() - started >= 0.4  # it waited for the lock
+    finally:
+        db.dispose()
+        holder.close()
