@@ -201,30 +201,25 @@ class SqliteWriteLock:
 
     def _flock(self, fd: int) -> None:
         assert fcntl is not None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the common case: free, no wait
-            return
-        except BlockingIOError:
-            pass
-        # Held by another process: poll (a blocking flock cannot time out). 0.2-2 ms steps keep the hand-
-        # over quick next to SQLite's 1-100 ms sleeps, and a poll is one system call.
+        # A blocking flock cannot time out, so poll: at once (the common case, free), then in 0.2-2 ms
+        # steps, which keep the hand-over quick next to SQLite's 1-100 ms sleeps; a poll is one system call.
         deadline, pause = time.monotonic() + self._timeout_s, 0.0002
         while True:
-            time.sleep(pause)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return
             except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise WriteLockTimeoutError(
-                        f"another process has been writing {self._db_path} for over {self._timeout_s:.0f} s",
-                        None) from None
-                pause = min(pause * 2, 0.002)
+                pass
+            if time.monotonic() > deadline:
+                raise WriteLockTimeoutError(
+                    f"another process has been writing {self._db_path} for over {self._timeout_s:.0f} s", None)
+            time.sleep(pause)
+            pause = min(pause * 2, 0.002)
 
     def __enter__(self) -> SqliteWriteLock:
         if not self._threads.acquire(timeout=self._timeout_s):
             raise WriteLockTimeoutError(f"another thread has been writing {self._db_path} for over "
-                                   f"{self._timeout_s:.0f} s", None)
+                                        f"{self._timeout_s:.0f} s", None)
         if self._depth == 0:
             try:
                 fd = self._file()
