@@ -214,14 +214,9 @@ class ReferenceIndexes:
                 else:
                     index, action, reason = None, "rebuilt", mismatch
             else:
-                missing = np.setdiff1d(wanted, have, assume_unique=True)
-                extra = np.setdiff1d(have, wanted, assume_unique=True)
+                missing, extra = _diff(wanted, have)
                 if missing.size + extra.size <= max(256, wanted.size // 100):
-                    removed = index.remove(extra)
-                    for start in range(0, missing.size, self._tuning.build_batch):
-                        chunk = missing[start : start + self._tuning.build_batch]
-                        index.add(chunk, stored_vectors(chunk))
-                    added = int(missing.size)
+                    added, removed = self._apply(index, missing, extra, stored_vectors)
                     action = "patched"
                     reason = f"{missing.size} ids missing, {extra.size} extra"
                 else:
@@ -260,5 +255,27 @@ class ReferenceIndexes:
             seconds=time.perf_counter() - started,
         )
 
+    def patch(self, name: str, kind: ReferenceKind | str, ids: Ids | Sequence[int],
+              stored_vectors: StoredVectors) -> tuple[int, int]:
+        """Make the open index of (name, kind) hold exactly ``ids`` in memory, adding the missing ones
+        from ``stored_vectors`` and removing the others; not saved (another process that made the
+        change saved it). Answers (added, removed)."""
+        index = self.get(name, kind)
+        missing, extra = _diff(np.unique(as_ids(np.asarray(ids), "ids")), index.ids())
+        return self._apply(index, missing, extra, stored_vectors)
+
+    def _apply(self, index: FaissReferenceIndex, missing: Ids, extra: Ids,
+               stored_vectors: StoredVectors) -> tuple[int, int]:
+        removed = index.remove(extra)
+        for start in range(0, missing.size, self._tuning.build_batch):
+            chunk = missing[start : start + self._tuning.build_batch]
+            index.add(chunk, stored_vectors(chunk))
+        return int(missing.size), removed
+
     def _empty(self, kind: ReferenceKind, model_id: str, dim: int) -> FaissReferenceIndex:
         return FaissReferenceIndex(dim, self._settings, model_id=model_id, kind=kind, tuning=self._tuning)
+
+
+def _diff(wanted: Ids, have: Ids) -> tuple[Ids, Ids]:
+    """(ids wanted but not held, ids held but not wanted) of two sorted unique id arrays."""
+    return (np.setdiff1d(wanted, have, assume_unique=True), np.setdiff1d(have, wanted, assume_unique=True))

@@ -365,11 +365,9 @@ class CatalogService:
             for model, kind in self.index_plan():
                 emb = self.embedders[model]
                 ids, keys, shas = self._expected(kind)
-                self._embed_missing(model, kind, keys, shas, progress)
-                have = emb.lookup(list(keys.values()))
-                if len(have) < len(set(keys.values())):
-                    # Left out: references whose image could not be read to embed (logged there).
-                    keys = {i: k for i, k in keys.items() if k in have}
+                left_out = self._embed_missing(model, kind, keys, shas, progress)
+                if left_out:  # references whose image could not be read to embed (logged there)
+                    keys = {i: k for i, k in keys.items() if k not in left_out}
                     ids = sorted(keys)
 
                 def stored(wanted: np.ndarray, _emb: CachedEmbedder = emb,
@@ -423,24 +421,21 @@ class CatalogService:
         for model, kind in self.index_plan():
             emb = self.embedders[model]
             ids, keys, _ = self._expected(kind)
-            index = self._open(model, kind)
-            have = {int(i) for i in index.ids()}
-            wanted = set(ids)
-            gone = np.array(sorted(have - wanted), np.int64)
-            if gone.size:
-                index.remove(gone)
-            new = sorted(wanted - have)
-            if new:
-                got = emb.lookup([keys[i] for i in new])
-                found = [i for i in new if keys[i] in got]
-                complete &= len(found) == len(new)
-                if found:
-                    index.add(np.array(found, np.int64), np.stack([got[keys[i]] for i in found]))
-            if new or gone.size:
+            new = {int(i) for i in np.setdiff1d(ids, self._open(model, kind).ids())}
+            got = emb.lookup([keys[i] for i in new])  # only what this process has not indexed yet
+            ready = [i for i in ids if i not in new or keys[i] in got]
+            complete &= len(ready) == len(ids)
+
+            def stored(wanted: np.ndarray, _got: dict[str, np.ndarray] = got,
+                       _keys: dict[int, str] = keys) -> np.ndarray:
+                return np.stack([_got[_keys[int(i)]] for i in wanted])
+
+            added, removed = self.indexes.patch(model, kind, ready, stored)
+            if added or removed:
                 log.info("caught up with other processes", extra={"index": f"{model}/{kind.value}",
-                                                                  "added": len(new), "removed": int(gone.size)})
+                                                                  "added": added, "removed": removed})
         if self.keypoints is not None:
-            expected = {i: sha for kind in ReferenceKind for i, sha in self.repo.iter_reference_hashes(kind)}
+            expected = self._reference_hashes()
             self.keypoints.reconcile(expected, None)
             complete &= all(i in self.keypoints.index for i in expected)
         if self.logo_templates is not None:
@@ -469,31 +464,44 @@ class CatalogService:
             log.warning("reference image %s cannot be read: %s", sha256[:12], exc)
             return None
 
+    def _reference_hashes(self) -> dict[int, str]:
+        """image id -> sha256 of every reference, products and logos."""
+        return {i: sha for kind in ReferenceKind for i, sha in self.repo.iter_reference_hashes(kind)}
+
     def _index_keypoints(self, *, describe: bool, progress: Progress | None = None) -> None:
         """Fill the keypoint index with every reference, describing those without stored keypoints from
         their blobs when ``describe``."""
         assert self.keypoints is not None
-        expected = {i: sha for kind in ReferenceKind for i, sha in self.repo.iter_reference_hashes(kind)}
+        expected = self._reference_hashes()
         pixels = self._stored_pixels if describe else None
         described = self.keypoints.reconcile(expected, pixels, progress)
         log.info("keypoint index: %d references, %d described now", len(expected), described)
 
     def _embed_missing(self, model: str, kind: ReferenceKind, keys: dict[int, str], shas: dict[int, str],
-                       progress: Progress | None) -> int:
+                       progress: Progress | None) -> set[str]:
+        """Embed (from their blobs) the references of ``keys`` (vector id -> embedding key) without a
+        stored embedding. Answers the keys still without one: references whose image cannot be read
+        (logged), which the caller leaves out of the index."""
         emb = self.embedders[model]
         have = emb.lookup(list(keys.values()))
-        todo = sorted({i if kind is ReferenceKind.PRODUCT else i // LOGO_ID_STRIDE
-                       for i, k in keys.items() if k not in have})
+
+        def image_id(i: int) -> int:
+            return i if kind is ReferenceKind.PRODUCT else i // LOGO_ID_STRIDE
+
+        todo = sorted({image_id(i) for i, k in keys.items() if k not in have})
         if not todo:
-            return 0
+            return set()
         log.info("embedding %d %s references for %s", len(todo), kind.value, emb.model_id)
+        unreadable: set[int] = set()
         for start in range(0, len(todo), 32):
-            chunk = [shas[i] for i in todo[start:start + 32]]
-            pixels = [self._stored_pixels(sha) for sha in chunk]
+            chunk = todo[start:start + 32]
             images: list[ListingImage] = []
-            for sha, px in zip(chunk, pixels, strict=True):
+            for i in chunk:
+                sha = shas[i]
+                px = self._stored_pixels(sha)
                 if px is None:
-                    continue  # unreadable: left out of the index (logged), the others are indexed
+                    unreadable.add(i)  # left out of the index (logged), the others are indexed
+                    continue
                 if kind is ReferenceKind.LOGO:
                     images += [ListingImage(derived_key(sha, f"logo-variant:{v}"), variant)
                                for v, variant in enumerate(logo_variants(px))]
@@ -502,4 +510,4 @@ class CatalogService:
             emb.embed(images)
             if progress:
                 progress(len(chunk))
-        return len(todo)
+        return {k for i, k in keys.items() if image_id(i) in unreadable}
