@@ -44,13 +44,15 @@ def reuse_port_supported() -> bool:
     return hasattr(socket, "SO_REUSEPORT")
 
 
-def bind_reuse_port(host: str, port: int) -> socket.socket:
-    """A bound, not yet listening TCP socket that shares ``port`` with the other workers' sockets."""
+def bind_reuse_port(host: str, port: int, *, reuse_port: bool = True) -> socket.socket:
+    """A bound, not yet listening TCP socket that shares ``port`` with the other workers' sockets
+    (``reuse_port=False``: one that conflicts with every listener on the port, a probe)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers are fine
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
     except OSError:
         sock.close()
@@ -124,17 +126,11 @@ class ReusePortSupervisor:
             log.info("stopping the workers (signal %d)", signum)
             self._stop.set()
 
-    def _probe_port(self) -> None:
-        """Fail (OSError) when anything listens on the port already: bound without SO_REUSEPORT, the probe
-        conflicts with every listener, ours included."""
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers are fine
-            probe.bind((self.host, self.port))
-
     def run(self) -> int:
         """Start the workers, keep them running, and answer the exit status."""
-        self._probe_port()
+        # Fails (OSError) when anything listens on the port already: bound without SO_REUSEPORT, the
+        # probe conflicts with every listener, ours included.
+        bind_reuse_port(self.host, self.port, reuse_port=False).close()
         signals = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
         previous = {s: signal.signal(s, self._on_signal) for s in signals}
         failed_starts, status = 0, 0
