@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import sqlalchemy as sa
@@ -62,20 +62,22 @@ class KeypointStore:
             t.c.sha256 == sa.bindparam("b_sha"), t.c.extractor_id == sa.bindparam("b_extractor"),
         ).values(verified_refs=sa.bindparam("b_refs"), verified=sa.bindparam("b_verified"))
 
+    def _rows(self, stmt: sa.Select[Any], params: dict[str, str], sha256s: Iterable[str]) -> list[Any]:
+        """The rows of ``stmt`` for the distinct ``sha256s``, one statement per 500 of them."""
+        keys = list(dict.fromkeys(sha256s))
+        if not keys:
+            return []
+        with self._db.reading() as conn:
+            return [row for chunk in chunked(keys) for row in conn.execute(stmt, {**params, "shas": chunk}).all()]
+
     def get_many(self, extractor_id: str, sha256s: Iterable[str]) -> dict[str, KeypointSet]:
         """The stored features among ``sha256s`` (missing ones are absent). Read-only arrays."""
         extractor = validate.text(extractor_id, "extractor_id", 128)
-        keys = list(dict.fromkeys(sha256s))
         out: dict[str, KeypointSet] = {}
-        if not keys:
-            return out
-        with self._db.reading() as conn:
-            for chunk in chunked(keys):
-                for sha, count, dim, w, h, scale, data in conn.execute(
-                        self._select, {"extractor": extractor, "shas": chunk}).all():
-                    got = decode(count, dim, w, h, scale, data)
-                    if got is not None:
-                        out[sha] = got
+        for sha, count, dim, w, h, scale, data in self._rows(self._select, {"extractor": extractor}, sha256s):
+            got = decode(count, dim, w, h, scale, data)
+            if got is not None:
+                out[sha] = got
         return out
 
     def put_many(self, extractor_id: str, features: Mapping[str, KeypointSet]) -> None:
@@ -101,17 +103,11 @@ class KeypointStore:
         """The latest verifications among ``sha256s`` made against ``references`` (others are absent).
         A row whose JSON does not read is absent: the photo is verified again."""
         extractor = validate.text(extractor_id, "extractor_id", 128)
-        keys = list(dict.fromkeys(sha256s))
         out: dict[str, list[VerifiedReference]] = {}
-        if not keys:
-            return out
-        with self._db.reading() as conn:
-            for chunk in chunked(keys):
-                for sha, text in conn.execute(self._select_verified, {"extractor": extractor, "refs": references,
-                                                                      "shas": chunk}).all():
-                    got = _read_verified(text)
-                    if got is not None:
-                        out[sha] = got
+        for sha, text in self._rows(self._select_verified, {"extractor": extractor, "refs": references}, sha256s):
+            got = _read_verified(text)
+            if got is not None:
+                out[sha] = got
         return out
 
     def put_verified(self, extractor_id: str, references: str,
