@@ -342,9 +342,7 @@ def decode_base64(payload: str | bytes, field: str | None = None, max_bytes: int
         except (binascii.Error, ValueError):
             pass
         else:
-            if len(raw) > max_bytes:
-                raise IntakeError(IntakeErrorCode.TOO_LARGE,
-                                  f"the base64 data decodes to {len(raw)} bytes; the limit is {max_bytes}", field)
+            _check_decoded_size(len(raw), max_bytes, field)
             return raw
     text = _WHITESPACE.sub("", text)
     if not text:
@@ -356,14 +354,17 @@ def decode_base64(payload: str | bytes, field: str | None = None, max_bytes: int
     if len(text) - len(body) > 2 or len(body) % 4 == 1 or padded_wrong or not _B64_CHARS.match(text):
         raise IntakeError(IntakeErrorCode.BAD_BASE64,
                           "not valid base64 (characters outside the alphabet or a wrong length)", field)
-    decoded_size = len(body) * 3 // 4
-    if decoded_size > max_bytes:
-        raise IntakeError(IntakeErrorCode.TOO_LARGE,
-                          f"the base64 data decodes to {decoded_size} bytes; the limit is {max_bytes}", field)
+    _check_decoded_size(len(body) * 3 // 4, max_bytes, field)
     try:
         return base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise IntakeError(IntakeErrorCode.BAD_BASE64, f"not valid base64: {exc}", field) from None
+
+
+def _check_decoded_size(size: int, max_bytes: int, field: str | None) -> None:
+    if size > max_bytes:
+        raise IntakeError(IntakeErrorCode.TOO_LARGE,
+                          f"the base64 data decodes to {size} bytes; the limit is {max_bytes}", field)
 
 
 def _check_data_url_header(header: str, field: str | None) -> None:
