@@ -30,7 +30,7 @@ GROCERY = REPO.parent / "shared" / "data" / "grocery-dev"
 from benchlib import raw_model_rate  # noqa: E402
 
 from index.logo_templates import TemplateLogoLocator  # noqa: E402
-from service.container import build_embedders  # noqa: E402
+from service.container import build_embedders, build_logo_locator  # noqa: E402
 from service.demo import logo_on_white, render_logo  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
@@ -77,7 +77,6 @@ def main() -> None:
         ap.error("--photos and every --logos count must be at least 1")
     console = Console()
     settings = Settings(data_dir=args.models_from)
-    t = settings.logo_templates
 
     largest = max(args.logos)
     made: list[tuple[str, np.ndarray]] = []
@@ -100,8 +99,7 @@ def main() -> None:
     for col in ("logos", "searched", "ms / photo", "photos / s", "ratio to raw"):
         table.add_column(col, justify="right")
     for n in sorted(args.logos):
-        locator = TemplateLogoLocator(work_side=t.work_side, min_width=t.min_width, max_width=t.max_width,
-                                      colour_sigma=t.colour_sigma, candidates=t.candidates)
+        locator = build_logo_locator(settings)
         indexed = [i for i, (_, px) in enumerate(made[:n]) if locator.add(i, px)]
         for label, only in (("every logo", None), ("one brand's", indexed[:1])):
             ms = per_photo_ms(locator, pixels, only)

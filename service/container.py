@@ -240,14 +240,17 @@ def build_keypoints(settings: Settings, store: KeypointStore, catalog: CatalogRe
     return KeypointMatcher(extractor, store, index, catalog, min_inliers=k.min_inliers)
 
 
+def build_logo_locator(settings: Settings) -> TemplateLogoLocator:
+    t = settings.logo_templates
+    return TemplateLogoLocator(work_side=t.work_side, min_width=t.min_width, max_width=t.max_width,
+                               colour_sigma=t.colour_sigma, candidates=t.candidates)
+
+
 def build_logo_templates(settings: Settings, catalog: CatalogReader) -> LogoTemplateMatcher | None:
     """Logo search by template, or None when ``logo_templates.mode`` is "never"."""
-    t = settings.logo_templates
-    if t.mode == "never":
+    if settings.logo_templates.mode == "never":
         return None
-    locator = TemplateLogoLocator(work_side=t.work_side, min_width=t.min_width, max_width=t.max_width,
-                                  colour_sigma=t.colour_sigma, candidates=t.candidates)
-    return LogoTemplateMatcher(locator, catalog)
+    return LogoTemplateMatcher(build_logo_locator(settings), catalog)
 
 
 def _request_rescan(scheduler: StoredRescanScheduler, change: CatalogChange) -> None:
