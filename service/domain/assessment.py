@@ -37,8 +37,8 @@ from service.domain.model import (
     Verdict,
 )
 from service.domain.policy import VerdictPolicy
-from service.domain.pricing import CurrencyTable, PriceThresholds, price_signal
-from service.domain.seller import SellerThresholds, authorized_reason, seller_signal, seller_status
+from service.domain.pricing import CurrencyTable, PriceReading, PriceThresholds, explain_price, read_price
+from service.domain.seller import SellerReading, SellerThresholds, authorized_reason, explain_seller, read_seller
 from service.domain.textmatch import TextScan, TextWeights, mention_reason, text_signal, vocabulary_reason
 from service.domain.visual import VISUAL_SIGNALS, VisualThresholds, visual_signal
 
@@ -144,13 +144,27 @@ def _skipped(name: SignalName, why: str) -> Signal:
 
 @dataclass(slots=True)
 class _Reading:
-    """One candidate brand's reading of the listing (or the no-brand reading)."""
+    """One candidate brand's reading of the listing (or the no-brand reading): the numbers fusion needs.
+    Signals and reasons are written only for the reading that is reported (:func:`_explain`)."""
 
     candidate: BrandCandidate | None
-    signals: list[Signal]
+    context: BrandContext | None
+    price: PriceReading | None  # None: the price signal was skipped (``price_skip`` says why)
+    price_skip: str | None
+    seller: SellerReading | None
+    seller_ran: bool
     features: FusionFeatures
     fusion: FusionOutcome
-    reasons: list[tuple[float, str]]
+
+
+@dataclass(frozen=True, slots=True)
+class RiskReading:
+    """What :func:`assess_risk` answers: the risk :func:`assess` would report, the brand it reads and
+    the verdict policy that applies to it."""
+
+    risk: float
+    brand: str | None
+    policy: VerdictPolicy
 
 
 def assess(
@@ -173,6 +187,56 @@ def assess(
     """
     p = params or ScoringParams()
     skip = dict(skipped or {})
+    text_sig, candidates, best = _best_reading(facts, matches, text, contexts, p, skip)
+    brand = best.candidate.brand if best.candidate else None
+    policy = _policy(contexts, brand, p)
+    signals, reasons = _explain(best, facts, matches, text, text_sig, p, skip)
+    return Assessment(
+        listing_id=facts.listing_id,
+        risk=best.fusion.risk,
+        verdict=policy.verdict(best.fusion.risk),
+        brand=brand,
+        signals=signals,
+        reasons=reasons,
+        candidates=candidates,
+        features=best.features,
+        fusion=best.fusion,
+        policy=policy,
+    )
+
+
+def assess_risk(
+    facts: ListingFacts,
+    matches: Sequence[Match],
+    text: TextScan,
+    contexts: Mapping[str, BrandContext],
+    params: ScoringParams | None = None,
+    skipped: Mapping[SignalName, str] | None = None,
+) -> RiskReading:
+    """The risk, brand and policy :func:`assess` would report for the same inputs, without writing its
+    signals and reasons: for the cascade's "would this change the verdict?" questions, which ask it
+    for hypothetical evidence on every listing. Raises as :func:`assess` does."""
+    p = params or ScoringParams()
+    _, _, best = _best_reading(facts, matches, text, contexts, p, dict(skipped or {}))
+    brand = best.candidate.brand if best.candidate else None
+    return RiskReading(best.fusion.risk, brand, _policy(contexts, brand, p))
+
+
+def _policy(contexts: Mapping[str, BrandContext], brand: str | None, p: ScoringParams) -> VerdictPolicy:
+    ctx = contexts.get(brand) if brand else None
+    return ctx.policy if ctx is not None and ctx.policy is not None else p.policy
+
+
+def _best_reading(
+    facts: ListingFacts,
+    matches: Sequence[Match],
+    text: TextScan,
+    contexts: Mapping[str, BrandContext],
+    p: ScoringParams,
+    skip: Mapping[SignalName, str],
+) -> tuple[Signal, list[BrandCandidate], _Reading]:
+    """The text signal, the candidate brands and the riskiest reading: each candidate (at most
+    ``max_candidates``) is read, or the no-brand reading when there is none."""
     if facts.price is not None:  # bad input fails whether or not a price comparison happens
         p.currencies.to_usd(facts.price, "price")
     text_sig = _skipped(SignalName.TEXT, skip[SignalName.TEXT]) if SignalName.TEXT in skip else (
@@ -181,76 +245,73 @@ def assess(
         [m for m in matches if m.signal not in skip], text.mentions if text_sig.ran else (), p.visual,
         p.brand_evidence,
     )
-    readings = [_read(facts, matches, text, text_sig, c, contexts.get(c.brand), p, skip)
-                for c in candidates[: p.max_candidates]]
+    readings = [_read(facts, text_sig, c, contexts.get(c.brand), p, skip) for c in candidates[: p.max_candidates]]
     if not readings:
-        readings = [_read(facts, matches, text, text_sig, None, None, p, skip)]
+        readings = [_read(facts, text_sig, None, None, p, skip)]
     best = max(readings, key=lambda r: r.fusion.risk)  # first (strongest evidence) wins ties
-    brand = best.candidate.brand if best.candidate else None
-    ctx = contexts.get(brand) if brand else None
-    policy = ctx.policy if ctx is not None and ctx.policy is not None else p.policy
-    ranked = sorted(best.reasons, key=lambda r: -abs(r[0]))
-    reasons = list(dict.fromkeys(r for c, r in ranked if abs(c) >= p.min_reason_contribution))
-    return Assessment(
-        listing_id=facts.listing_id,
-        risk=best.fusion.risk,
-        verdict=policy.verdict(best.fusion.risk),
-        brand=brand,
-        signals=best.signals,
-        reasons=reasons[: p.max_reasons],
-        candidates=candidates,
-        features=best.features,
-        fusion=best.fusion,
-        policy=policy,
-    )
+    return text_sig, candidates, best
 
 
 def _read(
     facts: ListingFacts,
-    matches: Sequence[Match],
-    text: TextScan,
     text_sig: Signal,
     cand: BrandCandidate | None,
     ctx: BrandContext | None,
     p: ScoringParams,
     skip: Mapping[SignalName, str],
 ) -> _Reading:
-    brand = cand.brand if cand else None
+    price: PriceReading | None = None
+    price_skip: str | None = None
+    if SignalName.PRICE in skip:
+        price_skip = skip[SignalName.PRICE]
+    elif cand is None or cand.product_match is None:
+        price_skip = "no candidate product to compare the price with"
+    else:
+        market = ctx.market_prices.get(cand.sku, ()) if ctx is not None and cand.sku else ()
+        price = read_price(facts.price, cand.reference_price, market, p.currencies, p.price)
+
+    seller: SellerReading | None = None
+    seller_ran = SignalName.SELLER not in skip
+    authorized = None
+    if seller_ran:
+        authorized_list = ctx.authorized_sellers if ctx is not None else frozenset()
+        seller = read_seller(facts.seller, authorized_list, facts.seller_confirmed_counterfeits, p.seller)
+        authorized = seller.authorized if seller is not None else None
+
+    features = FusionFeatures(
+        brand=cand.evidence if cand else 0.0,
+        price=price.score if price is not None and price.ran else 0.0,
+        text=text_sig.score if text_sig.ran else 0.0,
+        seller=seller.score if seller is not None else 0.0,
+        authorized=bool(authorized),
+    )
+    return _Reading(cand, ctx, price, price_skip, seller, seller_ran, features, fuse(features, p.weights))
+
+
+def _explain(
+    r: _Reading,
+    facts: ListingFacts,
+    matches: Sequence[Match],
+    text: TextScan,
+    text_sig: Signal,
+    p: ScoringParams,
+    skip: Mapping[SignalName, str],
+) -> tuple[list[Signal], list[str]]:
+    """The reported reading's signals (in :data:`SIGNAL_ORDER`) and its reasons, most telling first."""
+    brand = r.candidate.brand if r.candidate else None
     signals: dict[SignalName, Signal] = {}
     for name in VISUAL_SIGNALS:
         signals[name] = _skipped(name, skip[name]) if name in skip else visual_signal(
             name, matches, p.visual, brand)
     signals[SignalName.TEXT] = text_sig
-
-    if SignalName.PRICE in skip:
-        price = _skipped(SignalName.PRICE, skip[SignalName.PRICE])
-    elif cand is None or cand.product_match is None:
-        price = _skipped(SignalName.PRICE, "no candidate product to compare the price with")
-    else:
-        market = ctx.market_prices.get(cand.sku, ()) if ctx is not None and cand.sku else ()
-        price = price_signal(facts.price, cand.reference_price, market, p.currencies, p.price)
-    signals[SignalName.PRICE] = price
-
-    authorized_list = ctx.authorized_sellers if ctx is not None else frozenset()
-    if SignalName.SELLER in skip:
-        seller = _skipped(SignalName.SELLER, skip[SignalName.SELLER])
-        authorized = None
-    else:
-        seller = seller_signal(facts.seller, brand, authorized_list, facts.seller_confirmed_counterfeits,
-                               p.seller)
-        authorized = seller_status(facts.seller, authorized_list)
-    signals[SignalName.SELLER] = seller
-
-    features = FusionFeatures(
-        brand=cand.evidence if cand else 0.0,
-        price=price.score if price.ran else 0.0,
-        text=text_sig.score if text_sig.ran else 0.0,
-        seller=seller.score if seller.ran else 0.0,
-        authorized=bool(authorized),
-    )
-    outcome = fuse(features, p.weights)
-    return _Reading(cand, [signals[n] for n in SIGNAL_ORDER], features, outcome,
-                    _reasons(cand, signals, text, outcome, p, facts, brand))
+    signals[SignalName.PRICE] = (explain_price(r.price, p.currencies) if r.price is not None
+                                 else _skipped(SignalName.PRICE, r.price_skip or ""))
+    signals[SignalName.SELLER] = (explain_seller(r.seller, brand) if r.seller_ran
+                                  else _skipped(SignalName.SELLER, skip[SignalName.SELLER]))
+    shares = _reasons(r.candidate, signals, text, r.fusion, p, facts, brand)
+    ranked = sorted(shares, key=lambda t: -abs(t[0]))
+    reasons = list(dict.fromkeys(t for c, t in ranked if abs(c) >= p.min_reason_contribution))
+    return [signals[n] for n in SIGNAL_ORDER], reasons[: p.max_reasons]
 
 
 def _reasons(

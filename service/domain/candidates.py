@@ -10,7 +10,7 @@ signals are worth running.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from service.domain.curves import noisy_or, require_fraction
 from service.domain.model import Match, Money, ReferenceKind, SignalName
@@ -129,20 +129,21 @@ def candidate_brands(
     for brand in set(best) | set(by_brand_mentions):
         per = best.get(brand, {})
         brand_mentions = tuple(by_brand_mentions.get(brand, ()))
-        cand = BrandCandidate(
-            brand=brand,
-            evidence=0.0,
-            copy=per.get(SignalName.COPY, 0.0),
-            lookalike=per.get(SignalName.LOOKALIKE, 0.0),
-            logo=per.get(SignalName.LOGO, 0.0),
-            keypoints=per.get(SignalName.KEYPOINTS, 0.0),
-            mention=max((w.for_mention(x.where) for x in brand_mentions), default=0.0),
-            product_match=product[brand][3] if brand in product else None,
-            mentions=brand_mentions,
-        )
-        evidence = noisy_or(cand.weighted_components(w).values())
+        copy = per.get(SignalName.COPY, 0.0)
+        lookalike = per.get(SignalName.LOOKALIKE, 0.0)
+        logo = per.get(SignalName.LOGO, 0.0)
+        keypoints = per.get(SignalName.KEYPOINTS, 0.0)
+        said = max((w.for_mention(x.where) for x in brand_mentions), default=0.0)
+        # The terms of BrandCandidate.weighted_components, in its order (candidates are made for every
+        # listing, several times by the cascade: no throwaway candidate is built to ask it).
+        evidence = noisy_or((w.copy * copy, w.lookalike * lookalike, w.logo * logo, w.keypoints * keypoints,
+                             said))
         if evidence > 0.0:
-            out.append(replace(cand, evidence=evidence))
+            out.append(BrandCandidate(
+                brand=brand, evidence=evidence, copy=copy, lookalike=lookalike, logo=logo, keypoints=keypoints,
+                mention=said, product_match=product[brand][3] if brand in product else None,
+                mentions=brand_mentions,
+            ))
     out.sort(key=lambda c: (-c.evidence, c.brand))
     return out
 

@@ -32,7 +32,7 @@ class UnknownCurrencyError(ValueError):
 
 def check_money(money: Money, field: str = "price") -> None:
     """Raise a ValueError naming ``field`` unless the amount is finite and not negative."""
-    if not isinstance(money.amount, int | float) or not math.isfinite(money.amount) or money.amount < 0:
+    if not isinstance(money.amount, (int, float)) or not math.isfinite(money.amount) or money.amount < 0:
         raise ValueError(f"{field}.amount must be a finite number >= 0, got {money.amount!r}")
     if not money.currency or not money.currency.isalpha():
         raise ValueError(f"{field}.currency must be an ISO 4217 code, got {money.currency!r}")
@@ -214,6 +214,74 @@ def _pct(ratio: float) -> str:
     return f"{ratio * 100:.0f}%"
 
 
+@dataclass(frozen=True, slots=True)
+class PriceReading:
+    """The numbers of the price signal, before any sentence is written: what fusion needs of a price.
+
+    ``ran`` False (with ``skipped_because``) when the listing has no positive price or there is no
+    baseline. ``ratio``/``reference_score`` are set when a positive reference price was compared,
+    ``stats``/``z``/``market_score`` when enough market prices were.
+    """
+
+    price: Money | None
+    reference_price: Money | None
+    market_listings: int
+    ran: bool
+    score: float = 0.0
+    skipped_because: str | None = None
+    price_usd: float = 0.0
+    reference_usd: float = 0.0
+    ratio: float | None = None
+    reference_score: float = 0.0
+    stats: MarketStats | None = None
+    z: float = 0.0
+    market_score: float = 0.0
+
+
+def read_price(
+    price: Money | None,
+    reference_price: Money | None,
+    market_prices: Sequence[Money],
+    currencies: CurrencyTable,
+    thresholds: PriceThresholds | None = None,
+) -> PriceReading:
+    """How anomalously low the listing's price is, as numbers: the larger of the reference-price score
+    and the market score (each in [0, 1]); prices above either baseline score 0.
+
+    Not run when the listing has no positive price or there is no baseline (no reference price and
+    too few market prices): a missing price is unknown, not suspicious. Raises
+    :class:`UnknownCurrencyError` (a ValueError naming the field) for the listing's or the reference's
+    currency; market prices in unknown currencies are skipped and counted.
+    """
+    th = thresholds or PriceThresholds()
+    n = len(market_prices)
+    if price is not None:
+        check_money(price, "price")
+    if price is None or price.amount == 0:
+        return PriceReading(price, reference_price, n, ran=False,
+                            skipped_because="the listing has no positive price")
+    price_usd = currencies.to_usd(price, "price")
+    ratio: float | None = None
+    ref_usd = ref_score = market_score = z = 0.0
+    if reference_price is not None:
+        ref_usd = currencies.to_usd(reference_price, "reference_price")
+        if ref_usd > 0:
+            ratio = price_usd / ref_usd
+            ref_score = ramp(ratio, th.ratio_start, th.ratio_certain)
+    sample = market_prices if isinstance(market_prices, MarketSample) else MarketSample(market_prices)
+    stats = sample.stats(currencies, th.min_market_count, th.outlier_cut, th.min_log_scale)
+    if stats is not None:
+        z = stats.robust_z(price_usd)
+        market_score = ramp(z, th.z_start, th.z_certain)
+    if ratio is None and stats is None:
+        return PriceReading(price, reference_price, n, ran=False, price_usd=price_usd, reference_usd=ref_usd,
+                            skipped_because=f"no reference price and fewer than {th.min_market_count} "
+                                            "market prices to compare with")
+    return PriceReading(price, reference_price, n, ran=True, score=max(ref_score, market_score),
+                        price_usd=price_usd, reference_usd=ref_usd, ratio=ratio, reference_score=ref_score,
+                        stats=stats, z=z, market_score=market_score)
+
+
 def price_signal(
     price: Money | None,
     reference_price: Money | None,
@@ -221,56 +289,41 @@ def price_signal(
     currencies: CurrencyTable,
     thresholds: PriceThresholds | None = None,
 ) -> Signal:
-    """How anomalously low the listing's price is: the larger of the reference-price score and the
-    market score (each in [0, 1]); prices above either baseline score 0.
+    """:func:`read_price` as a signal, with its evidence and reasons (see there)."""
+    return explain_price(read_price(price, reference_price, market_prices, currencies, thresholds), currencies)
 
-    Not run (``ran=False``) when the listing has no positive price or there is no baseline (no
-    reference price and too few market prices): a missing price is unknown, not suspicious.
-    Raises :class:`UnknownCurrencyError` (a ValueError naming the field) for the listing's or the
-    reference's currency; market prices in unknown currencies are skipped and counted.
-    """
-    th = thresholds or PriceThresholds()
+
+def explain_price(r: PriceReading, currencies: CurrencyTable) -> Signal:
+    """The price signal of a :class:`PriceReading`: its score, evidence and the sentences people read."""
     sig = Signal(name=SignalName.PRICE)
-    if price is not None:
-        check_money(price, "price")
-    if price is None or price.amount == 0:
-        sig.ran, sig.skipped_because = False, "the listing has no positive price"
+    if r.price is None or r.price.amount == 0:
+        sig.ran, sig.skipped_because = False, r.skipped_because
         return sig
-    price_usd = currencies.to_usd(price, "price")
-    ev: dict[str, Any] = {"price": format_money(price), "price_usd": round(price_usd, 2)}
-    ref_score = market_score = 0.0
+    price = r.price
+    ev: dict[str, Any] = {"price": format_money(price), "price_usd": round(r.price_usd, 2)}
     reasons: list[tuple[float, str]] = []
-    if reference_price is not None:
-        ref_usd = currencies.to_usd(reference_price, "reference_price")
-        if ref_usd > 0:
-            ratio = price_usd / ref_usd
-            ref_score = ramp(ratio, th.ratio_start, th.ratio_certain)
-            ev.update(reference_price=format_money(reference_price), reference_price_usd=round(ref_usd, 2),
-                      ratio=round(ratio, 4), reference_score=round(ref_score, 4))
-            if ratio < 1.0:
-                reasons.append((ref_score, f"price {format_money(price)} is {_pct(ratio)} of the reference "
-                                           f"price {format_money(reference_price)}"))
-    sample = market_prices if isinstance(market_prices, MarketSample) else MarketSample(market_prices)
-    stats = sample.stats(currencies, th.min_market_count, th.outlier_cut, th.min_log_scale)
-    ev["market_listings"] = len(market_prices)
+    if r.ratio is not None:
+        assert r.reference_price is not None
+        ev.update(reference_price=format_money(r.reference_price), reference_price_usd=round(r.reference_usd, 2),
+                  ratio=round(r.ratio, 4), reference_score=round(r.reference_score, 4))
+        if r.ratio < 1.0:
+            reasons.append((r.reference_score, f"price {format_money(price)} is {_pct(r.ratio)} of the "
+                                               f"reference price {format_money(r.reference_price)}"))
+    ev["market_listings"] = r.market_listings
+    stats, z = r.stats, r.z
     if stats is not None:
-        z = stats.robust_z(price_usd)
-        market_score = ramp(z, th.z_start, th.z_certain)
         median = currencies.convert(Money(stats.median_usd, "USD"), price.currency, "market median")
         ev.update(market_median=format_money(median), market_median_usd=round(stats.median_usd, 2),
                   market_count=stats.count, market_outliers=stats.outliers, market_skipped=stats.skipped,
-                  robust_z=round(z, 3), market_score=round(market_score, 4))
+                  robust_z=round(z, 3), market_score=round(r.market_score, 4))
         if z < 0:
-            reasons.append((market_score, f"price {format_money(price)} is {abs(z):.1f} robust deviations "
-                                          f"below the market median {format_money(median)} "
-                                          f"({stats.count} other listings)"))
-    if "ratio" not in ev and stats is None:
-        sig.ran = False
-        sig.skipped_because = (f"no reference price and fewer than {th.min_market_count} market prices "
-                               "to compare with")
-        sig.evidence = ev
-        return sig
-    sig.score = max(ref_score, market_score)
+            reasons.append((r.market_score, f"price {format_money(price)} is {abs(z):.1f} robust deviations "
+                                            f"below the market median {format_money(median)} "
+                                            f"({stats.count} other listings)"))
     sig.evidence = ev
-    sig.reasons = [r for s, r in sorted(reasons, key=lambda t: -t[0]) if s > 0.0]
+    if not r.ran:
+        sig.ran, sig.skipped_because = False, r.skipped_because
+        return sig
+    sig.score = r.score
+    sig.reasons = [t for s, t in sorted(reasons, key=lambda t: -t[0]) if s > 0.0]
     return sig

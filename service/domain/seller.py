@@ -61,6 +61,73 @@ def seller_status(seller: SellerInfo | None, authorized_sellers: Collection[str]
     return seller.seller_id in authorized_sellers
 
 
+@dataclass(frozen=True, slots=True)
+class SellerReading:
+    """The numbers of the seller signal, before any sentence is written: what fusion needs of a seller.
+
+    ``record`` is the confirmed-counterfeit part (None: none confirmed); ``newness`` and the rest are
+    set for a new account; ``unlisted`` is the part for a seller missing from the brand's list.
+    """
+
+    seller: SellerInfo
+    authorized: bool | None
+    confirmed_counterfeits: int | None
+    score: float
+    record: float | None = None
+    newness: float | None = None
+    volume: float = 0.0
+    stock: float = 0.0
+    anomaly: float = 0.0
+    alone: float = 0.0
+    unlisted: float = 0.0
+
+
+def read_seller(
+    seller: SellerInfo | None,
+    authorized_sellers: Collection[str] | None = None,
+    confirmed_counterfeits: int | None = None,
+    thresholds: SellerThresholds | None = None,
+) -> SellerReading | None:
+    """The seller signal's numbers (None: the listing names no seller). Score: noisy-OR of the
+    confirmed-counterfeit record, the new-account part (the larger of newness x volume-or-stock and
+    ``new_account_alone`` x newness) and not being on the brand's list. Raises ValueError naming the
+    field for a negative or non-integer count."""
+    th = thresholds or SellerThresholds()
+    _check_count("confirmed_counterfeits", confirmed_counterfeits)
+    if seller is None:
+        return None
+    if not seller.seller_id:
+        raise ValueError("seller.seller_id must not be empty")
+    _check_count("seller.account_age_days", seller.account_age_days)
+    _check_count("seller.units_sold_30d", seller.units_sold_30d)
+    _check_count("seller.stock", seller.stock)
+    authorized = seller_status(seller, authorized_sellers)
+    parts: list[float] = []
+    record = None
+    if confirmed_counterfeits:
+        record = 1.0 - th.counterfeit_decay**confirmed_counterfeits
+        parts.append(record)
+    newness = None
+    volume = stock = anomaly = alone = 0.0
+    if seller.account_age_days is not None and seller.account_age_days < th.new_account_days:
+        newness = ramp(seller.account_age_days, th.new_account_days, 0)
+        sold, stocked = seller.units_sold_30d or 0, seller.stock or 0
+        volume = ramp(sold, th.volume_start, th.volume_certain) if sold else 0.0
+        stock = ramp(stocked, th.stock_start, th.stock_certain) if stocked else 0.0
+        anomaly = newness * max(volume, stock)
+        alone = th.new_account_alone * newness
+        # One part, the larger of the two readings of a new account, so risk never drops as volume grows.
+        if anomaly > 0.0 and anomaly >= alone:
+            parts.append(anomaly)
+        elif alone > 0.0:
+            parts.append(alone)
+    unlisted = th.unlisted if authorized is False and th.unlisted > 0.0 else 0.0
+    if unlisted:
+        parts.append(unlisted)
+    return SellerReading(seller, authorized, confirmed_counterfeits, noisy_or(parts), record, newness, volume,
+                         stock, anomaly, alone, unlisted)
+
+
 def seller_signal(
     seller: SellerInfo | None,
     brand: str | None = None,
@@ -70,68 +137,54 @@ def seller_signal(
 ) -> Signal:
     """The seller signal for the candidate ``brand`` (whose ``authorized_sellers`` are given).
 
-    Score: noisy-OR of the confirmed-counterfeit record, the new-account part (the larger of newness x
-    volume-or-stock and ``new_account_alone`` x newness) and not being on the brand's list. Low prices
-    make anomalous selling worse; that interaction lives in fusion (brand x price and brand x seller
-    terms add up), so the signal itself stays about the seller.
+    The score is :func:`read_seller`'s. Low prices make anomalous selling worse; that interaction lives
+    in fusion (brand x price and brand x seller terms add up), so the signal itself stays about the
+    seller.
     """
-    th = thresholds or SellerThresholds()
+    reading = read_seller(seller, authorized_sellers, confirmed_counterfeits, thresholds)
+    return explain_seller(reading, brand)
+
+
+def explain_seller(r: SellerReading | None, brand: str | None) -> Signal:
+    """The seller signal of a :class:`SellerReading`: its score, evidence and the sentences people read."""
     sig = Signal(name=SignalName.SELLER)
-    _check_count("confirmed_counterfeits", confirmed_counterfeits)
-    if seller is None:
+    if r is None:
         sig.ran, sig.skipped_because = False, "the listing names no seller"
         return sig
-    if not seller.seller_id:
-        raise ValueError("seller.seller_id must not be empty")
-    _check_count("seller.account_age_days", seller.account_age_days)
-    _check_count("seller.units_sold_30d", seller.units_sold_30d)
-    _check_count("seller.stock", seller.stock)
-
+    seller = r.seller
     who = f"seller {seller.seller_id}"
-    authorized = seller_status(seller, authorized_sellers)
     ev: dict[str, Any] = {
         "seller_id": seller.seller_id,
         "brand": brand,
-        "authorized": authorized,
-        "confirmed_counterfeits": confirmed_counterfeits,
+        "authorized": r.authorized,
+        "confirmed_counterfeits": r.confirmed_counterfeits,
         "account_age_days": seller.account_age_days,
         "units_sold_30d": seller.units_sold_30d,
         "stock": seller.stock,
     }
     parts: list[tuple[float, str]] = []
-
-    if confirmed_counterfeits:
-        record = 1.0 - th.counterfeit_decay**confirmed_counterfeits
-        plural = "s" if confirmed_counterfeits != 1 else ""
-        parts.append((record, f"{who} has {confirmed_counterfeits} confirmed counterfeit{plural}"))
-        ev["record_score"] = round(record, 4)
-
-    if seller.account_age_days is not None and seller.account_age_days < th.new_account_days:
-        newness = ramp(seller.account_age_days, th.new_account_days, 0)
-        sold, stocked = seller.units_sold_30d or 0, seller.stock or 0
-        volume = ramp(sold, th.volume_start, th.volume_certain) if sold else 0.0
-        stock = ramp(stocked, th.stock_start, th.stock_certain) if stocked else 0.0
-        anomaly = newness * max(volume, stock)
-        ev.update(newness=round(newness, 4), anomaly_score=round(anomaly, 4))
+    if r.record is not None:
+        n = r.confirmed_counterfeits
+        plural = "s" if n != 1 else ""
+        parts.append((r.record, f"{who} has {n} confirmed counterfeit{plural}"))
+        ev["record_score"] = round(r.record, 4)
+    if r.newness is not None:
+        ev.update(newness=round(r.newness, 4), anomaly_score=round(r.anomaly, 4))
         age = f"{who}'s account is {seller.account_age_days} days old"
-        alone = th.new_account_alone * newness
-        # One part, the larger of the two readings of a new account, so risk never drops as volume grows.
-        if anomaly > 0.0 and anomaly >= alone:
+        if r.anomaly > 0.0 and r.anomaly >= r.alone:
             how = []
-            if volume > 0.0:
+            if r.volume > 0.0:
                 how.append(f"sold {seller.units_sold_30d} units in 30 days")
-            if stock > 0.0:
+            if r.stock > 0.0:
                 how.append(f"holds {seller.stock} in stock")
-            parts.append((anomaly, f"{age} and {' and '.join(how)}"))
-        elif alone > 0.0:
-            parts.append((alone, age))
-
-    if authorized is False and th.unlisted > 0.0:
-        parts.append((th.unlisted, f"{who} is not an authorized seller of {brand}"))
-
-    sig.score = noisy_or(s for s, _ in parts)
-    sig.reasons = [r for s, r in sorted(parts, key=lambda p: -p[0]) if s > 0.0]
-    if authorized:
+            parts.append((r.anomaly, f"{age} and {' and '.join(how)}"))
+        elif r.alone > 0.0:
+            parts.append((r.alone, age))
+    if r.unlisted:
+        parts.append((r.unlisted, f"{who} is not an authorized seller of {brand}"))
+    sig.score = r.score
+    sig.reasons = [t for s, t in sorted(parts, key=lambda p: -p[0]) if s > 0.0]
+    if r.authorized:
         sig.reasons.append(authorized_reason(seller.seller_id, brand))
     sig.evidence = ev
     return sig

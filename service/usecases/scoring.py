@@ -24,7 +24,14 @@ from typing import Literal, Protocol, cast
 
 import numpy as np
 
-from service.domain.assessment import BrandContext, ListingFacts, ScoringParams, assess, wants_closer_look
+from service.domain.assessment import (
+    BrandContext,
+    ListingFacts,
+    ScoringParams,
+    assess,
+    assess_risk,
+    wants_closer_look,
+)
 from service.domain.candidates import BrandCandidate, candidate_brands, one_product_per_photo
 from service.domain.model import Listing, ListingImage, Match, ReferenceKind, ScoreResult, SignalName, Vectors
 from service.domain.policy import VerdictPolicy
@@ -477,7 +484,7 @@ class ListingScorer:
             return wants_closer_look(candidates, scan)
         p = self.params
         contexts = self._contexts(candidates, facts.listing_id, known)
-        prelim = assess(facts, matches, scan, contexts, p)
+        prelim = assess_risk(facts, matches, scan, contexts, p)
         return self.options.cascade_floor <= prelim.risk < prelim.policy.likely_threshold
 
     def _wants_keypoints(self, facts: ListingFacts, found: Sequence[Match], scan: TextScan, closer: bool,
@@ -510,7 +517,7 @@ class ListingScorer:
         if not verified:
             return False
         matches, candidates = self._evidence([*found, *verified.values()], scan)
-        result = assess(facts, matches, scan, self._contexts(candidates, facts.listing_id, known), p)
+        result = assess_risk(facts, matches, scan, self._contexts(candidates, facts.listing_id, known), p)
         return result.risk >= result.policy.review_threshold
 
     def _read_text(self, image: ListingImage) -> list[OcrLine]:

@@ -15,10 +15,11 @@ from service.domain.assessment import (
     ListingFacts,
     ScoringParams,
     assess,
+    assess_risk,
     wants_closer_look,
 )
 from service.domain.candidates import candidate_brands
-from service.domain.model import Listing, Money, SellerInfo, SignalName, Verdict
+from service.domain.model import Listing, Match, Money, SellerInfo, SignalName, Verdict
 from service.domain.policy import VerdictPolicy
 from service.domain.pricing import CurrencyTable, UnknownCurrencyError
 from service.domain.textmatch import BrandNames, PhotoText, TextScan, scan_text
@@ -248,3 +249,51 @@ def test_result_contract_and_pickling() -> None:
     again = pickle.loads(pickle.dumps((PARAMS, NAMES, out)))  # noqa: S301 (our own bytes)
     assert again[2].risk == out.risk
     assert again[1].find("Acme") == [("acme", "Acme")]
+
+
+# --- the cascade's risk-only reading ------------------------------------------------------------------
+
+def _grid() -> list[tuple[ListingFacts, list[Match], TextScan, dict[str, BrandContext], dict[SignalName, str]]]:
+    """Listings that take every branch of a reading: one, two or no brands; reference and market prices;
+    no price; authorized, ordinary, new and convicted sellers; brand overrides; skipped signals."""
+    market = [Money(p, "USD") for p in (95.0, 100.0, 102.0, 98.0, 105.0, 99.0)]
+    ctxs = {"acme": BrandContext("acme", frozenset({"acme-store"}), {"SKU-1": market},
+                                 VerdictPolicy(review_threshold=0.3, likely_threshold=0.6)),
+            "beta": BrandContext("beta", frozenset(), {"B-1": market[:2]})}
+    sellers = [ordinary_seller(), ordinary_seller("acme-store"), None,
+               SellerInfo("fresh-1", account_age_days=3, units_sold_30d=400, stock=900)]
+    match_sets: list[list[Match]] = [
+        [], [copy_of(0.97)], [copy_of(0.45)],
+        [copy_of(0.7), match(SignalName.LOOKALIKE, 0.8, brand="beta", sku="B-1", image_id=40)],
+        [match(SignalName.LOGO, 0.45, brand="beta", image_id=41), match(SignalName.KEYPOINTS, 0.45)],
+        [match(SignalName.LOOKALIKE, 0.9, price=None)],
+    ]
+    texts = [NO_TEXT, scan_text("Acme replica 1:1 AAA", "", brands=NAMES)]
+    skips: list[dict[SignalName, str]] = [{}, {SignalName.PRICE: "off"}, {SignalName.SELLER: "off"},
+                                          {SignalName.COPY: "off", SignalName.TEXT: "off"}]
+    out = []
+    for price, seller, confirmed, ms, text, skip in itertools.product(
+            (None, 0.0, 25.0, 100.0, 90.0), sellers, (None, 0, 2), match_sets, texts, skips):
+        f = ListingFacts("l-1", Money(price, "EUR") if price is not None else None, seller, confirmed)
+        out.append((f, ms, text, ctxs, skip))
+    return out
+
+
+def test_assess_risk_answers_what_assess_reports() -> None:
+    """The risk-only reading the cascade asks for hypothetical evidence is the full assessment's risk,
+    brand and policy exactly, on every branch (it skips only the sentences)."""
+    grid = _grid()
+    verdicts = set()
+    for f, ms, text, ctxs, skip in grid:
+        full = assess(f, ms, text, ctxs, PARAMS, skip)
+        quick = assess_risk(f, ms, text, ctxs, PARAMS, skip)
+        assert (quick.risk, quick.brand, quick.policy) == (full.risk, full.brand, full.policy), (f, ms, skip)
+        verdicts.add(full.verdict)
+    assert len(grid) > 2000 and verdicts == set(Verdict)  # the grid reaches every verdict
+
+
+def test_assess_risk_raises_as_assess_does() -> None:
+    with pytest.raises(UnknownCurrencyError):
+        assess_risk(facts(10.0, currency="XYZ"), [copy_of(0.97)], NO_TEXT, CONTEXTS, PARAMS)
+    with pytest.raises(ValueError, match="confirmed_counterfeits"):
+        assess_risk(facts(10.0, confirmed=-1), [copy_of(0.97)], NO_TEXT, CONTEXTS, PARAMS)

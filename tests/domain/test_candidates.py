@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from service.domain.candidates import BrandEvidenceWeights, candidate_brands
+from service.domain.curves import noisy_or
 from service.domain.model import Money, SignalName
 from service.domain.textmatch import BrandMention
 from service.domain.visual import VisualThresholds
@@ -109,3 +110,20 @@ def test_one_product_per_photo_applies_to_keypoint_matches_of_products_not_of_lo
     arla = match(SignalName.KEYPOINTS, 0.5, brand="arla")  # a sibling design, weaker: not evidence
     logo = match(SignalName.KEYPOINTS, 0.4, brand="nike", kind=ReferenceKind.LOGO, sku=None, price=None)
     assert one_product_per_photo([garant, arla, logo]) == [garant, logo]
+
+
+def test_evidence_is_the_noisy_or_of_the_weighted_components() -> None:
+    """``evidence`` and ``weighted_components`` (which the reasons split the brand's share by) agree for
+    every mix of signals and mentions, with weights that tell the terms apart."""
+    w = BrandEvidenceWeights(copy=0.91, logo=0.83, keypoints=0.77, lookalike=0.61, mention_title=0.53,
+                             mention_photo=0.47, mention_description=0.31)
+    cands = candidate_brands([
+        copy_of(0.5), match(SignalName.LOOKALIKE, 0.7), match(SignalName.LOGO, 0.4, image_id=20),
+        match(SignalName.KEYPOINTS, 0.45, image_id=21),
+        match(SignalName.LOOKALIKE, 0.6, brand="beta", image_id=30),
+    ], [BrandMention("acme", "Acme", "title"), BrandMention("gamma", "Gamma", "description")], weights=w)
+    assert {c.brand for c in cands} == {"acme", "beta", "gamma"}
+    for c in cands:
+        assert c.evidence == noisy_or(c.weighted_components(w).values())
+    acme = next(c for c in cands if c.brand == "acme")
+    assert min(acme.copy, acme.lookalike, acme.logo, acme.keypoints) > 0.0 and acme.mention == 0.53
