@@ -112,7 +112,6 @@ class _Prepared:
     source: ScoreSource
     verdict: Verdict
     risk: float
-    payload: dict[str, Any]
     slugs: set[str]
     digest: str
 
@@ -334,7 +333,7 @@ class ListingRepository:
         except ValueError:
             raise InvalidInputError(f"result.verdict {result.verdict!r} is not a verdict",
                                     "result.verdict") from None
-        payload = result_json(result)
+        # (The stored JSON is made in _write: a --stored rescan leaves most results unchanged, unwritten.)
         digest = result_digest(result)
         slugs = {m.reference.brand for m in result.matches}
         if result.brand is not None:
@@ -351,7 +350,7 @@ class ListingRepository:
             "image_sha256s": shas, "first_seen": now, "last_seen_at": now, "last_scored_at": now,
             "latest_risk": risk, "latest_verdict": verdict.value, "latest_digest": digest,
         }
-        return _Prepared(row, result, src, verdict, risk, payload, slugs, digest)
+        return _Prepared(row, result, src, verdict, risk, slugs, digest)
 
     def _write(self, todo: Sequence[_Prepared], now: datetime, check_refs: bool) -> list[RecordedScore]:
         """One transaction; statements run once per batch (``executemany``) wherever their rows do not
@@ -394,7 +393,7 @@ class ListingRepository:
         pks = [pk_of[lid] for lid in lids]
         score_ids: list[int] = list(conn.scalars(st.insert_score_many, [
             {"listing_pk": pk, "scored_at": now, "risk": p.risk, "verdict": p.verdict.value, "brand_id": bid,
-             "result": p.payload, "model_versions": dict(p.result.model_versions), "source": p.source.value}
+             "result": result_json(p.result), "model_versions": dict(p.result.model_versions), "source": p.source.value}
             for p, pk, bid in zip(todo, pks, flagged, strict=True)]))
         for chunk in chunked(pks):
             conn.execute(st.delete_matches_many, {"p_listings": chunk})
