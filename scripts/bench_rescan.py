@@ -172,6 +172,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=2000, help="listings (one distinct photo each)")
     ap.add_argument("--workers", type=int, default=4, help="scoring threads of the local engine")
+    ap.add_argument("--chunk", type=int, default=16, help="listings a scoring thread takes at a time (rescan --chunk)")
     ap.add_argument("--stored-workers", type=int, default=2, help="threads of the stored rescans")
     ap.add_argument("--logo-search", choices=["never", "cascade", "always"], default="never")
     ap.add_argument("--ocr", choices=["never", "cascade", "always"], default="never")
@@ -198,8 +199,8 @@ def main() -> None:
         c.close()
         print(f"  ready in {time.perf_counter() - t:.1f} s ({report.added} references)", flush=True)
 
-        figures: dict[str, Any] = {"n": args.n, "workers": args.workers, "logo_search": args.logo_search,
-                                   "ocr": args.ocr, "cpus": os.cpu_count(),
+        figures: dict[str, Any] = {"n": args.n, "workers": args.workers, "chunk": args.chunk,
+                                   "logo_search": args.logo_search, "ocr": args.ocr, "cpus": os.cpu_count(),
                                    "load_1m": os.getloadavg()[0],
                                    "models": {k: e.model_id for k, e in embedders.items()}}
 
@@ -208,7 +209,8 @@ def main() -> None:
             try:
                 job = FileRescan(listings, root / out, overwrite=True)
                 job.prepare()
-                engine = ThreadedEngine(ListingRescanner(c.scorer, c.images, job.base), workers=args.workers)
+                engine = ThreadedEngine(ListingRescanner(c.scorer, c.images, job.base), workers=args.workers,
+                                        chunk=args.chunk)
                 before = models_run(c)
                 prof = ThreadProfile() if args.profile == name else None
                 if prof:
@@ -291,7 +293,7 @@ def main() -> None:
         print(f"{'raw embedding, photos/s (' + models + ', side by side)':<56}{raw:>12,.1f}")
         print(f"{'cold / raw embedding':<56}{figures['cold_over_raw']:>12.2f}")
         print(f"(load average at start {figures['load_1m']:.1f} on {figures['cpus']} CPUs; "
-              f"logo search {args.logo_search}, OCR {args.ocr}, {args.workers} workers)")
+              f"logo search {args.logo_search}, OCR {args.ocr}, {args.workers} workers, chunks of {args.chunk})")
         if args.json:
             args.json.write_text(json.dumps(figures, indent=2))
     finally:

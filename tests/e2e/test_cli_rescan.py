@@ -58,6 +58,9 @@ def cli(data_dir: Path, *args: str) -> Any:
     (["--stored", "--brand", "Not A Slug"], "not a brand slug"),
     (["l.jsonl", "--out", "r.jsonl", "--engine", "spark"], "spark"),
     (["l.jsonl", "--out", "r.jsonl", "--workers", "0"], "--workers"),
+    (["l.jsonl", "--out", "r.jsonl", "--chunk", "0"], "--chunk"),
+    (["--stored", "--chunk", "32"], "--chunk is not available with --stored"),
+    (["l.jsonl", "--out", "r.jsonl", "--engine", "ray", "--chunk", "8"], "--chunk is for the local engine"),
 ])
 def test_bad_arguments_exit_2_with_a_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                              args: list[str], words: str) -> None:
@@ -93,7 +96,10 @@ def test_broken_lines_and_unreadable_images_are_reported_not_fatal(rescan_world:
     ]
     src = write_jsonl(folder / "listings.jsonl", lines)
     data = fresh_data_dir(w, tmp_path / "data")
-    result = cli(data, str(src), "--out", str(tmp_path / "results.jsonl"), "--errors", str(tmp_path / "errors.jsonl"))
+    # Chunks of 3: the good, bad and duplicate lines fall into different scoring chunks and still come
+    # out in input order.
+    result = cli(data, str(src), "--out", str(tmp_path / "results.jsonl"), "--errors", str(tmp_path / "errors.jsonl"),
+                 "--chunk", "3")
     assert result.exit_code == 0, result.output
     assert [r["listing_id"] for r in read_jsonl(tmp_path / "results.jsonl")] == ["ok-1", "ok-2"]
     errors = {e["line"]: e for e in read_jsonl(tmp_path / "errors.jsonl")}
