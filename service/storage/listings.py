@@ -203,8 +203,14 @@ class _Statements:
             set_={"status": ReviewStatus.OPEN.value, "risk": review.excluded.risk,
                   "verdict": review.excluded.verdict, "reasons": review.excluded.reasons,
                   "score_id": review.excluded.score_id, "updated_at": review.excluded.updated_at},
-            where=_REVIEWS.c.status.in_(_REOPENABLE),  # a brand's decision is never overwritten
-        ).returning(_REVIEWS.c.id)
+            # A brand's decision is never overwritten. (Not IN: an expanding list cannot run many times.)
+            where=sa.or_(*(_REVIEWS.c.status == s for s in _REOPENABLE)),
+        )
+        # After the upserts of a batch: the items of its listings. An item the batch opened or refreshed
+        # carries the batch's score id; one a brand already decided kept its own.
+        self.reviews_of_listings = sa.select(_REVIEWS.c.id, _REVIEWS.c.brand_id, _REVIEWS.c.listing_pk,
+                                             _REVIEWS.c.score_id).where(
+            _REVIEWS.c.listing_pk.in_(sa.bindparam("p_listings", expanding=True)))
         self.clear_reviews = (
             sa.update(_REVIEWS)
             .where(_REVIEWS.c.listing_pk == sa.bindparam("p_listing"),
@@ -405,16 +411,24 @@ class ListingRepository:
             for p, pk in zip(todo, pks, strict=True) for m in p.result.matches]
         if match_rows:
             conn.execute(st.insert_matches, match_rows)
+        # Flagged listings open (or refresh) their brand's review item: one statement for the batch, then
+        # one read of which items now carry the batch's scores (a statement per listing was a round trip
+        # each on PostgreSQL, and most of a batch's writes when every listing is flagged).
+        reviews = [{"brand_id": bid, "listing_pk": pk, "score_id": score_id, "status": ReviewStatus.OPEN.value,
+                    "risk": p.risk, "verdict": p.verdict.value, "reasons": list(p.result.reasons),
+                    "created_at": now, "updated_at": now}
+                   for p, pk, bid, score_id in zip(todo, pks, flagged, score_ids, strict=True)
+                   if p.verdict is not Verdict.CLEAR and bid is not None]
+        items: dict[tuple[int, int, int], int] = {}
+        if reviews:
+            conn.execute(st.upsert_review, reviews)
+            flagged_pks = [r["listing_pk"] for r in reviews]
+            items = {(bid, pk, sid): rid for chunk in chunked(flagged_pks)
+                     for rid, bid, pk, sid in conn.execute(st.reviews_of_listings, {"p_listings": chunk})}
         out = []
         clear = []
-        for p, pk, bid, score_id in zip(todo, pks, flagged, score_ids, strict=True):
-            item_id: int | None = None
-            if p.verdict is not Verdict.CLEAR and bid is not None:  # few: flagged listings only
-                item_id = conn.execute(st.upsert_review, {
-                    "brand_id": bid, "listing_pk": pk, "score_id": score_id, "status": ReviewStatus.OPEN.value,
-                    "risk": p.risk, "verdict": p.verdict.value, "reasons": list(p.result.reasons),
-                    "created_at": now, "updated_at": now,
-                }).scalar_one_or_none()
+        for pk, bid, score_id in zip(pks, flagged, score_ids, strict=True):
+            item_id = items.get((bid, pk, score_id)) if bid is not None else None
             clear.append({"p_listing": pk, "p_keep": item_id or 0, "p_now": now})
             out.append(RecordedScore(score_id=score_id, listing_pk=pk, review_item_id=item_id))
         conn.execute(st.clear_reviews, clear)

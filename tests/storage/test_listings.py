@@ -290,6 +290,28 @@ def test_record_scores_in_one_batch(storage: Storage, two_brands: Refs) -> None:
     assert [m.reference_image_id for m in repo.latest_matches("B3")] == [o1.id]
     for lid in ("B1", "B2", "B3"):
         assert [h.source for h in repo.history(lid)] == [ScoreSource.RESCAN]
+    b1_item = got[0].review_item_id
+    b3_item = got[2].review_item_id if got[2] is not None else None
+    assert b3_item is not None and b3_item != b1_item
+
+    # The next batch: B1 again after alpro confirmed it, B3 flagged again, B6 flagged for the first time.
+    # The review items are written together: a brand's decision stays, the open item is refreshed in
+    # place, a new one is opened, and each write is answered with its own item (or None).
+    repo.decide("alpro", b1_item, "confirmed", decided_by="alice@alpro")
+    later = []
+    for lid, brand, refs in (("B1", "alpro", [a1]), ("B3", "oatly", [o1]), ("B6", "alpro", [a1])):
+        lst, shas = listing(lid)
+        later.append(ScoreWrite(lst, result(lid, Verdict.LIKELY_COUNTERFEIT, brand, [match(r) for r in refs]),
+                                "rescan", shas))
+    again = repo.record_scores(later, scored_at=T0 + timedelta(minutes=1))
+    assert again[0] is not None and again[0].review_item_id is None
+    assert again[1] is not None and again[1].review_item_id == b3_item
+    assert again[2] is not None and again[2].review_item_id not in (None, b1_item, b3_item)
+    [b3] = [i for i in repo.review_queue("oatly")]
+    assert (b3.id, b3.verdict, b3.status) == (b3_item, Verdict.LIKELY_COUNTERFEIT, ReviewStatus.OPEN)
+    assert [i.listing_id for i in repo.review_queue("alpro")] == ["B6"]
+    [decided] = repo.review_queue("alpro", status=ReviewStatus.CONFIRMED)
+    assert (decided.id, decided.listing_id, decided.verdict) == (b1_item, "B1", Verdict.REVIEW)
 
     # One invalid write refuses the whole batch, naming the write, and stores none of it.
     bad = [ScoreWrite(*listing("B4")[:1], result("B4", Verdict.CLEAR, None, []), "rescan", listing("B4")[1]),
