@@ -135,7 +135,7 @@ def rescan(
     chunk: Annotated[int, typer.Option(
         min=1, max=1024,
         help="Local: listings a scoring thread takes at a time (one model batch, one transaction). Larger "
-             "chunks share each batch's fixed cost over more cached photos (64: about +20 % on a cached "
+             "chunks share each batch's fixed cost over more cached photos (64: about +25-30 % on a cached "
              "file, docs/performance.md) but hold more listings in flight when Ctrl-C drains the run.")] = 16,
     engine: Annotated[Engine, typer.Option(help="Where to score: this process or a Ray cluster.")] \
         = Engine.LOCAL,
