@@ -180,8 +180,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     ap.add_argument("--keep", action="store_true", help="keep the temporary data dir")
     args = ap.parse_args()
-    if args.n < 1:
-        ap.error("--n must be >= 1")
+    if min(args.n, args.workers, args.chunk, args.stored_workers) < 1:
+        ap.error("--n, --workers, --chunk and --stored-workers must be >= 1")
 
     root = Path(tempfile.mkdtemp(prefix="bench-rescan-"))
     try:

@@ -132,11 +132,12 @@ def rescan(
         min=1, max=256,
         help="Local: scoring threads (default 4; stored: 2). Ray: scoring actors (default CPUs / actor CPUs - 1).",
         show_default=False)] = None,
-    chunk: Annotated[int, typer.Option(
-        min=1, max=1024,
-        help="Local: listings a scoring thread takes at a time (one model batch, one transaction). Larger "
-             "chunks share each batch's fixed cost over more cached photos (64: about +25-30 % on a cached "
-             "file, docs/performance.md) but hold more listings in flight when Ctrl-C drains the run.")] = 16,
+    chunk: Annotated[int | None, typer.Option(
+        min=1, max=1024, show_default=False,
+        help="Local: listings a scoring thread takes at a time (one model batch, one transaction; default 16). "
+             "Larger chunks share each batch's fixed cost over more cached photos (64: about +25-30 % on a "
+             "cached file, docs/performance.md) but hold more listings in flight when Ctrl-C drains the run.")] \
+        = None,
     engine: Annotated[Engine, typer.Option(help="Where to score: this process or a Ray cluster.")] \
         = Engine.LOCAL,
     address: Annotated[str | None, typer.Option(
@@ -166,7 +167,7 @@ def rescan(
                             ("--engine ray", engine is Engine.RAY), ("--address", address is not None)):
             if given:
                 fail(f"{flag} is not available with --stored")
-        if chunk != 16:
+        if chunk is not None:
             fail("--chunk is not available with --stored (it re-matches pages of stored listings)")
         _stored(out_path, overwrite, workers, brand, since)
         return
@@ -178,10 +179,10 @@ def rescan(
         fail("--out RESULTS.jsonl is required")
     if engine is Engine.LOCAL and address is not None:
         fail("--address needs --engine ray")
-    if engine is Engine.RAY and chunk != 16:
+    if engine is Engine.RAY and chunk is not None:
         fail("--chunk is for the local engine")
     _file(listings, out_path, errors, resume, overwrite, workers, engine, address, actor_cpus, actor_gpus,
-          checkpoint_every, chunk)
+          checkpoint_every, chunk or 16)
 
 
 def _file(listings: Path, out_path: Path, errors: Path | None, resume: bool, overwrite: bool,

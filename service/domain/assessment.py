@@ -138,7 +138,7 @@ def wants_closer_look(candidates: Sequence[BrandCandidate], scan: TextScan) -> b
     return bool(candidates) or any(not h.negated for h in scan.hits)
 
 
-def _skipped(name: SignalName, why: str) -> Signal:
+def _skipped(name: SignalName, why: str | None) -> Signal:
     return Signal(name=name, ran=False, skipped_because=why)
 
 
@@ -148,7 +148,6 @@ class _Reading:
     Signals and reasons are written only for the reading that is reported (:func:`_explain`)."""
 
     candidate: BrandCandidate | None
-    context: BrandContext | None
     price: PriceReading | None  # None: the price signal was skipped (``price_skip`` says why)
     price_skip: str | None
     seller: SellerReading | None
@@ -285,7 +284,7 @@ def _read(
         seller=seller.score if seller is not None else 0.0,
         authorized=bool(authorized),
     )
-    return _Reading(cand, ctx, price, price_skip, seller, seller_ran, features, fuse(features, p.weights))
+    return _Reading(cand, price, price_skip, seller, seller_ran, features, fuse(features, p.weights))
 
 
 def _explain(
@@ -305,7 +304,7 @@ def _explain(
             name, matches, p.visual, brand)
     signals[SignalName.TEXT] = text_sig
     signals[SignalName.PRICE] = (explain_price(r.price, p.currencies) if r.price is not None
-                                 else _skipped(SignalName.PRICE, r.price_skip or ""))
+                                 else _skipped(SignalName.PRICE, r.price_skip))
     signals[SignalName.SELLER] = (explain_seller(r.seller, brand) if r.seller_ran
                                   else _skipped(SignalName.SELLER, skip[SignalName.SELLER]))
     shares = _reasons(r.candidate, signals, text, r.fusion, p, facts, brand)

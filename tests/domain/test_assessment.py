@@ -207,6 +207,7 @@ def test_skipped_signals_are_reported_and_ignored() -> None:
     logo, price = out.signal(SignalName.LOGO), out.signal(SignalName.PRICE)
     assert logo is not None and not logo.ran and logo.skipped_because == "no candidate brand"
     assert price is not None and not price.ran and price.score == 0.0
+    assert price.skipped_because == "price check disabled"
     assert out.verdict is Verdict.CLEAR  # without the price there is nothing off
 
 

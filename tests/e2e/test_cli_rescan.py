@@ -60,7 +60,8 @@ def cli(data_dir: Path, *args: str) -> Any:
     (["l.jsonl", "--out", "r.jsonl", "--workers", "0"], "--workers"),
     (["l.jsonl", "--out", "r.jsonl", "--chunk", "0"], "--chunk"),
     (["--stored", "--chunk", "32"], "--chunk is not available with --stored"),
-    (["l.jsonl", "--out", "r.jsonl", "--engine", "ray", "--chunk", "8"], "--chunk is for the local engine"),
+    (["--stored", "--chunk", "16"], "--chunk is not available with --stored"),  # the default, given
+    (["l.jsonl", "--out", "r.jsonl", "--engine", "ray", "--chunk", "16"], "--chunk is for the local engine"),
 ])
 def test_bad_arguments_exit_2_with_a_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                              args: list[str], words: str) -> None:
