@@ -83,13 +83,19 @@ class BrandCandidate:
 
     def weighted_components(self, weights: BrandEvidenceWeights) -> dict[str, float]:
         """Each piece of evidence after its weight (the terms of the noisy-OR), by signal name."""
-        return {
-            SignalName.COPY.value: weights.copy * self.copy,
-            SignalName.LOOKALIKE.value: weights.lookalike * self.lookalike,
-            SignalName.LOGO.value: weights.logo * self.logo,
-            SignalName.KEYPOINTS.value: weights.keypoints * self.keypoints,
-            "mention": self.mention,
-        }
+        terms = _weighted_terms(weights, self.copy, self.lookalike, self.logo, self.keypoints, self.mention)
+        return dict(zip(_COMPONENTS, terms, strict=True))
+
+
+_COMPONENTS = (SignalName.COPY.value, SignalName.LOOKALIKE.value, SignalName.LOGO.value,
+               SignalName.KEYPOINTS.value, "mention")
+
+
+def _weighted_terms(w: BrandEvidenceWeights, copy: float, lookalike: float, logo: float, keypoints: float,
+                    mention: float) -> tuple[float, float, float, float, float]:
+    """The terms of a candidate's noisy-OR, in :data:`_COMPONENTS` order: its evidence and the split of
+    its share in the reasons both come from here."""
+    return (w.copy * copy, w.lookalike * lookalike, w.logo * logo, w.keypoints * keypoints, mention)
 
 
 def candidate_brands(
@@ -134,10 +140,9 @@ def candidate_brands(
         logo = per.get(SignalName.LOGO, 0.0)
         keypoints = per.get(SignalName.KEYPOINTS, 0.0)
         said = max((w.for_mention(x.where) for x in brand_mentions), default=0.0)
-        # The terms of BrandCandidate.weighted_components, in its order (candidates are made for every
-        # listing, several times by the cascade: no throwaway candidate is built to ask it).
-        evidence = noisy_or((w.copy * copy, w.lookalike * lookalike, w.logo * logo, w.keypoints * keypoints,
-                             said))
+        # (No throwaway candidate is built to ask its weighted_components: candidates are made for every
+        # listing, several times by the cascade.)
+        evidence = noisy_or(_weighted_terms(w, copy, lookalike, logo, keypoints, said))
         if evidence > 0.0:
             out.append(BrandCandidate(
                 brand=brand, evidence=evidence, copy=copy, lookalike=lookalike, logo=logo, keypoints=keypoints,
