@@ -451,15 +451,11 @@ class CatalogService:
         n = self.logo_templates.reconcile(expected, self._stored_pixels)
         log.info("logo templates: %d of %d logos", n, len(expected))
 
-    def _blob_pixels(self, sha256: str) -> RGBImage:
-        """A stored reference image, decoded."""
-        return self.decode(self.blobs.get(sha256), "blob").pixels
-
     def _stored_pixels(self, sha256: str) -> RGBImage | None:
-        """:meth:`_blob_pixels`, or None (logged) where the blob is missing, corrupt or no longer decodes
-        under the current limits."""
+        """A stored reference image decoded, or None (logged) where its blob is missing, corrupt or no
+        longer decodes under the current limits."""
         try:
-            return self._blob_pixels(sha256)
+            return self.decode(self.blobs.get(sha256), "blob").pixels
         except (StorageError, CatalogInputError, IntakeError) as exc:
             log.warning("reference image %s cannot be read: %s", sha256[:12], exc)
             return None
