@@ -75,7 +75,9 @@ def test_the_watcher_catches_up_by_itself(rescan_world: World, container: Contai
         new_id = _add(container, grocery_dir)
         index = watching.indexes.get(watching.roles.copy, ReferenceKind.PRODUCT)
         deadline = time.monotonic() + 20
-        while new_id not in index and time.monotonic() < deadline:
+        # sync() patches the index before it returns and the watcher counts it: wait for both, or the
+        # check can land between the two (seen once in CI)
+        while not (new_id in index and watching.catalog_watch.syncs >= 1) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert new_id in index and watching.catalog_watch.syncs >= 1
     finally:
