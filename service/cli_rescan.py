@@ -8,6 +8,7 @@ listing could be processed, 2 on bad arguments, 130 when interrupted (continue w
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import threading
@@ -130,8 +131,13 @@ def rescan(
         "--overwrite", help="Start again even if RESULTS/ERRORS hold results.")] = False,
     workers: Annotated[int | None, typer.Option(
         min=1, max=256,
-        help="Local: scoring threads (default 4; stored: 2). Ray: scoring actors (default CPUs / actor CPUs - 1).",
+        help="Local: scoring threads (default 4; stored: 2 per process, 1 with --processes > 1). "
+             "Ray: scoring actors (default CPUs / actor CPUs - 1).",
         show_default=False)] = None,
+    processes: Annotated[int | None, typer.Option(
+        min=1, max=64, show_default=False,
+        help="--stored: worker processes, each re-matching a share of the listings (default: one per CPU "
+             "where processes can be forked; re-matching is Python, so threads alone use one core).")] = None,
     chunk: Annotated[int | None, typer.Option(
         min=1, max=1024, show_default=False,
         help="Local: listings a scoring thread takes at a time (one model batch, one transaction; default 16). "
@@ -169,10 +175,12 @@ def rescan(
                 fail(f"{flag} is not available with --stored")
         if chunk is not None:
             fail("--chunk is not available with --stored (it re-matches pages of stored listings)")
-        _stored(out_path, overwrite, workers, brand, since)
+        _stored(out_path, overwrite, workers, processes, brand, since)
         return
     if brand is not None or since is not None:
         fail("--brand and --since select stored listings: use them with --stored")
+    if processes is not None:
+        fail("--processes is for --stored (a file rescan scores with --workers threads, or on Ray)")
     if listings is None:
         fail("give a LISTINGS file (.jsonl, .csv, .parquet) or --stored")
     if out_path is None:
@@ -254,10 +262,10 @@ def _file(listings: Path, out_path: Path, errors: Path | None, resume: bool, ove
         raise typer.Exit(1)
 
 
-def _stored(out_path: Path | None, overwrite: bool, workers: int | None, brand: str | None,
-            since: str | None) -> None:
+def _stored(out_path: Path | None, overwrite: bool, workers: int | None, processes: int | None,
+            brand: str | None, since: str | None) -> None:
     from service.storage.errors import NotFoundError
-    from service.usecases.rescan import StoredRescanJob
+    from service.usecases.rescan import StoredRescanJob, StoredRescanWorkerError, fork_available
     from service.usecases.rescan_io import JsonlJournal
 
     cli = _helpers()
@@ -268,6 +276,10 @@ def _stored(out_path: Path | None, overwrite: bool, workers: int | None, brand: 
         fail(str(exc))
     if brand is not None and not re.fullmatch(r"[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?", brand):
         fail(f"--brand {brand!r} is not a brand slug")
+    if processes is None:
+        processes = min(os.cpu_count() or 1, 8) if fork_available() else 1
+    elif processes > 1 and not fork_available():
+        fail("--processes > 1 needs a platform that can fork processes (not Windows)")
     if out_path is not None:
         if out_path.exists() and out_path.stat().st_size > 0 and not overwrite:
             fail(f"--out {out_path} already holds results: pass --overwrite to replace it")
@@ -277,8 +289,9 @@ def _stored(out_path: Path | None, overwrite: bool, workers: int | None, brand: 
     c = cli._container(settings)
     journal = JsonlJournal(out_path, append=False) if out_path is not None else None
     try:
-        job = StoredRescanJob(c.scorer, c.listings, brand=brand, since=since_at, workers=workers or 2,
-                              results=journal)
+        job = StoredRescanJob(c.scorer, c.listings, brand=brand, since=since_at,
+                              workers=workers or (1 if processes > 1 else 2), results=journal,
+                              processes=processes, resources=c.db)
         try:
             total = job.count()
         except NotFoundError:
@@ -290,6 +303,9 @@ def _stored(out_path: Path | None, overwrite: bool, workers: int | None, brand: 
                     report = job.run(progress=lambda n: bar.advance(task, n), cancel=stop)
             except KeyboardInterrupt:
                 report = None
+            except StoredRescanWorkerError as exc:
+                cli.console.print(f"[red]error:[/red] {exc}\nthe listings re-matched before it are recorded")
+                raise typer.Exit(1) from None
             if report is None or report.cancelled:
                 cli.console.print("[yellow]interrupted[/yellow]: the listings re-matched so far "
                                          "are recorded")

@@ -240,6 +240,12 @@ class SqliteWriteLock:
         finally:
             self._threads.release()
 
+    def after_fork(self) -> None:
+        """In a forked child: a fresh thread lock (a parent thread may have held the old one at the fork,
+        and no thread of the child will ever release it); the sidecar reopens by itself (``_file``)."""
+        self._threads = threading.RLock()
+        self._depth = 0
+
     def close(self) -> None:
         """Close the sidecar (after the writers of this process are done: taken under the lock)."""
         with self._threads:
@@ -292,6 +298,19 @@ class Database:
     def migrate(self) -> str:
         """Brings the schema to the newest revision (see :func:`migrate_engine`)."""
         return migrate_engine(self.engine)
+
+    def before_fork(self) -> None:
+        """Close the pooled connections, so that a process forked next inherits none: an SQLite
+        connection must not be used across a fork, and a PostgreSQL socket shared by two processes would
+        mix their replies. The parent reconnects at its next query."""
+        self.engine.dispose()
+
+    def after_fork(self) -> None:
+        """In a forked child, before its first query: forget whatever the parent's pool held (without
+        closing it: it is the parent's) and take a write lock of its own."""
+        self.engine.dispose(close=False)
+        if isinstance(self._write_lock, SqliteWriteLock):
+            self._write_lock.after_fork()
 
     def dispose(self) -> None:
         self.engine.dispose()

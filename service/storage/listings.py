@@ -467,12 +467,18 @@ class ListingRepository:
                     for m, slug in s.execute(q)]
 
     def iter_stored(self, brand: str | None = None, since: datetime | None = None,
-                    batch_size: int = 500) -> Iterator[ListingRecord]:
+                    batch_size: int = 500, shard: tuple[int, int] | None = None) -> Iterator[ListingRecord]:
         """Stored listings in id order, for ``rescan --stored``: all of them, or those whose latest
         matches or review items involve ``brand``, and/or those the platform sent at or after ``since``
         (``last_seen_at``). Read in pages of short transactions, so a long rescan holds no snapshot.
+        ``shard=(k, n)``: only the listings whose id is k modulo n (n processes share a rescan).
         An unknown brand is :class:`NotFoundError` (raised at the first ``next``)."""
         where = self._stored_filter(brand, since)
+        if shard is not None:
+            k, n = shard
+            if not 0 <= k < n:
+                raise ValueError(f"shard must be (k, n) with 0 <= k < n, got {shard}")
+            where.append(_LISTINGS.c.id % n == k)
         last = 0
         while True:
             with self._db.reading() as conn:

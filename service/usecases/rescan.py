@@ -20,14 +20,19 @@ the journals back and skips the listing ids already in the results and the lines
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import signal
 import threading
 import time
+import traceback
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import islice
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -425,6 +430,81 @@ class StoredRescanReport:
                 "cancelled": self.cancelled}
 
 
+class ForkableResources(Protocol):
+    """What a process must reopen after a fork (the database's connections and write lock)."""
+
+    def before_fork(self) -> None: ...
+
+    def after_fork(self) -> None: ...
+
+
+class ResultSink(Protocol):
+    """Where a stored rescan puts its result records (a :class:`JsonlJournal`, or a worker's relay)."""
+
+    def append(self, record: dict[str, Any]) -> None: ...
+
+    def append_encoded(self, lines: Sequence[bytes]) -> None: ...
+
+    @property
+    def pending(self) -> int: ...
+
+    def commit(self) -> None: ...
+
+
+class CancelFlag(Protocol):
+    """A ``threading.Event`` or, across processes, a ``multiprocessing.Event``: set means stop."""
+
+    def is_set(self) -> bool: ...
+
+
+def fork_available() -> bool:
+    """Whether worker processes can be forked here (POSIX; not Windows)."""
+    return "fork" in multiprocessing.get_all_start_methods()
+
+
+class _Relay:
+    """A worker process's side of the pipe to the parent: result lines (JSON encoded here, so the parent
+    only writes bytes) and progress, sent together at each commit."""
+
+    def __init__(self, conn: Connection, keep_records: bool) -> None:
+        self._conn = conn
+        self._keep = keep_records
+        self._lines: list[bytes] = []
+        self._progress = 0
+
+    def append(self, record: dict[str, Any]) -> None:
+        if self._keep:
+            self._lines.append(JsonlJournal.encode(record))
+
+    def append_encoded(self, lines: Sequence[bytes]) -> None:
+        if self._keep:
+            self._lines.extend(lines)
+
+    def progress(self, n: int) -> None:
+        self._progress += n
+
+    @property
+    def pending(self) -> int:
+        return self._progress
+
+    def commit(self) -> None:
+        if self._lines or self._progress:
+            self._conn.send(("batch", self._progress, self._lines))
+            self._lines, self._progress = [], 0
+
+
+def _merge(into: StoredRescanReport, part: StoredRescanReport) -> None:
+    for name in ("scanned", "not_near", "rescored", "written", "missing_embeddings", "errors", "changed",
+                 "newly_flagged"):
+        setattr(into, name, getattr(into, name) + getattr(part, name))
+    into.verdicts.update(part.verdicts)
+    into.cancelled = into.cancelled or part.cancelled
+
+
+class StoredRescanWorkerError(RuntimeError):
+    """A worker process of a stored rescan died; what it had recorded stays recorded."""
+
+
 class StoredRescanJob:
     """Re-match stored listings with their stored embeddings against the current catalog and record the
     new scores (review queues follow: see :meth:`ListingRepository.record_score`).
@@ -441,14 +521,26 @@ class StoredRescanJob:
       a brand adds references this re-matches the few listings concerned and only reads the others'
       embeddings.
 
+    How: ``workers`` threads re-match pages of listings. Re-matching is Python (fusion, the stored
+    results compared), so threads share one core; ``processes=N`` forks N worker processes, each
+    re-matching the listings whose id is k modulo N with its own threads and database connections, and
+    the parent only merges their reports and writes their result lines (in the order they arrive). Fork
+    only from a process whose other threads hold no lock a child needs: the CLI, not the API server
+    (its background job runs with one process). ``resources`` (the database) is reopened in each child;
+    the children run no model (stored embeddings only), so the parent's model threads are not needed.
+
     Blocking and thread-safe; ``cancel`` stops it between pages.
     """
 
     def __init__(self, scorer: ListingScorer, listings: ListingRepository, *, brand: str | None = None,
                  since: datetime | None = None, near_references: Sequence[str] = (), workers: int = 2,
-                 results: JsonlJournal | None = None, persist: bool = True, page: int = 256) -> None:
-        if workers < 1:
-            raise ValueError("workers must be >= 1")
+                 results: ResultSink | None = None, persist: bool = True, page: int = 256,
+                 processes: int = 1, resources: ForkableResources | None = None,
+                 shard: tuple[int, int] | None = None) -> None:
+        if workers < 1 or processes < 1:
+            raise ValueError("workers and processes must be >= 1")
+        if processes > 1 and (resources is None or not fork_available()):
+            raise ValueError("processes > 1 needs fork (POSIX) and the resources to reopen in each child")
         self.scorer = scorer
         self.listings = listings
         self.brand = brand
@@ -458,6 +550,9 @@ class StoredRescanJob:
         self.results = results
         self.persist = persist
         self.page = page
+        self.processes = processes
+        self.resources = resources
+        self.shard = shard
 
     def count(self) -> int:
         """How many stored listings the job will look at (NotFoundError for an unknown brand)."""
@@ -546,12 +641,104 @@ class StoredRescanJob:
                         near[sha] = True
         return near
 
-    def run(self, progress: Progress | None = None,
-            cancel: threading.Event | None = None) -> StoredRescanReport:
+    def run(self, progress: Progress | None = None, cancel: CancelFlag | None = None) -> StoredRescanReport:
         report = StoredRescanReport(brand=self.brand, since=self.since,
                                     near_references=len(self.near_references))
+        # One page cannot be shared: forking for it would only add the processes' start-up.
+        if self.processes > 1 and self.count() > self.page:
+            t0 = time.perf_counter()
+            try:
+                self._run_processes(report, progress, cancel)
+            finally:
+                report.elapsed_s = time.perf_counter() - t0
+            log.info("stored rescan done", extra={**report.as_dict(), "processes": self.processes})
+            return report
+        return self._run_threads(report, progress, cancel)
+
+    def _run_processes(self, report: StoredRescanReport, progress: Progress | None,
+                       cancel: CancelFlag | None) -> None:
+        assert self.resources is not None
+        ctx = multiprocessing.get_context("fork")
+        stop = ctx.Event()
+        self.scorer.warm_up_stored()  # built once here, shared by the children (copy on write)
+        self.resources.before_fork()
+        children: dict[Connection, tuple[int, BaseProcess]] = {}
+        done: set[int] = set()
+        failure: str | None = None
+        last_commit = time.monotonic()
+        if cancel is not None and cancel.is_set():
+            stop.set()  # stopped already: the children must not start a page
+        try:
+            for k in range(self.processes):
+                recv, send = ctx.Pipe(duplex=False)
+                child = ctx.Process(target=self._child, args=(k, send, stop), name=f"stored-rescan-{k}",
+                                    daemon=True)
+                child.start()
+                send.close()  # the child's end: EOF here once the child is gone
+                children[recv] = (k, child)
+            while children:
+                if cancel is not None and cancel.is_set():
+                    stop.set()
+                for conn in wait(list(children), timeout=0.2):
+                    assert isinstance(conn, Connection)
+                    k, proc = children[conn]
+                    try:
+                        kind, *payload = conn.recv()
+                    except EOFError:
+                        del children[conn]
+                        proc.join()
+                        if k not in done and failure is None:
+                            failure = f"worker {k} exited with code {proc.exitcode} before it finished"
+                        continue
+                    if kind == "batch":
+                        n, lines = payload
+                        if self.results is not None and lines:
+                            self.results.append_encoded(lines)
+                        if progress and n:
+                            progress(n)
+                    elif kind == "done":
+                        _merge(report, payload[0])
+                        done.add(k)
+                    elif kind == "failed" and failure is None:
+                        failure = f"worker {k} failed:\n{payload[0]}"
+                        stop.set()  # the others stop between pages: the run is reported as failed
+                if self.results is not None and (self.results.pending >= 256 or
+                                                 time.monotonic() - last_commit > 1.0):
+                    self.results.commit()
+                    last_commit = time.monotonic()
+        finally:
+            stop.set()
+            for _, left in children.values():  # only after an exception here (Ctrl-C): stop them
+                left.join(timeout=30)
+                if left.is_alive():
+                    left.terminate()
+            if self.results is not None:
+                self.results.commit()
+        if failure is not None:
+            raise StoredRescanWorkerError(f"stored rescan: {failure}")
+
+    def _child(self, k: int, conn: Connection, stop: CancelFlag) -> None:
+        """A forked worker: re-match shard k of the listings and send the lines and the report."""
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which sets ``stop``
+        try:
+            assert self.resources is not None
+            self.resources.after_fork()
+            relay = _Relay(conn, keep_records=self.results is not None)
+            part = StoredRescanJob(self.scorer, self.listings, brand=self.brand, since=self.since,
+                                   near_references=self.near_references, workers=self.workers, results=relay,
+                                   persist=self.persist, page=self.page, shard=(k, self.processes))
+            report = part._run_threads(StoredRescanReport(brand=self.brand, since=self.since),
+                                       relay.progress, stop)
+            relay.commit()
+            conn.send(("done", report))
+        except BaseException:
+            conn.send(("failed", traceback.format_exc()))
+            raise
+
+    def _run_threads(self, report: StoredRescanReport, progress: Progress | None,
+                     cancel: CancelFlag | None) -> StoredRescanReport:
         t0 = time.perf_counter()
-        records = self.listings.iter_stored(self.brand, self.since)
+        records = self.listings.iter_stored(self.brand, self.since, shard=self.shard)
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="stored-rescan")
         pending: deque[Future[list[tuple[ListingRecord, Any]]]] = deque()
         window = self.workers * 2

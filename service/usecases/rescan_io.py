@@ -26,7 +26,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -444,9 +444,17 @@ class JsonlJournal:
             records.append(value)
         return records
 
+    @staticmethod
+    def encode(record: dict[str, Any]) -> bytes:
+        """A record as the journal writes it: one line of compact JSON."""
+        return json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+
     def append(self, record: dict[str, Any]) -> None:
-        self._buffer.append(json.dumps(record, ensure_ascii=False, separators=(",", ":"),
-                                       allow_nan=False).encode() + b"\n")
+        self._buffer.append(self.encode(record))
+
+    def append_encoded(self, lines: Sequence[bytes]) -> None:
+        """Records :meth:`encode` made elsewhere (a stored rescan's worker processes encode their own)."""
+        self._buffer.extend(lines)
 
     @property
     def pending(self) -> int:

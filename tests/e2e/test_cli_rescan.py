@@ -62,6 +62,8 @@ def cli(data_dir: Path, *args: str) -> Any:
     (["--stored", "--chunk", "32"], "--chunk is not available with --stored"),
     (["--stored", "--chunk", "16"], "--chunk is not available with --stored"),  # the default, given
     (["l.jsonl", "--out", "r.jsonl", "--engine", "ray", "--chunk", "16"], "--chunk is for the local engine"),
+    (["l.jsonl", "--out", "r.jsonl", "--processes", "2"], "--processes is for --stored"),
+    (["--stored", "--processes", "0"], "--processes"),
 ])
 def test_bad_arguments_exit_2_with_a_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                              args: list[str], words: str) -> None:
@@ -142,7 +144,7 @@ def test_stored_rescan_from_the_cli(rescan_world: World, tmp_path: Path) -> None
     assert result.exit_code == 0, result.output
     assert_same_results(read_jsonl(tmp_path / "r.jsonl"), read_jsonl(tmp_path / "stored.jsonl"))
     assert "newly flagged │ 0" in " ".join(result.stdout.split())
-    scoped = cli(data, "--stored", "--brand", "alpro")
+    scoped = cli(data, "--stored", "--brand", "alpro", "--processes", "2")
     assert scoped.exit_code == 0, scoped.output
     assert "stored rescan (brand alpro)" in scoped.stdout
     assert cli(data, "--stored", "--brand", "nosuch").exit_code == 2

@@ -3,6 +3,7 @@ semantics and brand scoping, market prices, sellers' records, stored rescans and
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 from datetime import UTC, datetime, timedelta
 
@@ -203,6 +204,14 @@ def test_stored_listings_for_rescan(storage: Storage, two_brands: Refs) -> None:
     assert [x.listing_id for x in repo.iter_stored(brand="alpro", since=since)] == ["L6"]
     with pytest.raises(NotFoundError):
         list(repo.iter_stored(brand="nobody"))
+    # Shards (worker processes of one rescan): disjoint, together everything, each in id order.
+    shards = [[x.listing_id for x in repo.iter_stored(batch_size=2, shard=(k, 3))] for k in range(3)]
+    assert sorted(i for ids in shards for i in ids) == [f"L{i}" for i in range(7)] and all(shards)
+    assert all(ids == sorted(ids, key=lambda i: int(i[1:])) for ids in shards)
+    assert [x.listing_id for x in repo.iter_stored(brand="alpro", shard=(0, 2))] == \
+        [x.listing_id for x in repo.iter_stored(brand="alpro") if x.id % 2 == 0]
+    with pytest.raises(ValueError, match="shard"):
+        list(repo.iter_stored(shard=(2, 2)))
     # A stored rescan starts from the stored listing and leaves its content and last_seen_at alone.
     stored = repo.get_listing("L1")
     assert stored is not None
@@ -271,6 +280,30 @@ def test_concurrent_writers(storage: Storage, two_brands: Refs) -> None:
     assert sum(len(storage.listings.history(f"L{i}")) for i in range(6)) == 60
     assert storage.listings.review_counts("alpro")[ReviewStatus.OPEN] == 6  # one item per listing
     assert all(len(storage.listings.latest_matches(f"L{i}")) == 1 for i in range(6))
+
+
+def test_forked_processes_write_through_connections_of_their_own(storage: Storage, two_brands: Refs) -> None:
+    """What a stored rescan's worker processes rely on: the parent empties its pool before forking, each
+    child forgets what it inherited; the children's writes all land and the parent carries on."""
+    a1 = two_brands["a1"]
+    _score(storage, "P0", Verdict.REVIEW, "alpro", [a1])  # the parent's pool holds connections now
+    storage.db.before_fork()
+    ctx = multiprocessing.get_context("fork")
+
+    def child(k: int) -> None:
+        storage.db.after_fork()
+        for i in range(5):
+            _score(storage, f"C{k}", Verdict.CLEAR if i % 2 else Verdict.REVIEW, "alpro", [a1])
+
+    children = [ctx.Process(target=child, args=(k,)) for k in range(2)]
+    for c in children:
+        c.start()
+    _score(storage, "P0", Verdict.CLEAR, None, [])  # the parent writes meanwhile, reconnected
+    for c in children:
+        c.join(60)
+    assert [c.exitcode for c in children] == [0, 0]
+    assert [len(storage.listings.history(lid)) for lid in ("C0", "C1", "P0")] == [5, 5, 2]
+    assert storage.listings.review_counts("alpro")[ReviewStatus.OPEN] == 2  # C0 and C1 (last REVIEW); P0 cleared
 
 
 def test_record_scores_in_one_batch(storage: Storage, two_brands: Refs) -> None:

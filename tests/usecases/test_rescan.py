@@ -3,14 +3,16 @@ stored rescans (no model runs) after a brand adds a reference, and the backgroun
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from embeddings.thread_batcher import ThreadBatcher
-from service.container import Container
+from service.container import Container, build_container
 from service.domain.model import Listing, Money, ReferenceKind, ScoreResult, Verdict
+from service.storage.listings import ListingRepository
 from service.storage.records import ReviewStatus, ScoreSource
 from service.usecases.catalog import ReferenceUpload
 from service.usecases.rescan import (
@@ -19,6 +21,7 @@ from service.usecases.rescan import (
     RescanRequest,
     StoredRescanJob,
     StoredRescanScheduler,
+    StoredRescanWorkerError,
     ThreadedEngine,
 )
 from service.usecases.rescan_io import JsonlJournal
@@ -26,9 +29,11 @@ from tests.usecases.rescan_world import (
     CATALOG,
     LATE_REFERENCE,
     World,
+    fresh_data_dir,
     listing,
     listings_dir,
     read_jsonl,
+    settings,
     write_jsonl,
 )
 
@@ -187,6 +192,73 @@ def test_stored_rescan_flags_a_listing_once_its_brand_adds_the_reference(rescan_
     assert n >= 1
     again = scoped.run()
     assert (again.scanned, again.rescored, again.changed) == (n, n, 0)
+
+
+def test_stored_rescan_in_worker_processes_equals_the_threaded_one(rescan_world: World, tmp_path: Path) -> None:
+    """Two data dirs in the same state; the late reference added to both; one re-matched by threads, the
+    other by two forked processes (pages of 2, so both have work): the same results, reports, scores and
+    review queue, written by the children."""
+    w = rescan_world
+    brand, sku = LATE_REFERENCE
+    folder = listings_dir(w, tmp_path / "in")
+    rows = [listing("late-copy", w.copies[sku], price=3.0, title="vanilla yoghurt")]
+    rows += [listing(f"store-{i}", name) for i, (_, name) in enumerate(w.instore[:9])]
+    src = write_jsonl(folder / "listings.jsonl", rows)
+    got = {}
+    for mode in ("threads", "processes"):
+        c = build_container(settings(fresh_data_dir(w, tmp_path / mode)), embedders=w.embedders)
+        try:
+            run_file(c, src, tmp_path / f"{mode}-first.jsonl")
+            c.catalog.add([ReferenceUpload(brand=brand, kind=ReferenceKind.PRODUCT, data=w.late_photo.read_bytes(),
+                                           source="test", sku=sku, ref_id=f"ref-{sku}", price=Money(20.0, "USD"))])
+            journal = JsonlJournal(tmp_path / f"{mode}.jsonl", append=False)
+            ticks: list[int] = []
+            job = StoredRescanJob(c.scorer, c.listings, results=journal, page=2, workers=1,
+                                  processes=2 if mode == "processes" else 1, resources=c.db)
+            report = job.run(progress=ticks.append)
+            journal.close()
+            got[mode] = (report, {r["listing_id"]: r for r in read_jsonl(tmp_path / f"{mode}.jsonl")},
+                         {r["listing_id"]: (c.listings.history(r["listing_id"])[0].source, c.listings.history(
+                             r["listing_id"])[0].verdict) for r in rows},
+                         [(i.listing_id, i.status) for i in c.listings.review_queue(brand)], sum(ticks))
+        finally:
+            c.close()
+    (threads, t_results, t_latest, t_queue, t_ticks), (procs, p_results, p_latest, p_queue, p_ticks) = \
+        got["threads"], got["processes"]
+    assert p_results == t_results and len(p_results) == len(rows)
+    assert p_latest == t_latest and p_latest["late-copy"][0] is ScoreSource.STORED_RESCAN
+    assert p_queue == t_queue == [("late-copy", ReviewStatus.OPEN)]
+    fields = ("scanned", "rescored", "written", "changed", "newly_flagged", "errors", "verdicts", "cancelled")
+    assert [getattr(procs, f) for f in fields] == [getattr(threads, f) for f in fields]
+    assert (procs.scanned, procs.newly_flagged, p_ticks, t_ticks) == (len(rows), 1, len(rows), len(rows))
+
+
+def test_a_failed_worker_process_fails_the_stored_rescan(rescan_world: World, container: Container,
+                                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = listings_dir(rescan_world, tmp_path / "in")
+    rows = [listing(f"s-{i}", name) for i, (_, name) in enumerate(rescan_world.instore[:6])]
+    run_file(container, write_jsonl(folder / "l.jsonl", rows), tmp_path / "o.jsonl")
+    job = StoredRescanJob(container.scorer, container.listings, page=2, processes=2, resources=container.db)
+
+    cancel = threading.Event()
+    cancel.set()  # Ctrl-C before the first page: every worker stops, nothing re-matched
+    stopped = job.run(cancel=cancel)
+    assert stopped.cancelled and stopped.scanned == 0
+
+    real = ListingRepository.iter_stored
+
+    def broken(self: ListingRepository, *a: Any, shard: tuple[int, int] | None = None, **kw: Any) -> Any:
+        if shard == (1, 2):  # only in the second child (a fork inherits the patch)
+            raise RuntimeError("the disk is on fire")
+        return real(self, *a, shard=shard, **kw)
+
+    monkeypatch.setattr(ListingRepository, "iter_stored", broken)
+    with pytest.raises(StoredRescanWorkerError, match=r"worker 1 failed:(?s:.*)the disk is on fire"):
+        job.run()
+    monkeypatch.undo()
+    assert job.run().rescored == len(rows)  # the parent's database still works after the children
+    with pytest.raises(ValueError, match="processes"):
+        StoredRescanJob(container.scorer, container.listings, processes=2)  # nothing to reopen in the children
 
 
 def test_the_scheduler_runs_requested_rescans_in_the_background(rescan_world: World, container: Container,
