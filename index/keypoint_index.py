@@ -108,10 +108,6 @@ class FaissKeypointIndex:
         """Indexed descriptors, over all references."""
         return sum(len(r.points) for r in self._refs.values())
 
-    def warm(self) -> None:
-        """Build the search structure now (it is otherwise built at the first search after a change)."""
-        self._index()
-
     def _index(self) -> _Built:
         with self._lock:
             if self._built is None:

@@ -74,11 +74,6 @@ class KeypointMatcher:
             h.update(f"|{image_id}:{sha}".encode())
         return h.hexdigest()
 
-    def warm(self) -> None:
-        """Load the reference side and build its search index now rather than at the first verification."""
-        self.loading.ensure()
-        self.index.warm()
-
     # ------------------------------------------------------------------ listing photos
 
     def verify(self, images: Sequence[ListingImage] | None,

@@ -660,7 +660,6 @@ class StoredRescanJob:
         assert self.resources is not None
         ctx = multiprocessing.get_context("fork")
         stop = ctx.Event()
-        self.scorer.warm_up_stored()  # built once here, shared by the children (copy on write)
         self.resources.before_fork()
         children: dict[Connection, tuple[int, BaseProcess]] = {}
         done: set[int] = set()

@@ -162,15 +162,6 @@ class ListingScorer:
                 self._names = BrandNames(self.catalog.brand_aliases())
             return self._names
 
-    def warm_up_stored(self) -> None:
-        """Load now what re-matching stored listings loads on first use (the brand names, the keypoint
-        references and their index): a stored rescan calls it before it forks its workers, which then
-        share what the parent built instead of each building it again (measured: a keypoint index of
-        the bench catalog takes 0.5 s to build)."""
-        self._brand_names()
-        if self.keypoints is not None and self.options.keypoints != "never":
-            self.keypoints.warm()
-
     def model_versions(self) -> dict[str, str]:
         out = {"copy": self.copy.model_id, "logo": self.logo.model_id}
         if self.semantic is not None:
