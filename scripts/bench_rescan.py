@@ -22,7 +22,9 @@ the references of 12 brands. Everything lives in a temporary data dir (``--keep`
                                              [--profile cold|cached|stored|stored_changed] [--json out.json]
 
 ``--profile PHASE`` runs that phase under cProfile (every thread, via ``threading.setprofile``) and
-prints the top functions by cumulative and own time.
+prints the top functions by cumulative and own time (a stored phase: with ``--stored-processes 1``).
+The stored runs use ``rescan --stored``'s defaults: one worker process per CPU, one thread each
+(``--stored-processes``, ``--stored-workers``).
 """
 
 from __future__ import annotations
@@ -40,14 +42,16 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 GROCERY = REPO.parent / "shared" / "data" / "grocery-dev"
+T = TypeVar("T")
 
 from benchlib import raw_model_rate  # noqa: E402
 from PIL import Image, ImageEnhance  # noqa: E402
@@ -62,6 +66,7 @@ from service.usecases.rescan import (  # noqa: E402
     ListingRescanner,
     StoredRescanJob,
     ThreadedEngine,
+    fork_available,
 )
 from service.usecases.rescan_io import JsonlJournal  # noqa: E402
 
@@ -173,15 +178,24 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2000, help="listings (one distinct photo each)")
     ap.add_argument("--workers", type=int, default=4, help="scoring threads of the local engine")
     ap.add_argument("--chunk", type=int, default=16, help="listings a scoring thread takes at a time (rescan --chunk)")
-    ap.add_argument("--stored-workers", type=int, default=2, help="threads of the stored rescans")
+    ap.add_argument("--stored-processes", type=int, default=None,
+                    help="worker processes of the stored rescans (default as rescan --stored: one per CPU)")
+    ap.add_argument("--stored-workers", type=int, default=None,
+                    help="threads of the stored rescans, per process (default as rescan --stored)")
     ap.add_argument("--logo-search", choices=["never", "cascade", "always"], default="never")
     ap.add_argument("--ocr", choices=["never", "cascade", "always"], default="never")
     ap.add_argument("--profile", choices=["cold", "cached", "stored", "stored_changed"], default=None)
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     ap.add_argument("--keep", action="store_true", help="keep the temporary data dir")
     args = ap.parse_args()
-    if min(args.n, args.workers, args.chunk, args.stored_workers) < 1:
-        ap.error("--n, --workers, --chunk and --stored-workers must be >= 1")
+    if args.stored_processes is None:
+        args.stored_processes = min(os.cpu_count() or 1, 8) if fork_available() else 1
+    if args.stored_workers is None:
+        args.stored_workers = 1 if args.stored_processes > 1 else 2
+    if min(args.n, args.workers, args.chunk, args.stored_workers, args.stored_processes) < 1:
+        ap.error("--n, --workers, --chunk, --stored-processes and --stored-workers must be >= 1")
+    if args.stored_processes > 1 and args.profile in ("stored", "stored_changed"):
+        ap.error("--profile of a stored run profiles this process's threads: give --stored-processes 1")
 
     root = Path(tempfile.mkdtemp(prefix="bench-rescan-"))
     try:
@@ -200,9 +214,20 @@ def main() -> None:
         print(f"  ready in {time.perf_counter() - t:.1f} s ({report.added} references)", flush=True)
 
         figures: dict[str, Any] = {"n": args.n, "workers": args.workers, "chunk": args.chunk,
+                                   "stored_processes": args.stored_processes, "stored_workers": args.stored_workers,
                                    "logo_search": args.logo_search, "ocr": args.ocr, "cpus": os.cpu_count(),
                                    "load_1m": os.getloadavg()[0],
                                    "models": {k: e.model_id for k, e in embedders.items()}}
+
+        def profiled(name: str, run: Callable[[], T]) -> T:
+            """``run()``, under cProfile when ``--profile`` names this phase (the report printed after)."""
+            if args.profile != name:
+                return run()
+            prof = ThreadProfile()
+            with prof:
+                out = run()
+            print(prof.report())
+            return out
 
         def file_phase(name: str, out: str) -> None:
             c = build_container(settings, embedders=embedders, reconcile=False)
@@ -212,19 +237,12 @@ def main() -> None:
                 engine = ThreadedEngine(ListingRescanner(c.scorer, c.images, job.base), workers=args.workers,
                                         chunk=args.chunk)
                 before = models_run(c)
-                prof = ThreadProfile() if args.profile == name else None
-                if prof:
-                    with prof:
-                        s = job.run(engine)
-                else:
-                    s = job.run(engine)
+                s = profiled(name, lambda: job.run(engine))
                 figures[name] = {"listings_per_s": s.rate, "seconds": s.elapsed_s, "scored": s.scored,
                                  "errors": s.errors, "photos_embedded": models_run(c) - before,
                                  "verdicts": dict(s.verdicts)}
                 print(f"  {name}: {s.rate:,.1f} listings/s ({s.scored} in {s.elapsed_s:.1f} s, "
                       f"{models_run(c) - before} model runs)", flush=True)
-                if prof:
-                    print(prof.report())
             finally:
                 c.close()
 
@@ -233,47 +251,50 @@ def main() -> None:
         print("cached run (a fresh container: embeddings from the database) ...", flush=True)
         file_phase("cached", "cached.jsonl")
 
-        def stored_phase(c: Container, name: str, **kw: Any) -> None:
-            journal = JsonlJournal(root / f"{name}.jsonl", append=False)
-            job = StoredRescanJob(c.scorer, c.listings, results=journal, workers=args.stored_workers, **kw)
-            before = models_run(c)
-            prof = ThreadProfile() if args.profile == name else None
-            if prof:
-                with prof:
-                    r = job.run()
-            else:
-                r = job.run()
-            journal.close()
-            figures[name] = {"listings_per_s": r.rate, "seconds": r.elapsed_s, "scanned": r.scanned,
-                             "rescored": r.rescored, "written": r.written, "changed": r.changed,
-                             "photos_embedded": models_run(c) - before}
-            print(f"  {name}: {r.rate:,.1f} listings/s ({r.scanned} in {r.elapsed_s:.1f} s, {r.rescored} "
-                  f"re-matched, {r.written} changed and written)", flush=True)
-            if prof:
-                print(prof.report())
+        def stored_phase(name: str, **kw: Any) -> None:
+            # A fresh container, as each ``rescan --stored`` is a fresh process: no embedding read by an
+            # earlier phase is still in memory (a forked worker's reads would not be anyway).
+            c = build_container(settings, embedders=embedders, reconcile=False)
+            try:
+                journal = JsonlJournal(root / f"{name}.jsonl", append=False)
+                job = StoredRescanJob(c.scorer, c.listings, results=journal, workers=args.stored_workers,
+                                      processes=args.stored_processes, resources=c.db, **kw)
+                before = models_run(c)
+                r = profiled(name, job.run)
+                journal.close()
+                figures[name] = {"listings_per_s": r.rate, "seconds": r.elapsed_s, "scanned": r.scanned,
+                                 "rescored": r.rescored, "written": r.written, "changed": r.changed,
+                                 "photos_embedded": models_run(c) - before}
+                print(f"  {name}: {r.rate:,.1f} listings/s ({r.scanned} in {r.elapsed_s:.1f} s, {r.rescored} "
+                      f"re-matched, {r.written} changed and written)", flush=True)
+            finally:
+                c.close()
 
-        c = build_container(settings, embedders=embedders, reconcile=False)
-        try:
-            print("stored run (rescan --stored, catalog unchanged) ...", flush=True)
-            stored_phase(c, "stored")
+        def add_references(uploads: list[ReferenceUpload]) -> list[Any]:
+            c = build_container(settings, embedders=embedders, reconcile=False)
+            try:
+                return c.catalog.add(uploads)
+            finally:
+                c.close()
 
-            # A brand adds a second photo of every product: most listings now match more references, so
-            # their results change and are written (the write path at full load).
-            print("stored run after a brand added 41 references ...", flush=True)
-            cat = sorted((GROCERY / "catalogue").glob("*.jpg"))
-            c.catalog.add([ReferenceUpload(brand="relabel", kind=ReferenceKind.PRODUCT, source="bench",
-                                           sku=p.stem, data=variant(p, 5)) for p in cat])
-            stored_phase(c, "stored_changed")
+        print("stored run (rescan --stored, catalog unchanged) ...", flush=True)
+        stored_phase("stored")
 
-            # What the API's background job does after a brand adds a reference: only the listings near it
-            # are re-matched, the others only have their stored embeddings read.
-            print("stored run near one new reference ...", flush=True)
-            new = c.catalog.add([ReferenceUpload(
-                brand="newbrand", kind=ReferenceKind.PRODUCT, source="bench", sku="NEW-1",
-                data=variant(GROCERY / "catalogue" / "Alpro-Shelf-Soy-Milk.jpg", 3))])
-            stored_phase(c, "stored_near_new_reference", near_references=[new[0].reference.sha256])
-        finally:
-            c.close()
+        # A brand adds a second photo of every product: most listings now match more references, so
+        # their results change and are written (the write path at full load).
+        print("stored run after a brand added 41 references ...", flush=True)
+        cat = sorted((GROCERY / "catalogue").glob("*.jpg"))
+        add_references([ReferenceUpload(brand="relabel", kind=ReferenceKind.PRODUCT, source="bench", sku=p.stem,
+                                        data=variant(p, 5)) for p in cat])
+        stored_phase("stored_changed")
+
+        # What the API's background job does after a brand adds a reference: only the listings near it are
+        # re-matched, the others only have their stored embeddings read.
+        print("stored run near one new reference ...", flush=True)
+        new = add_references([ReferenceUpload(
+            brand="newbrand", kind=ReferenceKind.PRODUCT, source="bench", sku="NEW-1",
+            data=variant(GROCERY / "catalogue" / "Alpro-Shelf-Soy-Milk.jpg", 3))])
+        stored_phase("stored_near_new_reference", near_references=[new[0].reference.sha256])
 
         print("raw embedding throughput of the configured models ...", flush=True)
         paths = sorted((root / "in" / "photos").glob("*.jpg"))[:256]
@@ -293,7 +314,8 @@ def main() -> None:
         print(f"{'raw embedding, photos/s (' + models + ', side by side)':<56}{raw:>12,.1f}")
         print(f"{'cold / raw embedding':<56}{figures['cold_over_raw']:>12.2f}")
         print(f"(load average at start {figures['load_1m']:.1f} on {figures['cpus']} CPUs; "
-              f"logo search {args.logo_search}, OCR {args.ocr}, {args.workers} workers, chunks of {args.chunk})")
+              f"logo search {args.logo_search}, OCR {args.ocr}, {args.workers} workers, chunks of {args.chunk}; "
+              f"stored: {args.stored_processes} processes x {args.stored_workers} threads)")
         if args.json:
             args.json.write_text(json.dumps(figures, indent=2))
     finally:
