@@ -66,7 +66,7 @@ from service.usecases.rescan import (  # noqa: E402
     ListingRescanner,
     StoredRescanJob,
     ThreadedEngine,
-    fork_available,
+    default_stored_processes,
 )
 from service.usecases.rescan_io import JsonlJournal  # noqa: E402
 
@@ -189,7 +189,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the temporary data dir")
     args = ap.parse_args()
     if args.stored_processes is None:
-        args.stored_processes = min(os.cpu_count() or 1, 8) if fork_available() else 1
+        args.stored_processes = default_stored_processes()
     if args.stored_workers is None:
         args.stored_workers = 1 if args.stored_processes > 1 else 2
     if min(args.n, args.workers, args.chunk, args.stored_workers, args.stored_processes) < 1:

@@ -8,7 +8,6 @@ listing could be processed, 2 on bad arguments, 130 when interrupted (continue w
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import threading
@@ -265,7 +264,12 @@ def _file(listings: Path, out_path: Path, errors: Path | None, resume: bool, ove
 def _stored(out_path: Path | None, overwrite: bool, workers: int | None, processes: int | None,
             brand: str | None, since: str | None) -> None:
     from service.storage.errors import NotFoundError
-    from service.usecases.rescan import StoredRescanJob, StoredRescanWorkerError, fork_available
+    from service.usecases.rescan import (
+        StoredRescanJob,
+        StoredRescanWorkerError,
+        default_stored_processes,
+        fork_available,
+    )
     from service.usecases.rescan_io import JsonlJournal
 
     cli = _helpers()
@@ -277,7 +281,7 @@ def _stored(out_path: Path | None, overwrite: bool, workers: int | None, process
     if brand is not None and not re.fullmatch(r"[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?", brand):
         fail(f"--brand {brand!r} is not a brand slug")
     if processes is None:
-        processes = min(os.cpu_count() or 1, 8) if fork_available() else 1
+        processes = default_stored_processes()
     elif processes > 1 and not fork_available():
         fail("--processes > 1 needs a platform that can fork processes (not Windows)")
     if out_path is not None:

@@ -19,8 +19,10 @@ the journals back and skips the listing ids already in the results and the lines
 
 from __future__ import annotations
 
+import copy
 import logging
 import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -462,6 +464,20 @@ def fork_available() -> bool:
     return "fork" in multiprocessing.get_all_start_methods()
 
 
+def default_stored_processes() -> int:
+    """``rescan --stored``'s worker processes: one per CPU (at most 8) where they can be forked, else 1."""
+    return min(os.cpu_count() or 1, 8) if fork_available() else 1
+
+
+def _commit_if_due(sink: ResultSink | None, since: float) -> float:
+    """Commit ``sink`` once 256 records (or progress ticks) wait or a second has passed since ``since``;
+    answers when it was last committed."""
+    if sink is not None and (sink.pending >= 256 or time.monotonic() - since > 1.0):
+        sink.commit()
+        return time.monotonic()
+    return since
+
+
 class _Relay:
     """A worker process's side of the pipe to the parent: result lines (JSON encoded here, so the parent
     only writes bytes) and progress, sent together at each commit."""
@@ -553,10 +569,13 @@ class StoredRescanJob:
         self.processes = processes
         self.resources = resources
         self.shard = shard
+        self._counted: int | None = None
 
     def count(self) -> int:
-        """How many stored listings the job will look at (NotFoundError for an unknown brand)."""
-        return self.listings.count_stored(self.brand, self.since)
+        """How many stored listings the job will look at (NotFoundError for an unknown brand). Remembered:
+        ``run`` asks it again only when the caller has not (a count over every listing is not free)."""
+        self._counted = self.listings.count_stored(self.brand, self.since)
+        return self._counted
 
     def _page(self, recs: list[ListingRecord]) -> list[tuple[ListingRecord, Any]]:
         """Re-match a page of listings in one batch (one search per index, the changed scores in one
@@ -645,7 +664,7 @@ class StoredRescanJob:
         report = StoredRescanReport(brand=self.brand, since=self.since,
                                     near_references=len(self.near_references))
         # One page cannot be shared: forking for it would only add the processes' start-up.
-        if self.processes > 1 and self.count() > self.page:
+        if self.processes > 1 and (self._counted if self._counted is not None else self.count()) > self.page:
             t0 = time.perf_counter()
             try:
                 self._run_processes(report, progress, cancel)
@@ -701,10 +720,7 @@ class StoredRescanJob:
                     elif kind == "failed" and failure is None:
                         failure = f"worker {k} failed:\n{payload[0]}"
                         stop.set()  # the others stop between pages: the run is reported as failed
-                if self.results is not None and (self.results.pending >= 256 or
-                                                 time.monotonic() - last_commit > 1.0):
-                    self.results.commit()
-                    last_commit = time.monotonic()
+                last_commit = _commit_if_due(self.results, last_commit)
         finally:
             stop.set()
             for _, left in children.values():  # only after an exception here (Ctrl-C): stop them
@@ -723,12 +739,11 @@ class StoredRescanJob:
             assert self.resources is not None
             self.resources.after_fork()
             relay = _Relay(conn, keep_records=self.results is not None)
-            part = StoredRescanJob(self.scorer, self.listings, brand=self.brand, since=self.since,
-                                   near_references=self.near_references, workers=self.workers, results=relay,
-                                   persist=self.persist, page=self.page, shard=(k, self.processes))
+            part = copy.copy(self)  # this job, on shard k, its lines and progress sent to the parent
+            part.results, part.shard, part.processes = relay, (k, self.processes), 1
+            # (_run_threads commits the relay at its end: every line and tick is sent before the report.)
             report = part._run_threads(StoredRescanReport(brand=self.brand, since=self.since),
                                        relay.progress, stop)
-            relay.commit()
             conn.send(("done", report))
         except BaseException:
             conn.send(("failed", traceback.format_exc()))
@@ -765,9 +780,7 @@ class StoredRescanJob:
                         self.results.append(result_record(r))
                 if progress:
                     progress(1)
-            if self.results is not None and (self.results.pending >= 256 or time.monotonic() - last_commit > 1.0):
-                self.results.commit()
-                last_commit = time.monotonic()
+            last_commit = _commit_if_due(self.results, last_commit)
 
         try:
             for page in self._pages(records, report, self.page):
