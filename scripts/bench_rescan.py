@@ -66,9 +66,11 @@ from service.usecases.rescan import (  # noqa: E402
     ListingRescanner,
     StoredRescanJob,
     ThreadedEngine,
+    default_processes,
     default_stored_processes,
 )
 from service.usecases.rescan_io import JsonlJournal  # noqa: E402
+from service.usecases.rescan_processes import ProcessEngine  # noqa: E402
 
 
 def brand_of(cls: str) -> str:
@@ -178,6 +180,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2000, help="listings (one distinct photo each)")
     ap.add_argument("--workers", type=int, default=4, help="scoring threads of the local engine")
     ap.add_argument("--chunk", type=int, default=16, help="listings a scoring thread takes at a time (rescan --chunk)")
+    ap.add_argument("--processes", type=int, default=None,
+                    help="worker processes of the file rescans (default as rescan: one per CPU; 1: threads of "
+                         "this process)")
     ap.add_argument("--stored-processes", type=int, default=None,
                     help="worker processes of the stored rescans (default as rescan --stored: one per CPU)")
     ap.add_argument("--stored-workers", type=int, default=None,
@@ -188,12 +193,16 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     ap.add_argument("--keep", action="store_true", help="keep the temporary data dir")
     args = ap.parse_args()
+    if args.processes is None:
+        args.processes = default_processes()
     if args.stored_processes is None:
         args.stored_processes = default_stored_processes()
     if args.stored_workers is None:
         args.stored_workers = 1 if args.stored_processes > 1 else 2
-    if min(args.n, args.workers, args.chunk, args.stored_workers, args.stored_processes) < 1:
-        ap.error("--n, --workers, --chunk, --stored-processes and --stored-workers must be >= 1")
+    if min(args.n, args.workers, args.chunk, args.processes, args.stored_workers, args.stored_processes) < 1:
+        ap.error("--n, --workers, --chunk, --processes, --stored-processes and --stored-workers must be >= 1")
+    if args.processes > 1 and args.profile in ("cold", "cached"):
+        ap.error("--profile of a file run profiles this process's threads: give --processes 1")
     if args.stored_processes > 1 and args.profile in ("stored", "stored_changed"):
         ap.error("--profile of a stored run profiles this process's threads: give --stored-processes 1")
 
@@ -214,6 +223,7 @@ def main() -> None:
         print(f"  ready in {time.perf_counter() - t:.1f} s ({report.added} references)", flush=True)
 
         figures: dict[str, Any] = {"n": args.n, "workers": args.workers, "chunk": args.chunk,
+                                   "processes": args.processes,
                                    "stored_processes": args.stored_processes, "stored_workers": args.stored_workers,
                                    "logo_search": args.logo_search, "ocr": args.ocr, "cpus": os.cpu_count(),
                                    "load_1m": os.getloadavg()[0],
@@ -230,21 +240,28 @@ def main() -> None:
             return out
 
         def file_phase(name: str, out: str) -> None:
-            c = build_container(settings, embedders=embedders, reconcile=False)
-            try:
-                job = FileRescan(listings, root / out, overwrite=True)
-                job.prepare()
-                engine = ThreadedEngine(ListingRescanner(c.scorer, c.images, job.base), workers=args.workers,
-                                        chunk=args.chunk)
-                before = models_run(c)
-                s = profiled(name, lambda: job.run(engine))
-                figures[name] = {"listings_per_s": s.rate, "seconds": s.elapsed_s, "scored": s.scored,
-                                 "errors": s.errors, "photos_embedded": models_run(c) - before,
-                                 "verdicts": dict(s.verdicts)}
-                print(f"  {name}: {s.rate:,.1f} listings/s ({s.scored} in {s.elapsed_s:.1f} s, "
-                      f"{models_run(c) - before} model runs)", flush=True)
-            finally:
-                c.close()
+            job = FileRescan(listings, root / out, overwrite=True)
+            job.prepare()
+            if args.processes > 1:
+                # As ``rescan --processes N``: the workers load their own models (not timed, as the
+                # threads' container below is built before the clock starts).
+                with ProcessEngine(settings, job.base, processes=args.processes, threads=args.workers,
+                                   chunk=args.chunk) as engine:
+                    engine.start()
+                    s = job.run(engine)
+            else:
+                c = build_container(settings, embedders=embedders, reconcile=False)
+                try:
+                    threaded = ThreadedEngine(ListingRescanner(c.scorer, c.images, job.base), workers=args.workers,
+                                              chunk=args.chunk)
+                    s = profiled(name, lambda: job.run(threaded))
+                finally:
+                    c.close()
+            embedded = sum(s.embedded.values())
+            figures[name] = {"listings_per_s": s.rate, "seconds": s.elapsed_s, "scored": s.scored,
+                             "errors": s.errors, "photos_embedded": embedded, "verdicts": dict(s.verdicts)}
+            print(f"  {name}: {s.rate:,.1f} listings/s ({s.scored} in {s.elapsed_s:.1f} s, "
+                  f"{embedded} model runs)", flush=True)
 
         print("cold run (empty embedding cache) ...", flush=True)
         file_phase("cold", "cold.jsonl")
@@ -314,7 +331,8 @@ def main() -> None:
         print(f"{'raw embedding, photos/s (' + models + ', side by side)':<56}{raw:>12,.1f}")
         print(f"{'cold / raw embedding':<56}{figures['cold_over_raw']:>12.2f}")
         print(f"(load average at start {figures['load_1m']:.1f} on {figures['cpus']} CPUs; "
-              f"logo search {args.logo_search}, OCR {args.ocr}, {args.workers} workers, chunks of {args.chunk}; "
+              f"logo search {args.logo_search}, OCR {args.ocr}; files: {args.processes} processes x {args.workers} "
+              f"threads, chunks of {args.chunk}; "
               f"stored: {args.stored_processes} processes x {args.stored_workers} threads)")
         if args.json:
             args.json.write_text(json.dumps(figures, indent=2))

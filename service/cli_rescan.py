@@ -135,8 +135,10 @@ def rescan(
         show_default=False)] = None,
     processes: Annotated[int | None, typer.Option(
         min=1, max=64, show_default=False,
-        help="--stored: worker processes, each re-matching a share of the listings (default: one per CPU "
-             "where processes can be forked; re-matching is Python, so threads alone use one core).")] = None,
+        help="Local engine and --stored: worker processes (default one per CPU, at most 8). A file's workers "
+             "each load the models and score the chunks they are sent; --stored forks workers that each "
+             "re-match a share of the listings. Scoring a seen photo and re-matching are Python, so the "
+             "threads of one process use one core (1: no worker processes).")] = None,
     chunk: Annotated[int | None, typer.Option(
         min=1, max=1024, show_default=False,
         help="Local: listings a scoring thread takes at a time (one model batch, one transaction; default 16). "
@@ -178,8 +180,8 @@ def rescan(
         return
     if brand is not None or since is not None:
         fail("--brand and --since select stored listings: use them with --stored")
-    if processes is not None:
-        fail("--processes is for --stored (a file rescan scores with --workers threads, or on Ray)")
+    if processes is not None and engine is Engine.RAY:
+        fail("--processes is for the local engine (Ray runs --workers actors)")
     if listings is None:
         fail("give a LISTINGS file (.jsonl, .csv, .parquet) or --stored")
     if out_path is None:
@@ -189,14 +191,21 @@ def rescan(
     if engine is Engine.RAY and chunk is not None:
         fail("--chunk is for the local engine")
     _file(listings, out_path, errors, resume, overwrite, workers, engine, address, actor_cpus, actor_gpus,
-          checkpoint_every, chunk or 16)
+          checkpoint_every, chunk or 16, processes)
 
 
 def _file(listings: Path, out_path: Path, errors: Path | None, resume: bool, overwrite: bool,
           workers: int | None, engine: Engine, address: str | None, actor_cpus: float, actor_gpus: float,
-          checkpoint_every: int, chunk: int = 16) -> None:
-    from service.usecases.rescan import FileRescan, ListingRescanner, RescanEngine, ThreadedEngine
+          checkpoint_every: int, chunk: int = 16, processes: int | None = None) -> None:
+    from service.usecases.rescan import (
+        FileRescan,
+        ListingRescanner,
+        RescanEngine,
+        ThreadedEngine,
+        default_processes,
+    )
     from service.usecases.rescan_io import RescanInputError, count_rows
+    from service.usecases.rescan_processes import ProcessEngine, RescanWorkerError
 
     cli = _helpers()
 
@@ -215,20 +224,35 @@ def _file(listings: Path, out_path: Path, errors: Path | None, resume: bool, ove
         except ImportError:
             fail("--engine ray needs Ray: pip install 'counterlens[ray]'")
     settings = cli.load_settings()
-    c = cli._container(settings)
+    if processes is None:
+        processes = default_processes() if engine is Engine.LOCAL else 1
+    # Ray actors and worker processes load their own models (worker 0 reconciles the catalog); only the
+    # threaded engine scores in this process.
+    c = cli._container(settings) if engine is Engine.RAY or processes == 1 else None
     runner: RescanEngine
-    ray_engine: Any = None
+    closer: Any = None
     try:
         if engine is Engine.RAY:
             from service.usecases.rescan_ray import RayEngine
 
-            ray_engine = RayEngine(settings, job.base, address=address, actors=workers, actor_cpus=actor_cpus,
-                                   actor_gpus=actor_gpus)
+            ray_engine = closer = RayEngine(settings, job.base, address=address, actors=workers,
+                                            actor_cpus=actor_cpus, actor_gpus=actor_gpus)
             with cli.console.status("connecting to Ray..."):
                 actors = ray_engine.start()
             cli.console.print(f"Ray: {actors} scoring actor(s) of {actor_cpus:g} CPU, {actor_gpus:g} GPU")
             runner = ray_engine
+        elif processes > 1:
+            procs = closer = ProcessEngine(settings, job.base, processes=processes, threads=workers or 4,
+                                           chunk=chunk)
+            with cli.console.status(f"starting {processes} worker processes (each loads the models)..."):
+                try:
+                    procs.start()
+                except RescanWorkerError as exc:
+                    cli.console.print(f"[red]error:[/red] {exc}")
+                    raise typer.Exit(1) from None
+            runner = procs
         else:
+            assert c is not None
             runner = ThreadedEngine(ListingRescanner(c.scorer, c.images, job.base), workers=workers or 4,
                                     chunk=chunk)
         if point.count:
@@ -237,11 +261,16 @@ def _file(listings: Path, out_path: Path, errors: Path | None, resume: bool, ove
         with _bar() as bar:
             task = bar.add_task("rescanning", total=total, completed=min(total, point.count))
             with _ctrl_c_stops() as stop:
-                summary = job.run(runner, progress=lambda n: bar.advance(task, n), stop=stop)
+                try:
+                    summary = job.run(runner, progress=lambda n: bar.advance(task, n), stop=stop)
+                except RescanWorkerError as exc:
+                    cli.console.print(f"[red]error:[/red] {exc}")
+                    raise typer.Exit(1) from None
     finally:
-        if ray_engine is not None:
-            ray_engine.close()
-        c.close()
+        if closer is not None:
+            closer.close()
+        if c is not None:
+            c.close()
 
     rows = [(v, str(summary.verdicts.get(v, 0))) for v in ("clear", "review", "likely_counterfeit")]
     rows += [("errors", f"{summary.errors}" + (f"  (see {job.errors})" if summary.errors else "")),

@@ -156,10 +156,16 @@ def model_threads(models: int, cores: int | None = None) -> int:
     return max(1, (cores or os.cpu_count() or 1) // max(1, models))
 
 
+def image_model_names(settings: Settings) -> list[str]:
+    """The distinct image models the settings load (a role may share another role's model)."""
+    roles = _roles(settings)
+    return list(dict.fromkeys(n for n in (roles.copy, roles.semantic, roles.logo) if n))
+
+
 def build_embedders(settings: Settings) -> tuple[dict[str, ImageEmbedder], ModelRoles]:
     m = settings.models
     roles = _roles(settings)
-    names = dict.fromkeys(n for n in (roles.copy, roles.semantic, roles.logo) if n)
+    names = image_model_names(settings)
     if m.intra_op_threads == 0:
         m = m.model_copy(update={"intra_op_threads": model_threads(len(names))})
     built: dict[str, ImageEmbedder] = {}

@@ -464,9 +464,14 @@ def fork_available() -> bool:
     return "fork" in multiprocessing.get_all_start_methods()
 
 
+def default_processes() -> int:
+    """A rescan's worker processes: one per CPU, at most 8 (each file rescan worker loads the models)."""
+    return min(os.cpu_count() or 1, 8)
+
+
 def default_stored_processes() -> int:
-    """``rescan --stored``'s worker processes: one per CPU (at most 8) where they can be forked, else 1."""
-    return min(os.cpu_count() or 1, 8) if fork_available() else 1
+    """``rescan --stored``'s worker processes: :func:`default_processes` where they can be forked, else 1."""
+    return default_processes() if fork_available() else 1
 
 
 def _commit_if_due(sink: ResultSink | None, since: float) -> float:

@@ -62,7 +62,8 @@ def cli(data_dir: Path, *args: str) -> Any:
     (["--stored", "--chunk", "32"], "--chunk is not available with --stored"),
     (["--stored", "--chunk", "16"], "--chunk is not available with --stored"),  # the default, given
     (["l.jsonl", "--out", "r.jsonl", "--engine", "ray", "--chunk", "16"], "--chunk is for the local engine"),
-    (["l.jsonl", "--out", "r.jsonl", "--processes", "2"], "--processes is for --stored"),
+    (["l.jsonl", "--out", "r.jsonl", "--engine", "ray", "--processes", "2"], "--processes is for the local engine"),
+    (["l.jsonl", "--out", "r.jsonl", "--processes", "0"], "--processes"),
     (["--stored", "--processes", "0"], "--processes"),
 ])
 def test_bad_arguments_exit_2_with_a_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -99,10 +100,10 @@ def test_broken_lines_and_unreadable_images_are_reported_not_fatal(rescan_world:
     ]
     src = write_jsonl(folder / "listings.jsonl", lines)
     data = fresh_data_dir(w, tmp_path / "data")
-    # Chunks of 3: the good, bad and duplicate lines fall into different scoring chunks and still come
-    # out in input order.
+    # Chunks of 3 over two worker processes: the good, bad and duplicate lines fall into different
+    # scoring chunks and still come out in input order.
     result = cli(data, str(src), "--out", str(tmp_path / "results.jsonl"), "--errors", str(tmp_path / "errors.jsonl"),
-                 "--chunk", "3")
+                 "--chunk", "3", "--processes", "2")
     assert result.exit_code == 0, result.output
     assert [r["listing_id"] for r in read_jsonl(tmp_path / "results.jsonl")] == ["ok-1", "ok-2"]
     errors = {e["line"]: e for e in read_jsonl(tmp_path / "errors.jsonl")}
