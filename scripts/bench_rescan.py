@@ -66,6 +66,7 @@ from service.usecases.rescan import (  # noqa: E402
     ListingRescanner,
     StoredRescanJob,
     ThreadedEngine,
+    default_chunk,
     default_processes,
     default_stored_processes,
 )
@@ -179,7 +180,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=2000, help="listings (one distinct photo each)")
     ap.add_argument("--workers", type=int, default=4, help="scoring threads of the local engine")
-    ap.add_argument("--chunk", type=int, default=16, help="listings a scoring thread takes at a time (rescan --chunk)")
+    ap.add_argument("--chunk", type=int, default=None,
+                    help="listings a scoring thread takes at a time (default as rescan --chunk)")
     ap.add_argument("--processes", type=int, default=None,
                     help="worker processes of the file rescans (default as rescan: one per CPU; 1: threads of "
                          "this process)")
@@ -195,6 +197,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.processes is None:
         args.processes = default_processes()
+    if args.chunk is None:
+        args.chunk = default_chunk(args.processes)
     if args.stored_processes is None:
         args.stored_processes = default_stored_processes()
     if args.stored_workers is None:
@@ -259,9 +263,10 @@ def main() -> None:
                     c.close()
             embedded = sum(s.embedded.values())
             figures[name] = {"listings_per_s": s.rate, "seconds": s.elapsed_s, "scored": s.scored,
-                             "errors": s.errors, "photos_embedded": embedded, "verdicts": dict(s.verdicts)}
-            print(f"  {name}: {s.rate:,.1f} listings/s ({s.scored} in {s.elapsed_s:.1f} s, "
-                  f"{embedded} model runs)", flush=True)
+                             "written": s.scored - s.unchanged, "errors": s.errors, "photos_embedded": embedded,
+                             "verdicts": dict(s.verdicts)}
+            print(f"  {name}: {s.rate:,.1f} listings/s ({s.scored} in {s.elapsed_s:.1f} s, {s.scored - s.unchanged} "
+                  f"written, {embedded} model runs)", flush=True)
 
         print("cold run (empty embedding cache) ...", flush=True)
         file_phase("cold", "cold.jsonl")
@@ -326,6 +331,8 @@ def main() -> None:
             label = name.replace("_", " ")
             if name.startswith("stored"):
                 label += f" ({f['rescored']} re-matched, {f['written']} written)"
+            else:
+                label += f" ({f['written']} written)"
             print(f"{label:<56}{f['listings_per_s']:>12,.1f}{f['seconds']:>10.1f}{f['photos_embedded']:>12}")
         models = "+".join(figures["models"])
         print(f"{'raw embedding, photos/s (' + models + ', side by side)':<56}{raw:>12,.1f}")

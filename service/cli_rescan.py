@@ -141,9 +141,10 @@ def rescan(
              "threads of one process use one core (1: no worker processes).")] = None,
     chunk: Annotated[int | None, typer.Option(
         min=1, max=1024, show_default=False,
-        help="Local: listings a scoring thread takes at a time (one model batch, one transaction; default 16). "
-             "Larger chunks share each batch's fixed cost over more cached photos (64: about +25-30 % on a "
-             "cached file, docs/performance.md) but hold more listings in flight when Ctrl-C drains the run.")] \
+        help="Local: listings a scoring thread takes at a time (one model batch, one transaction; default 32 "
+             "with worker processes, 16 without). Larger chunks share each batch's fixed cost over more "
+             "cached photos (docs/performance.md) but hold more listings in flight when Ctrl-C drains the "
+             "run.")] \
         = None,
     engine: Annotated[Engine, typer.Option(help="Where to score: this process or a Ray cluster.")] \
         = Engine.LOCAL,
@@ -191,17 +192,18 @@ def rescan(
     if engine is Engine.RAY and chunk is not None:
         fail("--chunk is for the local engine")
     _file(listings, out_path, errors, resume, overwrite, workers, engine, address, actor_cpus, actor_gpus,
-          checkpoint_every, chunk or 16, processes)
+          checkpoint_every, chunk, processes)
 
 
 def _file(listings: Path, out_path: Path, errors: Path | None, resume: bool, overwrite: bool,
           workers: int | None, engine: Engine, address: str | None, actor_cpus: float, actor_gpus: float,
-          checkpoint_every: int, chunk: int = 16, processes: int | None = None) -> None:
+          checkpoint_every: int, chunk: int | None = None, processes: int | None = None) -> None:
     from service.usecases.rescan import (
         FileRescan,
         ListingRescanner,
         RescanEngine,
         ThreadedEngine,
+        default_chunk,
         default_processes,
     )
     from service.usecases.rescan_io import RescanInputError, count_rows
@@ -226,6 +228,7 @@ def _file(listings: Path, out_path: Path, errors: Path | None, resume: bool, ove
     settings = cli.load_settings()
     if processes is None:
         processes = default_processes() if engine is Engine.LOCAL else 1
+    chunk = chunk or default_chunk(processes)
     # Ray actors and worker processes load their own models (worker 0 reconciles the catalog); only the
     # threaded engine scores in this process.
     c = cli._container(settings) if engine is Engine.RAY or processes == 1 else None
@@ -273,7 +276,8 @@ def _file(listings: Path, out_path: Path, errors: Path | None, resume: bool, ove
             c.close()
 
     rows = [(v, str(summary.verdicts.get(v, 0))) for v in ("clear", "review", "likely_counterfeit")]
-    rows += [("errors", f"{summary.errors}" + (f"  (see {job.errors})" if summary.errors else "")),
+    rows += [("unchanged (as stored)", str(summary.unchanged)),
+             ("errors", f"{summary.errors}" + (f"  (see {job.errors})" if summary.errors else "")),
              ("skipped (done before)", str(summary.skipped)),
              ("listings/s", f"{summary.rate:,.1f}  ({summary.processed} in {summary.elapsed_s:,.1f} s)")]
     for model, n in sorted(summary.embedded.items()):

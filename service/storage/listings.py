@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -64,6 +65,8 @@ _REOPENABLE = (ReviewStatus.OPEN.value, ReviewStatus.CLEARED.value)
 _CONTENT_COLUMNS = ("title", "description", "price", "currency", "seller_id", "seller_account_age_days",
                     "seller_units_sold_30d", "seller_stock", "image_sha256s", "last_seen_at")
 _LATEST_COLUMNS = ("last_scored_at", "latest_risk", "latest_verdict", "latest_brand_id", "latest_digest")
+# What a listing's score depends on of its own data (``same_as_stored`` compares them).
+_STATE_COLUMNS = tuple(c for c in _CONTENT_COLUMNS if c != "last_seen_at")
 
 
 def result_json(result: ScoreResult) -> dict[str, Any]:
@@ -190,6 +193,12 @@ class _Statements:
 
         self.upsert_listing_many = upsert_listing_many(_LATEST_COLUMNS + _CONTENT_COLUMNS)
         self.upsert_listing_latest_many = upsert_listing_many(_LATEST_COLUMNS)
+        self.stored_state = sa.select(_LISTINGS.c.listing_id, _LISTINGS.c.latest_digest,
+                                      *(_LISTINGS.c[col] for col in _STATE_COLUMNS)).where(
+            _LISTINGS.c.listing_id.in_(sa.bindparam("p_lids", expanding=True)))
+        now = sa.bindparam("p_now", type_=UTCDateTime())
+        self.mark_seen = (sa.update(_LISTINGS).where(_LISTINGS.c.listing_id == sa.bindparam("p_lid"))
+                          .values(last_seen_at=now, last_scored_at=now))
         self.listing_pks = sa.select(_LISTINGS.c.id, _LISTINGS.c.listing_id).where(
             _LISTINGS.c.listing_id.in_(sa.bindparam("p_lids", expanding=True)))
         # Many rows, their ids in the order of the parameters (SQLAlchemy's "insertmanyvalues").
@@ -283,7 +292,7 @@ class ListingRepository:
         return got
 
     def record_scores(self, writes: Sequence[ScoreWrite], *, scored_at: datetime | None = None,
-                      skip_unchanged: bool = False) -> list[RecordedScore | None]:
+                      skip_unchanged: bool = False, same_as_stored: bool = False) -> list[RecordedScore | None]:
         """Stores many scores in one transaction (each exactly as :meth:`record_score` would): a batch
         shares one commit, which is most of a score's write cost on SQLite and a round trip on PostgreSQL.
 
@@ -294,6 +303,12 @@ class ListingRepository:
         (``ScoreWrite.previous_digest``, as read with the listing) is left out and answered None: its
         history row would repeat the latest one and nothing else would move. A ``--stored`` rescan after
         a catalog change rewrites only the listings whose result changed.
+
+        ``same_as_stored``: the same for writes that carry no digest, against what is stored now: a
+        listing stored with the same content (title, description, price, seller, photos) whose latest
+        result has the new result's digest is only marked seen and scored (``last_seen_at``,
+        ``last_scored_at``) and answered None. A file rescan of listings whose results did not change
+        adds no history rows that repeat the latest ones, nor rewrites their matches and review items.
         """
         now = _aware(scored_at, "scored_at") if scored_at is not None else utcnow()
         prepared: list[_Prepared | None] = []
@@ -305,17 +320,41 @@ class ListingRepository:
                 raise InvalidInputError(exc.message, field) from None
             unchanged = skip_unchanged and w.previous_digest is not None and w.previous_digest == p.digest
             prepared.append(None if unchanged else p)
+        seen: list[str] = []
+        if same_as_stored:
+            same = self._same_as_stored([p for p in prepared if p is not None])
+            seen = [p.row["listing_id"] for p in prepared if p is not None and id(p) in same]
+            prepared = [None if p is None or id(p) in same else p for p in prepared]
         todo = [p for p in prepared if p is not None]
-        if not todo:
+        if not todo and not seen:
             return [None] * len(prepared)
         try:
-            done = self._write(todo, now, check_refs=False)
+            done = self._write(todo, now, check_refs=False, only_seen=seen)
         except sa.exc.IntegrityError:
             # A matched reference was deleted from the catalog after the index returned it: store the
             # match without its reference id (as the FK's ON DELETE SET NULL would have done).
-            done = self._write(todo, now, check_refs=True)
+            done = self._write(todo, now, check_refs=True, only_seen=seen)
         it = iter(done)
         return [None if p is None else next(it) for p in prepared]
+
+    def _same_as_stored(self, todo: Sequence[_Prepared]) -> set[int]:
+        """``id()`` of the writes whose listing is stored with the same content and latest digest (read
+        before the write transaction: a score stored in between is newer, and is kept). A listing_id
+        written twice in the batch is always written."""
+        counts = Counter(p.row["listing_id"] for p in todo)
+        once = {p.row["listing_id"]: p for p in todo if counts[p.row["listing_id"]] == 1}
+        if not once:
+            return set()
+        same: set[int] = set()
+        with self._db.reading() as conn:
+            for chunk in chunked(list(once)):
+                for row in conn.execute(self._sql.stored_state, {"p_lids": chunk}):
+                    p = once[row.listing_id]
+                    # (A price with more decimals than the column keeps reads back different: written.)
+                    if row.latest_digest == p.digest and all(
+                            getattr(row, col) == p.row[col] for col in _STATE_COLUMNS):
+                        same.add(id(p))
+        return same
 
     def _prepare(self, w: ScoreWrite, now: datetime) -> _Prepared:
         listing, result = w.listing, w.result
@@ -358,10 +397,12 @@ class ListingRepository:
         }
         return _Prepared(row, result, src, verdict, risk, slugs, digest)
 
-    def _write(self, todo: Sequence[_Prepared], now: datetime, check_refs: bool) -> list[RecordedScore]:
+    def _write(self, todo: Sequence[_Prepared], now: datetime, check_refs: bool,
+               only_seen: Sequence[str] = ()) -> list[RecordedScore]:
         """One transaction; statements run once per batch (``executemany``) wherever their rows do not
         depend on each other. A listing scored twice in one batch is written in a later round, so its
-        second score lands after its first exactly as two calls would have it."""
+        second score lands after its first exactly as two calls would have it. ``only_seen``: listing_ids
+        only marked seen and scored now (see ``same_as_stored``)."""
         out: list[RecordedScore | None] = [None] * len(todo)
         rounds: list[list[int]] = []
         seen: dict[str, int] = {}  # listing_id -> rounds it already appears in
@@ -372,6 +413,8 @@ class ListingRepository:
                 rounds.append([])
             rounds[r].append(i)
         with self._db.writing() as conn:
+            if only_seen:
+                conn.execute(self._sql.mark_seen, [{"p_lid": lid, "p_now": now} for lid in only_seen])
             bids = self._resolve_brands(conn, set().union(*(p.slugs for p in todo)))
             live: set[int] | None = None
             if check_refs:

@@ -55,8 +55,8 @@ class BrandPolicies(Protocol):
 
 
 class ScoreRecorder(Protocol):
-    def record_scores(self, writes: Sequence[ScoreWrite], *,
-                      skip_unchanged: bool = ...) -> Sequence[object | None]: ...
+    def record_scores(self, writes: Sequence[ScoreWrite], *, skip_unchanged: bool = ...,
+                      same_as_stored: bool = ...) -> Sequence[object | None]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,11 +178,13 @@ class ListingScorer:
         """Score a listing whose photos are decoded (pixels present)."""
         return _unwrap(self.score_many([listing], source=source, persist=persist)[0])
 
-    def score_many(self, listings: Sequence[Listing], *, source: str = "api",
-                   persist: bool = True) -> list[ScoreOutcome | Exception]:
+    def score_many(self, listings: Sequence[Listing], *, source: str = "api", persist: bool = True,
+                   skip_unchanged: bool = False) -> list[ScoreOutcome | Exception]:
         """Score listings together: each model runs once over all their photos (the models side by side),
         each index is searched once, and the scores are stored in one transaction. Answers in the order
         of ``listings``; a listing that cannot be scored gets its exception, the others are unaffected.
+        ``skip_unchanged``: a listing stored with the same content and latest result is only marked seen
+        (``ListingRepository.record_scores``' ``same_as_stored``; its outcome says ``written=False``).
 
         Photos are decoded here, and only those some model has not embedded yet (a photo whose
         embeddings are all cached by its hash is never decoded); one that fails to decode fails its own
@@ -192,9 +194,9 @@ class ListingScorer:
         cached = {name: emb.lookup(shas) for name, emb in roles.items()}  # one lookup per model and batch
         failed = self._decode_misses(listings, cached)
         if not failed:
-            return self._score_decoded(listings, roles, cached, source, persist)
+            return self._score_decoded(listings, roles, cached, source, persist, skip_unchanged)
         ok = [lst for k, lst in enumerate(listings) if k not in failed]
-        scored = iter(self._score_decoded(ok, roles, cached, source, persist) if ok else [])
+        scored = iter(self._score_decoded(ok, roles, cached, source, persist, skip_unchanged) if ok else [])
         return [failed[k] if k in failed else next(scored) for k in range(len(listings))]
 
     @staticmethod
@@ -213,7 +215,7 @@ class ListingScorer:
 
     def _score_decoded(self, listings: Sequence[Listing], roles: dict[str, CachedEmbedder],
                        cached: dict[str, dict[str, np.ndarray]], source: str,
-                       persist: bool) -> list[ScoreOutcome | Exception]:
+                       persist: bool, same_as_stored: bool) -> list[ScoreOutcome | Exception]:
         t0 = time.perf_counter()
         images = [im for lst in listings for im in lst.images]
         pending = {name: emb.start(images, found=cached[name]) for name, emb in roles.items()}
@@ -233,7 +235,8 @@ class ListingScorer:
             elif self.logo is self.semantic:
                 vectors.logo = vectors.semantic
             items.append(_Item(lst, vectors, list(lst.images), [im.sha256 for im in lst.images]))
-        outcomes = self._assess_many(items, source=source, persist=persist, skip_unchanged=False)
+        outcomes = self._assess_many(items, source=source, persist=persist, skip_unchanged=False,
+                                     same_as_stored=same_as_stored)
         for name, p in pending.items():
             # A photo the model ran on counts for the first listing that has it; the rest were hits.
             model, fresh = roles[name].model_id, set(p.todo)
@@ -307,7 +310,7 @@ class ListingScorer:
     # ------------------------------------------------------------------ the shared second half
 
     def _assess_many(self, items: Sequence[_Item], *, source: str, persist: bool,
-                     skip_unchanged: bool) -> list[ScoreOutcome | Exception]:
+                     skip_unchanged: bool, same_as_stored: bool = False) -> list[ScoreOutcome | Exception]:
         t1 = time.perf_counter()
         found_all = self.matcher.match_many([it.vectors for it in items])
         sellers = {it.listing.seller.seller_id for it in items if it.listing.seller is not None}
@@ -325,11 +328,11 @@ class ListingScorer:
             except Exception as exc:  # one listing's failure is its own, not the batch's
                 outcomes.append(exc)
         if persist and self.recorder is not None:
-            self._record(items, outcomes, source, skip_unchanged)
+            self._record(items, outcomes, source, skip_unchanged, same_as_stored)
         return outcomes
 
     def _record(self, items: Sequence[_Item], outcomes: list[ScoreOutcome | Exception], source: str,
-                skip_unchanged: bool) -> None:
+                skip_unchanged: bool, same_as_stored: bool) -> None:
         """Store the batch's scores in one transaction."""
         assert self.recorder is not None
         ok = [i for i, o in enumerate(outcomes) if isinstance(o, ScoreOutcome)]
@@ -338,7 +341,8 @@ class ListingScorer:
         if not writes:
             return
         try:
-            written = self.recorder.record_scores(writes, skip_unchanged=skip_unchanged)
+            written = self.recorder.record_scores(writes, skip_unchanged=skip_unchanged,
+                                                  same_as_stored=same_as_stored)
         except InvalidInputError:
             if len(writes) == 1:
                 raise
@@ -347,7 +351,8 @@ class ListingScorer:
             written = []
             for i, one in zip(ok, writes, strict=True):
                 try:
-                    written += self.recorder.record_scores([one], skip_unchanged=skip_unchanged)
+                    written += self.recorder.record_scores([one], skip_unchanged=skip_unchanged,
+                                                           same_as_stored=same_as_stored)
                 except InvalidInputError as exc:
                     outcomes[i] = exc
                     written.append(None)

@@ -379,6 +379,36 @@ def test_record_scores_skips_unchanged_results(storage: Storage, two_brands: Ref
     assert after is not None and after.latest_digest not in (None, stored.latest_digest)
 
 
+def test_record_scores_marks_a_listing_stored_as_is_only_seen(storage: Storage, two_brands: Refs) -> None:
+    """``same_as_stored`` (a file rescan): the same content and result as stored adds no history row and
+    only moves ``last_seen_at``; any change of content or result is written; a listing new to the store,
+    or twice in the batch, is written."""
+    a1 = two_brands["a1"]
+    repo = storage.listings
+    t1, t2 = T0 + timedelta(hours=1), T0 + timedelta(hours=2)
+
+    def write(lid: str, similarity: float = 0.9, **kw: object) -> ScoreWrite:
+        lst, shas = listing(lid, **kw)  # type: ignore[arg-type]
+        return ScoreWrite(lst, result(lid, Verdict.REVIEW, "alpro", [match(a1, similarity)]), ScoreSource.RESCAN,
+                          shas)
+
+    first = repo.record_scores([write("R1"), write("R2"), write("R3")], scored_at=T0, same_as_stored=True)
+    assert all(r is not None for r in first)  # new to the store
+    item = first[0].review_item_id if first[0] is not None else None
+    got = repo.record_scores([write("R1"), write("R2", price=11.0), write("R3", 0.8), write("R4")], scored_at=t1,
+                             same_as_stored=True)
+    assert got[0] is None and all(r is not None for r in got[1:])
+    assert [len(repo.history(lid)) for lid in ("R1", "R2", "R3", "R4")] == [1, 2, 2, 1]
+    r1, r2 = repo.get_listing("R1"), repo.get_listing("R2")
+    assert r1 is not None and (r1.first_seen, r1.last_seen_at, r1.last_scored_at) == (T0, t1, t1)
+    assert r2 is not None and r2.price == Money(11.0, "EUR")
+    [still] = [i for i in repo.review_queue("alpro") if i.listing_id == "R1"]
+    assert (still.id, still.status) == (item, ReviewStatus.OPEN)
+    # Twice in one batch: both written, in order (nothing compared against a state the batch changes).
+    twice = repo.record_scores([write("R1"), write("R1")], scored_at=t2, same_as_stored=True)
+    assert all(r is not None for r in twice) and len(repo.history("R1")) == 3
+
+
 def test_confirmed_counterfeits_of_many_sellers(storage: Storage, two_brands: Refs) -> None:
     a1 = two_brands["a1"]
     repo = storage.listings

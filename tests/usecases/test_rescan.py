@@ -104,7 +104,17 @@ def test_a_file_rescan_scores_real_photos_into_the_contract(rescan_world: World,
 
     # Photos seen once are never embedded again: a second run is all cache hits and scores the same.
     before = images_run(container)
+    seen_before = container.listings.get_listing("no-photo")
     again = run_file(container, src, tmp_path / "again.jsonl")
+    # A listing whose content and result did not change gets no second history row, only a later sighting.
+    seen_again = container.listings.get_listing("no-photo")
+    assert seen_before is not None and seen_again is not None
+    assert len(container.listings.history("no-photo")) == 1
+    assert seen_again.last_seen_at > seen_before.last_seen_at
+    # The summary counts them: every listing of the first run was new, and in the second one the
+    # listings with one history row are exactly those it found unchanged.
+    assert summary.unchanged == 0
+    assert again.unchanged == sum(len(container.listings.history(r["listing_id"])) == 1 for r in rows) >= 1
     assert images_run(container) == before
     assert sum(again.embedded.values()) == 0 and sum(again.cache_hits.values()) == 2 * distinct_photos
     assert [(r["listing_id"], r["verdict"], r["matches"]) for r in read_jsonl(tmp_path / "again.jsonl")] == \
