@@ -69,6 +69,7 @@ from service.usecases.rescan import (  # noqa: E402
     default_chunk,
     default_processes,
     default_stored_processes,
+    default_stored_workers,
 )
 from service.usecases.rescan_io import JsonlJournal  # noqa: E402
 from service.usecases.rescan_processes import ProcessEngine  # noqa: E402
@@ -202,7 +203,7 @@ def main() -> None:
     if args.stored_processes is None:
         args.stored_processes = default_stored_processes()
     if args.stored_workers is None:
-        args.stored_workers = 1 if args.stored_processes > 1 else 2
+        args.stored_workers = default_stored_workers(args.stored_processes)
     if min(args.n, args.workers, args.chunk, args.processes, args.stored_workers, args.stored_processes) < 1:
         ap.error("--n, --workers, --chunk, --processes, --stored-processes and --stored-workers must be >= 1")
     if args.processes > 1 and args.profile in ("cold", "cached"):

@@ -202,12 +202,13 @@ def _file(listings: Path, out_path: Path, errors: Path | None, resume: bool, ove
         FileRescan,
         ListingRescanner,
         RescanEngine,
+        RescanWorkerError,
         ThreadedEngine,
         default_chunk,
         default_processes,
     )
     from service.usecases.rescan_io import RescanInputError, count_rows
-    from service.usecases.rescan_processes import ProcessEngine, RescanWorkerError
+    from service.usecases.rescan_processes import ProcessEngine
 
     cli = _helpers()
 
@@ -248,11 +249,7 @@ def _file(listings: Path, out_path: Path, errors: Path | None, resume: bool, ove
             procs = closer = ProcessEngine(settings, job.base, processes=processes, threads=workers or 4,
                                            chunk=chunk)
             with cli.console.status(f"starting {processes} worker processes (each loads the models)..."):
-                try:
-                    procs.start()
-                except RescanWorkerError as exc:
-                    cli.console.print(f"[red]error:[/red] {exc}")
-                    raise typer.Exit(1) from None
+                procs.start()
             runner = procs
         else:
             assert c is not None
@@ -264,11 +261,10 @@ def _file(listings: Path, out_path: Path, errors: Path | None, resume: bool, ove
         with _bar() as bar:
             task = bar.add_task("rescanning", total=total, completed=min(total, point.count))
             with _ctrl_c_stops() as stop:
-                try:
-                    summary = job.run(runner, progress=lambda n: bar.advance(task, n), stop=stop)
-                except RescanWorkerError as exc:
-                    cli.console.print(f"[red]error:[/red] {exc}")
-                    raise typer.Exit(1) from None
+                summary = job.run(runner, progress=lambda n: bar.advance(task, n), stop=stop)
+    except RescanWorkerError as exc:  # starting the workers, or one died: the journals keep what finished
+        cli.console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
     finally:
         if closer is not None:
             closer.close()
@@ -298,9 +294,10 @@ def _stored(out_path: Path | None, overwrite: bool, workers: int | None, process
             brand: str | None, since: str | None) -> None:
     from service.storage.errors import NotFoundError
     from service.usecases.rescan import (
+        RescanWorkerError,
         StoredRescanJob,
-        StoredRescanWorkerError,
         default_stored_processes,
+        default_stored_workers,
         fork_available,
     )
     from service.usecases.rescan_io import JsonlJournal
@@ -327,7 +324,7 @@ def _stored(out_path: Path | None, overwrite: bool, workers: int | None, process
     journal = JsonlJournal(out_path, append=False) if out_path is not None else None
     try:
         job = StoredRescanJob(c.scorer, c.listings, brand=brand, since=since_at,
-                              workers=workers or (1 if processes > 1 else 2), results=journal,
+                              workers=workers or default_stored_workers(processes), results=journal,
                               processes=processes, resources=c.db)
         try:
             total = job.count()
@@ -340,7 +337,7 @@ def _stored(out_path: Path | None, overwrite: bool, workers: int | None, process
                     report = job.run(progress=lambda n: bar.advance(task, n), cancel=stop)
             except KeyboardInterrupt:
                 report = None
-            except StoredRescanWorkerError as exc:
+            except RescanWorkerError as exc:
                 cli.console.print(f"[red]error:[/red] {exc}\nthe listings re-matched before it are recorded")
                 raise typer.Exit(1) from None
             if report is None or report.cancelled:

@@ -487,6 +487,12 @@ def default_stored_processes() -> int:
     return default_processes() if fork_available() else 1
 
 
+def default_stored_workers(processes: int) -> int:
+    """``rescan --stored``'s threads per process: 1 beside other worker processes (re-matching is Python:
+    a second thread of a process only shares its core), else 2 (one re-matches while one waits on SQL)."""
+    return 1 if processes > 1 else 2
+
+
 def _commit_if_due(sink: ResultSink | None, since: float) -> float:
     """Commit ``sink`` once 256 records (or progress ticks) wait or a second has passed since ``since``;
     answers when it was last committed."""
@@ -535,8 +541,9 @@ def _merge(into: StoredRescanReport, part: StoredRescanReport) -> None:
     into.cancelled = into.cancelled or part.cancelled
 
 
-class StoredRescanWorkerError(RuntimeError):
-    """A worker process of a stored rescan died; what it had recorded stays recorded."""
+class RescanWorkerError(RuntimeError):
+    """A worker process of a rescan (file or stored) failed to start or died; what was finished before
+    stays recorded (a file rescan's journals: ``--resume`` continues)."""
 
 
 class StoredRescanJob:
@@ -748,7 +755,7 @@ class StoredRescanJob:
             if self.results is not None:
                 self.results.commit()
         if failure is not None:
-            raise StoredRescanWorkerError(f"stored rescan: {failure}")
+            raise RescanWorkerError(f"stored rescan: {failure}")
 
     def _child(self, k: int, conn: Connection, stop: CancelFlag) -> None:
         """A forked worker: re-match shard k of the listings and send the lines and the report."""

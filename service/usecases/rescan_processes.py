@@ -41,14 +41,10 @@ from pathlib import Path
 from typing import Any, cast
 
 from service.settings import Settings
-from service.usecases.rescan import ListingRescanner, RowOutcome
+from service.usecases.rescan import ListingRescanner, RescanWorkerError, RowOutcome, default_chunk
 from service.usecases.rescan_io import ListingRow
 
 log = logging.getLogger("counterlens.rescan.processes")
-
-
-class RescanWorkerError(RuntimeError):
-    """A worker process of a file rescan failed to start or died; the finished listings stay journaled."""
 
 
 def _worker_main(conn: Connection) -> None:
@@ -98,13 +94,15 @@ def _worker_main(conn: Connection) -> None:
 
 class ProcessEngine:
     """Scores rows in ``processes`` worker processes of ``threads`` scoring threads each, ``chunk`` rows a
-    message, at most ``window`` chunks in flight per worker. Outcomes leave in input order.
+    message (default :func:`~service.usecases.rescan.default_chunk`), at most ``window`` chunks in flight
+    per worker. Outcomes leave in input order.
 
     ``start`` (or the first ``process``) launches the workers and waits until each has loaded its models;
     ``close`` stops them. One ``process`` call at a time."""
 
-    def __init__(self, settings: Settings, base: Path, *, processes: int, threads: int = 2, chunk: int = 16,
-                 window: int | None = None, start_timeout: float = 600.0) -> None:
+    def __init__(self, settings: Settings, base: Path, *, processes: int, threads: int = 4,
+                 chunk: int | None = None, window: int | None = None, start_timeout: float = 600.0) -> None:
+        chunk = default_chunk(processes) if chunk is None else chunk
         if processes < 1 or threads < 1 or chunk < 1:
             raise ValueError("processes, threads and chunk must be >= 1")
         models = settings.models

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -14,6 +13,7 @@ from service.container import build_container
 from tests.usecases.rescan_world import (
     World,
     assert_same_results,
+    engine_rows,
     env,
     fresh_data_dir,
     listing,
@@ -41,10 +41,7 @@ def test_the_ray_engine_gives_the_local_engines_results(rescan_world: World, loc
                                                         tmp_path: Path) -> None:
     w = rescan_world
     folder = listings_dir(w, tmp_path / "in")
-    rows: list[dict[str, Any] | str] = [
-        listing(f"copy-{sku}", name, price=4.0) for sku, name in list(w.copies.items())[:4]]
-    rows += [listing(f"store-{i}", name) for i, (_, name) in enumerate(w.instore[:6])]
-    rows += ["{broken", listing("missing", "nope.jpg")]
+    rows = [*engine_rows(w, instore=6), "{broken", listing("missing", "nope.jpg")]
     src = write_jsonl(folder / "listings.jsonl", rows)
 
     results = {}

@@ -150,6 +150,15 @@ def listing(listing_id: str, photo: str | None, *, price: float = REFERENCE_PRIC
             "images": [f"photos/{photo}"] if photo else [], **extra}
 
 
+def engine_rows(w: World, instore: int) -> list[dict[str, Any] | str]:
+    """The rows the engine comparisons score: four cheap edited copies of catalog photos (flagged), then
+    ``instore`` in-store photos at the reference price."""
+    rows: list[dict[str, Any] | str] = [
+        listing(f"copy-{sku}", name, price=4.0) for sku, name in list(w.copies.items())[:4]]
+    rows += [listing(f"store-{i}", name) for i, (_, name) in enumerate(w.instore[:instore])]
+    return rows
+
+
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any] | str]) -> Path:
     with path.open("w") as fh:
         for r in rows:

@@ -19,9 +19,9 @@ from service.usecases.rescan import (
     FileRescan,
     ListingRescanner,
     RescanRequest,
+    RescanWorkerError,
     StoredRescanJob,
     StoredRescanScheduler,
-    StoredRescanWorkerError,
     ThreadedEngine,
 )
 from service.usecases.rescan_io import JsonlJournal
@@ -263,7 +263,7 @@ def test_a_failed_worker_process_fails_the_stored_rescan(rescan_world: World, co
         return real(self, *a, shard=shard, **kw)
 
     monkeypatch.setattr(ListingRepository, "iter_stored", broken)
-    with pytest.raises(StoredRescanWorkerError, match=r"worker 1 failed:(?s:.*)the disk is on fire"):
+    with pytest.raises(RescanWorkerError, match=r"worker 1 failed:(?s:.*)the disk is on fire"):
         job.run()
     monkeypatch.undo()
     assert job.run().rescored == len(rows)  # the parent's database still works after the children

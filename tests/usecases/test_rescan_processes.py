@@ -6,18 +6,18 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from service.container import Container, build_container
 from service.settings import Settings
 from service.storage.records import ScoreSource
-from service.usecases.rescan import FileRescan, ListingRescanner, ThreadedEngine
-from service.usecases.rescan_processes import ProcessEngine, RescanWorkerError
+from service.usecases.rescan import FileRescan, ListingRescanner, RescanWorkerError, ThreadedEngine
+from service.usecases.rescan_processes import ProcessEngine
 from tests.usecases.rescan_world import (
     World,
     assert_same_results,
+    engine_rows,
     fresh_data_dir,
     listing,
     listings_dir,
@@ -33,9 +33,7 @@ def test_worker_processes_score_a_file_as_the_threads_do(rescan_world: World, co
                                                          tmp_path: Path) -> None:
     w = rescan_world
     folder = listings_dir(w, tmp_path / "in")
-    rows: list[dict[str, Any] | str] = [
-        listing(f"copy-{sku}", name, price=4.0) for sku, name in list(w.copies.items())[:4]]
-    rows += [listing(f"store-{i}", name) for i, (_, name) in enumerate(w.instore[:8])]
+    rows = engine_rows(w, instore=8)
     rows[5:5] = ["{broken", listing("missing", "nope.jpg")]
     src = write_jsonl(folder / "listings.jsonl", rows)
 
