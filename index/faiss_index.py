@@ -473,6 +473,11 @@ class FaissReferenceIndex:
         return self._slots() - self._dead
 
     @property
+    def version(self) -> int:
+        """Moves with every add, removal and rebuild: while it holds, a search answers as before."""
+        return self._version
+
+    @property
     def model_id(self) -> str:
         return self._model_id
 

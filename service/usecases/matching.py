@@ -15,6 +15,8 @@ the crop geometry, so a ``--stored`` rescan can re-match crops without pixels.
 from __future__ import annotations
 
 import hashlib
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -93,6 +95,8 @@ class MatchingConfig:
     min_lookalike: float = 0.4
     min_logo: float = 0.25
     max_matches_per_signal: int = 5
+    # Photos whose search hits are remembered (per index: see SearchMemo); 0: none.
+    memo_photos: int = 32_768
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +116,41 @@ class ListingVectors:
     semantic: Vectors | None = None
     logo: Vectors | None = None  # whole photos in the logo model's space (None: same as copy)
     crops: list[tuple[int, Box, np.ndarray]] = field(default_factory=list)
+    # The photos' content hashes, in row order (empty: unknown, nothing is remembered for them).
+    photos: Sequence[str] = ()
+
+
+class SearchMemo:
+    """Whole-photo search hits by (model, kind, photo content hash), each valid for the index object and
+    version it came from: a photo re-used across listings (marketplaces re-use them a lot) is searched
+    once until the index changes. Hits are exact per photo (every index type searches each query on its
+    own), and only the raw (vector id, similarity) pairs are kept, so a reference's details are still
+    read from the catalog on every match. Thread-safe; least recently used entries go first."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple[str, str, str], tuple[object, int, float, list[tuple[int, float]]]] = (
+            OrderedDict())
+
+    def get(self, key: tuple[str, str, str], index: object, version: int,
+            min_sim: float) -> list[tuple[int, float]] | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry[0] is not index or entry[1] != version or entry[2] != min_sim:
+                return None
+            self._entries.move_to_end(key)
+            return entry[3]
+
+    def put(self, key: tuple[str, str, str], index: object, version: int, min_sim: float,
+            hits: list[tuple[int, float]]) -> None:
+        if self.size <= 0:
+            return
+        with self._lock:
+            self._entries[key] = (index, version, min_sim, hits)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
 
 
 class ReferenceMatcher:
@@ -121,6 +160,7 @@ class ReferenceMatcher:
         self._catalog = catalog
         self.roles = roles
         self.config = config or MatchingConfig()
+        self.memo = SearchMemo(self.config.memo_photos)
 
     def _search(self, model: str, kind: ReferenceKind, queries: Vectors,
                 min_sim: float) -> list[tuple[int, int, float]]:
@@ -128,6 +168,9 @@ class ReferenceMatcher:
         index = self._indexes(model, kind)
         if index is None or index.ntotal == 0 or len(queries) == 0:
             return []
+        return self._search_index(index, queries, min_sim)
+
+    def _search_index(self, index: VectorIndex, queries: Vectors, min_sim: float) -> list[tuple[int, int, float]]:
         sims, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), self.config.top_k)
         rows, cols = np.nonzero((ids >= 0) & (sims >= min_sim))
         # .tolist() turns whole columns into Python ints and floats at once (per element: ~10x slower).
@@ -146,18 +189,36 @@ class ReferenceMatcher:
 
         def whole(signal: SignalName, model: str | None, kind: ReferenceKind,
                   pick: Callable[[ListingVectors], Vectors | None], min_sim: float, stride: int = 1) -> None:
-            if model is None:
+            index = self._indexes(model, kind) if model is not None else None
+            if model is None or index is None or index.ntotal == 0:
                 return
-            blocks = [(i, v) for i, lv in enumerate(batch) if (v := pick(lv)) is not None and len(v)]
-            if not blocks:
+            # (Read before searching: hits found while the index changes are kept under the old
+            # version, which no later lookup asks for.)
+            version = index.version
+            todo: list[tuple[int, int, str | None]] = []  # listing, photo row, content hash
+            rows: list[np.ndarray] = []
+            for i, lv in enumerate(batch):
+                v = pick(lv)
+                if v is None:
+                    continue
+                photos = lv.photos if len(lv.photos) == len(v) else ()
+                for r in range(len(v)):
+                    sha = photos[r] if photos else None
+                    got = self.memo.get((model, kind.value, sha), index, version, min_sim) if sha else None
+                    if got is None:
+                        todo.append((i, r, sha))
+                        rows.append(v[r])
+                    else:
+                        hits[i].extend((signal, vid // stride, r, sim, None) for vid, sim in got)
+            if not todo:
                 return
-            owner = np.concatenate([np.full(len(v), i) for i, v in blocks]).tolist()
-            first = np.concatenate([[0], np.cumsum([len(v) for _, v in blocks])[:-1]])
-            start = {i: int(f) for (i, _), f in zip(blocks, first, strict=True)}
-            matrix = np.concatenate([v for _, v in blocks]) if len(blocks) > 1 else blocks[0][1]
-            for row, vid, sim in self._search(model, kind, matrix, min_sim):
-                i = owner[row]
-                hits[i].append((signal, vid // stride, row - start[i], sim, None))
+            found: list[list[tuple[int, float]]] = [[] for _ in todo]
+            for row, vid, sim in self._search_index(index, np.stack(rows), min_sim):
+                found[row].append((vid, sim))
+            for (i, r, sha), pairs in zip(todo, found, strict=True):
+                hits[i].extend((signal, vid // stride, r, sim, None) for vid, sim in pairs)
+                if sha is not None:
+                    self.memo.put((model, kind.value, sha), index, version, min_sim, pairs)
 
         whole(SignalName.COPY, self.roles.copy, ReferenceKind.PRODUCT, lambda lv: lv.copy, c.min_copy)
         whole(SignalName.LOOKALIKE, self.roles.semantic, ReferenceKind.PRODUCT, lambda lv: lv.semantic,

@@ -227,7 +227,7 @@ class ListingScorer:
             n = len(lst.images)
             rows = slice(offset, offset + n)
             offset += n
-            vectors = ListingVectors(copy=got["copy"].vectors[rows])
+            vectors = ListingVectors(copy=got["copy"].vectors[rows], photos=[im.sha256 for im in lst.images])
             if "semantic" in got:
                 vectors.semantic = got["semantic"].vectors[rows]
             if "logo" in got:
@@ -282,7 +282,7 @@ class ListingScorer:
             if any(sha not in f for f in found.values() for sha in s.sha256s):
                 where.append(None)
                 continue
-            vectors = ListingVectors(copy=_stack(found["copy"], s.sha256s, self.copy))
+            vectors = ListingVectors(copy=_stack(found["copy"], s.sha256s, self.copy), photos=s.sha256s)
             if "semantic" in found:
                 assert self.semantic is not None
                 vectors.semantic = _stack(found["semantic"], s.sha256s, self.semantic)
