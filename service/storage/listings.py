@@ -22,7 +22,7 @@ import hashlib
 import math
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
 
@@ -108,7 +108,7 @@ class ScoreWrite:
     previous_digest: str | None = None  # the listing's stored latest_digest, for skip_unchanged
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Prepared:
     row: dict[str, Any]
     result: ScoreResult
@@ -117,6 +117,22 @@ class _Prepared:
     risk: float
     slugs: set[str]
     digest: str
+    # Made just before the write transaction, for the writes that are written (see _Prepared.finish).
+    score_row: dict[str, Any] = field(default_factory=dict)
+    match_rows: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (brand slug, row)
+
+    def finish(self) -> None:
+        """Build the score's and matches' rows (all but the ids the transaction assigns), so the write
+        transaction, which holds the database's one writer, only runs statements."""
+        r = self.result
+        self.score_row = {"risk": self.risk, "verdict": self.verdict.value, "result": result_json(r),
+                          "model_versions": dict(r.model_versions), "source": self.source.value}
+        self.match_rows = [
+            (m.reference.brand, {"ref_id": m.reference.ref_id, "kind": ReferenceKind(m.reference.kind).value,
+                                 "signal": m.signal.value, "similarity": float(m.similarity),
+                                 "image_index": int(m.image_index), "sku": m.reference.sku,
+                                 "reference_image_id": m.reference.image_id})
+            for m in r.matches]
 
 
 def _money(amount: float | None, currency: str | None) -> Money | None:
@@ -185,11 +201,12 @@ class _Statements:
     def __init__(self, dialect: str) -> None:
         listing = dialect_insert(dialect, _LISTINGS)
 
-        # Listing rows are upserted without RETURNING, so the driver runs them as one executemany, and
-        # their ids are read back in one query.
+        # Many listing rows in one statement (SQLAlchemy's "insertmanyvalues"), each answering its id
+        # (in no particular order: the ids are mapped back by listing_id).
         def upsert_listing_many(columns: Sequence[str]) -> sa.Executable:
             return listing.on_conflict_do_update(index_elements=["listing_id"],
-                                                 set_={c: listing.excluded[c] for c in columns})
+                                                 set_={c: listing.excluded[c] for c in columns}).returning(
+                _LISTINGS.c.id, _LISTINGS.c.listing_id)
 
         self.upsert_listing_many = upsert_listing_many(_LATEST_COLUMNS + _CONTENT_COLUMNS)
         self.upsert_listing_latest_many = upsert_listing_many(_LATEST_COLUMNS)
@@ -199,8 +216,6 @@ class _Statements:
         now = sa.bindparam("p_now", type_=UTCDateTime())
         self.mark_seen = (sa.update(_LISTINGS).where(_LISTINGS.c.listing_id == sa.bindparam("p_lid"))
                           .values(last_seen_at=now, last_scored_at=now))
-        self.listing_pks = sa.select(_LISTINGS.c.id, _LISTINGS.c.listing_id).where(
-            _LISTINGS.c.listing_id.in_(sa.bindparam("p_lids", expanding=True)))
         # Many rows, their ids in the order of the parameters (SQLAlchemy's "insertmanyvalues").
         self.insert_score_many = sa.insert(_SCORES).returning(_SCORES.c.id, sort_by_parameter_order=True)
         self.delete_matches_many = sa.delete(_MATCHES).where(
@@ -412,6 +427,8 @@ class ListingRepository:
             if r == len(rounds):
                 rounds.append([])
             rounds[r].append(i)
+        for p in todo:
+            p.finish()
         with self._db.writing() as conn:
             if only_seen:
                 conn.execute(self._sql.mark_seen, [{"p_lid": lid, "p_now": now} for lid in only_seen])
@@ -432,26 +449,23 @@ class ListingRepository:
         """Write listings with distinct listing_ids (see :meth:`_write`)."""
         st = self._sql
         flagged = [bids.get(p.result.brand) if p.result.brand is not None else None for p in todo]
+        pk_of: dict[str, int] = {}
         for stored, stmt in ((True, st.upsert_listing_latest_many), (False, st.upsert_listing_many)):
             rows = [{**p.row, "latest_brand_id": bid} for p, bid in zip(todo, flagged, strict=True)
                     if (p.source is ScoreSource.STORED_RESCAN) == stored]
             if rows:
-                conn.execute(stmt, rows)
-        lids = [p.row["listing_id"] for p in todo]
-        pk_of = {lid: pk for chunk in chunked(lids) for pk, lid in conn.execute(st.listing_pks, {"p_lids": chunk})}
-        pks = [pk_of[lid] for lid in lids]
+                pk_of.update((lid, pk) for pk, lid in conn.execute(stmt, rows))
+        pks = [pk_of[p.row["listing_id"]] for p in todo]
         score_ids: list[int] = list(conn.scalars(st.insert_score_many, [
-            {"listing_pk": pk, "scored_at": now, "risk": p.risk, "verdict": p.verdict.value, "brand_id": bid,
-             "result": result_json(p.result), "model_versions": dict(p.result.model_versions), "source": p.source.value}
+            {**p.score_row, "listing_pk": pk, "scored_at": now, "brand_id": bid}
             for p, pk, bid in zip(todo, pks, flagged, strict=True)]))
         for chunk in chunked(pks):
             conn.execute(st.delete_matches_many, {"p_listings": chunk})
         match_rows = [
-            {"listing_pk": pk, "brand_id": bids[m.reference.brand], "sku": m.reference.sku,
-             "reference_image_id": m.reference.image_id if live is None or m.reference.image_id in live else None,
-             "ref_id": m.reference.ref_id, "kind": ReferenceKind(m.reference.kind).value, "signal": m.signal.value,
-             "similarity": float(m.similarity), "image_index": int(m.image_index)}
-            for p, pk in zip(todo, pks, strict=True) for m in p.result.matches]
+            {**m, "listing_pk": pk, "brand_id": bids[brand],
+             "reference_image_id": (m["reference_image_id"] if live is None or m["reference_image_id"] in live
+                                    else None)}
+            for p, pk in zip(todo, pks, strict=True) for brand, m in p.match_rows]
         if match_rows:
             conn.execute(st.insert_matches, match_rows)
         # Flagged listings open (or refresh) their brand's review item: one statement for the batch, then
