@@ -22,7 +22,7 @@ import hashlib
 import math
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
@@ -108,7 +108,7 @@ class ScoreWrite:
     previous_digest: str | None = None  # the listing's stored latest_digest, for skip_unchanged
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class _Prepared:
     row: dict[str, Any]
     result: ScoreResult
@@ -117,22 +117,25 @@ class _Prepared:
     risk: float
     slugs: set[str]
     digest: str
-    # Made just before the write transaction, for the writes that are written (see _Prepared.finish).
-    score_row: dict[str, Any] = field(default_factory=dict)
-    match_rows: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (brand slug, row)
 
-    def finish(self) -> None:
-        """Build the score's and matches' rows (all but the ids the transaction assigns), so the write
-        transaction, which holds the database's one writer, only runs statements."""
-        r = self.result
-        self.score_row = {"risk": self.risk, "verdict": self.verdict.value, "result": result_json(r),
-                          "model_versions": dict(r.model_versions), "source": self.source.value}
-        self.match_rows = [
-            (m.reference.brand, {"ref_id": m.reference.ref_id, "kind": ReferenceKind(m.reference.kind).value,
-                                 "signal": m.signal.value, "similarity": float(m.similarity),
-                                 "image_index": int(m.image_index), "sku": m.reference.sku,
-                                 "reference_image_id": m.reference.image_id})
-            for m in r.matches]
+
+# A score's history row and its matches' rows (each with its brand's slug), all but the ids the write
+# transaction assigns.
+_HistoryRows = tuple[dict[str, Any], list[tuple[str, dict[str, Any]]]]
+
+
+def _history_rows(p: _Prepared) -> _HistoryRows:
+    """Built before the write transaction, which holds the database's one writer: it only runs statements."""
+    r = p.result
+    score = {"risk": p.risk, "verdict": p.verdict.value, "result": result_json(r),
+             "model_versions": dict(r.model_versions), "source": p.source.value}
+    matches = [
+        (m.reference.brand, {"ref_id": m.reference.ref_id, "kind": ReferenceKind(m.reference.kind).value,
+                             "signal": m.signal.value, "similarity": float(m.similarity),
+                             "image_index": int(m.image_index), "sku": m.reference.sku,
+                             "reference_image_id": m.reference.image_id})
+        for m in r.matches]
+    return score, matches
 
 
 def _money(amount: float | None, currency: str | None) -> Money | None:
@@ -343,12 +346,13 @@ class ListingRepository:
         todo = [p for p in prepared if p is not None]
         if not todo and not seen:
             return [None] * len(prepared)
+        rows = [_history_rows(p) for p in todo]
         try:
-            done = self._write(todo, now, check_refs=False, only_seen=seen)
+            done = self._write(todo, rows, now, check_refs=False, only_seen=seen)
         except sa.exc.IntegrityError:
             # A matched reference was deleted from the catalog after the index returned it: store the
             # match without its reference id (as the FK's ON DELETE SET NULL would have done).
-            done = self._write(todo, now, check_refs=True, only_seen=seen)
+            done = self._write(todo, rows, now, check_refs=True, only_seen=seen)
         it = iter(done)
         return [None if p is None else next(it) for p in prepared]
 
@@ -412,12 +416,13 @@ class ListingRepository:
         }
         return _Prepared(row, result, src, verdict, risk, slugs, digest)
 
-    def _write(self, todo: Sequence[_Prepared], now: datetime, check_refs: bool,
+    def _write(self, todo: Sequence[_Prepared], rows: Sequence[_HistoryRows], now: datetime, check_refs: bool,
                only_seen: Sequence[str] = ()) -> list[RecordedScore]:
         """One transaction; statements run once per batch (``executemany``) wherever their rows do not
         depend on each other. A listing scored twice in one batch is written in a later round, so its
-        second score lands after its first exactly as two calls would have it. ``only_seen``: listing_ids
-        only marked seen and scored now (see ``same_as_stored``)."""
+        second score lands after its first exactly as two calls would have it. ``rows``: each write's
+        :func:`_history_rows` (built once: a retry reuses them). ``only_seen``: listing_ids only marked
+        seen and scored now (see ``same_as_stored``)."""
         out: list[RecordedScore | None] = [None] * len(todo)
         rounds: list[list[int]] = []
         seen: dict[str, int] = {}  # listing_id -> rounds it already appears in
@@ -427,8 +432,6 @@ class ListingRepository:
             if r == len(rounds):
                 rounds.append([])
             rounds[r].append(i)
-        for p in todo:
-            p.finish()
         with self._db.writing() as conn:
             if only_seen:
                 conn.execute(self._sql.mark_seen, [{"p_lid": lid, "p_now": now} for lid in only_seen])
@@ -439,13 +442,13 @@ class ListingRepository:
                 live = {rid for chunk in chunked(wanted) for rid in conn.scalars(self._sql.existing_refs,
                                                                               {"p_ids": chunk})}
             for idx in rounds:
-                for i, rec in zip(idx, self._write_round(conn, [todo[i] for i in idx], bids, now, live),
-                                  strict=True):
+                got = self._write_round(conn, [todo[i] for i in idx], [rows[i] for i in idx], bids, now, live)
+                for i, rec in zip(idx, got, strict=True):
                     out[i] = rec
         return [o for o in out if o is not None]
 
-    def _write_round(self, conn: Connection, todo: Sequence[_Prepared], bids: dict[str, int], now: datetime,
-                     live: set[int] | None) -> list[RecordedScore]:
+    def _write_round(self, conn: Connection, todo: Sequence[_Prepared], history: Sequence[_HistoryRows],
+                     bids: dict[str, int], now: datetime, live: set[int] | None) -> list[RecordedScore]:
         """Write listings with distinct listing_ids (see :meth:`_write`)."""
         st = self._sql
         flagged = [bids.get(p.result.brand) if p.result.brand is not None else None for p in todo]
@@ -457,15 +460,15 @@ class ListingRepository:
                 pk_of.update((lid, pk) for pk, lid in conn.execute(stmt, rows))
         pks = [pk_of[p.row["listing_id"]] for p in todo]
         score_ids: list[int] = list(conn.scalars(st.insert_score_many, [
-            {**p.score_row, "listing_pk": pk, "scored_at": now, "brand_id": bid}
-            for p, pk, bid in zip(todo, pks, flagged, strict=True)]))
+            {**score, "listing_pk": pk, "scored_at": now, "brand_id": bid}
+            for (score, _), pk, bid in zip(history, pks, flagged, strict=True)]))
         for chunk in chunked(pks):
             conn.execute(st.delete_matches_many, {"p_listings": chunk})
         match_rows = [
             {**m, "listing_pk": pk, "brand_id": bids[brand],
              "reference_image_id": (m["reference_image_id"] if live is None or m["reference_image_id"] in live
                                     else None)}
-            for p, pk in zip(todo, pks, strict=True) for brand, m in p.match_rows]
+            for (_, matches), pk in zip(history, pks, strict=True) for brand, m in matches]
         if match_rows:
             conn.execute(st.insert_matches, match_rows)
         # Flagged listings open (or refresh) their brand's review item: one statement for the batch, then
