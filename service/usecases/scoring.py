@@ -227,14 +227,15 @@ class ListingScorer:
             n = len(lst.images)
             rows = slice(offset, offset + n)
             offset += n
-            vectors = ListingVectors(copy=got["copy"].vectors[rows], photos=[im.sha256 for im in lst.images])
+            hashes = [im.sha256 for im in lst.images]
+            vectors = ListingVectors(copy=got["copy"].vectors[rows], photos=hashes)
             if "semantic" in got:
                 vectors.semantic = got["semantic"].vectors[rows]
             if "logo" in got:
                 vectors.logo = got["logo"].vectors[rows]
             elif self.logo is self.semantic:
                 vectors.logo = vectors.semantic
-            items.append(_Item(lst, vectors, list(lst.images), [im.sha256 for im in lst.images]))
+            items.append(_Item(lst, vectors, list(lst.images), hashes))
         outcomes = self._assess_many(items, source=source, persist=persist, skip_unchanged=False,
                                      same_as_stored=same_as_stored)
         for name, p in pending.items():
