@@ -13,7 +13,7 @@ The caller's order of work::
     if wants_closer_look(cands, scan): ... OCR, logo search -> more matches, photo text, rescan
     contexts = {c.brand: BrandContext(c.brand, authorized, {c.sku: market prices}, brand policy)
                 for c in cands[: params.max_candidates]}
-    result = assess(facts, matches, scan, contexts, params, skipped={...})
+    result = assess(facts, matches, scan, contexts, params, skipped={...}, candidates=cands)
 
 When several brands are candidates, each is assessed and the riskiest is reported: a listing is as
 suspicious as its most suspicious reading.
@@ -39,7 +39,14 @@ from service.domain.model import (
 from service.domain.policy import VerdictPolicy
 from service.domain.pricing import CurrencyTable, PriceReading, PriceThresholds, explain_price, read_price
 from service.domain.seller import SellerReading, SellerThresholds, authorized_reason, explain_seller, read_seller
-from service.domain.textmatch import TextScan, TextWeights, mention_reason, text_signal, vocabulary_reason
+from service.domain.textmatch import (
+    TextScan,
+    TextWeights,
+    mention_reason,
+    text_signal,
+    vocabulary_reason,
+    vocabulary_score,
+)
 from service.domain.visual import VISUAL_SIGNALS, VisualThresholds, visual_signal
 
 SIGNAL_ORDER: tuple[SignalName, ...] = (
@@ -173,22 +180,29 @@ def assess(
     contexts: Mapping[str, BrandContext],
     params: ScoringParams | None = None,
     skipped: Mapping[SignalName, str] | None = None,
+    *,
+    candidates: Sequence[BrandCandidate] | None = None,
 ) -> Assessment:
     """Score one listing.
 
     ``matches``: every copy, lookalike and logo match of its photos; ``text``: :func:`scan_text` of its
     title, description and photo text; ``contexts``: per candidate brand, authorized sellers, market
     prices and policy override (a candidate without one is assessed with nothing known about it);
-    ``skipped``: signals the caller did not run, with why (e.g. ``{LOGO: "no candidate brand"}``).
+    ``skipped``: signals the caller did not run, with why (e.g. ``{LOGO: "no candidate brand"}``);
+    ``candidates``: :func:`candidate_brands` of these ``matches`` and ``text.mentions`` with
+    ``params.visual`` and ``params.brand_evidence``, where the caller has made them already (the cascade
+    does, to decide what to run): they are not made again unless ``skipped`` leaves some out.
 
     Raises ValueError (naming the field) for invalid prices or seller counts and
     :class:`~service.domain.pricing.UnknownCurrencyError` for a currency the table does not know.
     """
     p = params or ScoringParams()
     skip = dict(skipped or {})
-    text_sig, candidates, best = _best_reading(facts, matches, text, contexts, p, skip)
+    candidates, best = _best_reading(facts, matches, text, contexts, p, skip, candidates)
     brand = best.candidate.brand if best.candidate else None
     policy = _policy(contexts, brand, p)
+    text_sig = _skipped(SignalName.TEXT, skip[SignalName.TEXT]) if SignalName.TEXT in skip else (
+        text_signal(text, p.text))
     signals, reasons = _explain(best, facts, matches, text, text_sig, p, skip)
     return Assessment(
         listing_id=facts.listing_id,
@@ -211,12 +225,14 @@ def assess_risk(
     contexts: Mapping[str, BrandContext],
     params: ScoringParams | None = None,
     skipped: Mapping[SignalName, str] | None = None,
+    *,
+    candidates: Sequence[BrandCandidate] | None = None,
 ) -> RiskReading:
     """The risk, brand and policy :func:`assess` would report for the same inputs, without writing its
     signals and reasons: for the cascade's "would this change the verdict?" questions, which ask it
     for hypothetical evidence on every listing. Raises as :func:`assess` does."""
     p = params or ScoringParams()
-    _, _, best = _best_reading(facts, matches, text, contexts, p, dict(skipped or {}))
+    _, best = _best_reading(facts, matches, text, contexts, p, dict(skipped or {}), candidates)
     brand = best.candidate.brand if best.candidate else None
     return RiskReading(best.fusion.risk, brand, _policy(contexts, brand, p))
 
@@ -233,27 +249,32 @@ def _best_reading(
     contexts: Mapping[str, BrandContext],
     p: ScoringParams,
     skip: Mapping[SignalName, str],
-) -> tuple[Signal, list[BrandCandidate], _Reading]:
-    """The text signal, the candidate brands and the riskiest reading: each candidate (at most
-    ``max_candidates``) is read, or the no-brand reading when there is none."""
+    known: Sequence[BrandCandidate] | None = None,
+) -> tuple[list[BrandCandidate], _Reading]:
+    """The candidate brands and the riskiest reading: each candidate (at most ``max_candidates``) is
+    read, or the no-brand reading when there is none. ``known``: the caller's candidates of the same
+    matches and mentions (see :func:`assess`). Fusion needs only the text signal's score; its evidence
+    and reasons are written by :func:`assess` for the reported reading."""
     if facts.price is not None:  # bad input fails whether or not a price comparison happens
         p.currencies.to_usd(facts.price, "price")
-    text_sig = _skipped(SignalName.TEXT, skip[SignalName.TEXT]) if SignalName.TEXT in skip else (
-        text_signal(text, p.text))
-    candidates = candidate_brands(
-        [m for m in matches if m.signal not in skip], text.mentions if text_sig.ran else (), p.visual,
-        p.brand_evidence,
-    )
-    readings = [_read(facts, text_sig, c, contexts.get(c.brand), p, skip) for c in candidates[: p.max_candidates]]
+    text_ran = SignalName.TEXT not in skip
+    text_score = vocabulary_score(text, p.text) if text_ran else None
+    counted = [m for m in matches if m.signal not in skip]
+    if known is not None and text_ran and len(counted) == len(matches):
+        candidates = list(known)
+    else:
+        candidates = candidate_brands(counted, text.mentions if text_ran else (), p.visual, p.brand_evidence)
+    readings = [_read(facts, text_score, c, contexts.get(c.brand), p, skip)
+                for c in candidates[: p.max_candidates]]
     if not readings:
-        readings = [_read(facts, text_sig, None, None, p, skip)]
+        readings = [_read(facts, text_score, None, None, p, skip)]
     best = max(readings, key=lambda r: r.fusion.risk)  # first (strongest evidence) wins ties
-    return text_sig, candidates, best
+    return candidates, best
 
 
 def _read(
     facts: ListingFacts,
-    text_sig: Signal,
+    text_score: float | None,
     cand: BrandCandidate | None,
     ctx: BrandContext | None,
     p: ScoringParams,
@@ -280,7 +301,7 @@ def _read(
     features = FusionFeatures(
         brand=cand.evidence if cand else 0.0,
         price=price.score if price is not None and price.ran else 0.0,
-        text=text_sig.score if text_sig.ran else 0.0,
+        text=text_score if text_score is not None else 0.0,
         seller=seller.score if seller is not None else 0.0,
         authorized=bool(authorized),
     )

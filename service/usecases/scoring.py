@@ -432,7 +432,7 @@ class ListingScorer:
             it.ran["ocr"] = False
 
         contexts = self._contexts(candidates, listing.listing_id, known)
-        assessment = assess(facts, matches, scan, contexts, p, skipped)
+        assessment = assess(facts, matches, scan, contexts, p, skipped, candidates=candidates)
         return assessment.to_result(_ordered(found), self.model_versions())
 
     def _evidence(self, found: Sequence[Match], scan: TextScan) -> tuple[list[Match], list[BrandCandidate]]:
@@ -490,7 +490,7 @@ class ListingScorer:
             return wants_closer_look(candidates, scan)
         p = self.params
         contexts = self._contexts(candidates, facts.listing_id, known)
-        prelim = assess_risk(facts, matches, scan, contexts, p)
+        prelim = assess_risk(facts, matches, scan, contexts, p, candidates=candidates)
         return self.options.cascade_floor <= prelim.risk < prelim.policy.likely_threshold
 
     def _wants_keypoints(self, facts: ListingFacts, found: Sequence[Match], scan: TextScan, closer: bool,
@@ -523,7 +523,8 @@ class ListingScorer:
         if not verified:
             return False
         matches, candidates = self._evidence([*found, *verified.values()], scan)
-        result = assess_risk(facts, matches, scan, self._contexts(candidates, facts.listing_id, known), p)
+        result = assess_risk(facts, matches, scan, self._contexts(candidates, facts.listing_id, known), p,
+                             candidates=candidates)
         return result.risk >= result.policy.review_threshold
 
     def _read_text(self, image: ListingImage) -> list[OcrLine]:

@@ -293,6 +293,21 @@ def test_assess_risk_answers_what_assess_reports() -> None:
     assert len(grid) > 2000 and verdicts == set(Verdict)  # the grid reaches every verdict
 
 
+def test_the_callers_candidates_give_the_same_assessment() -> None:
+    """Candidates handed in by the caller (the cascade has made them already) change nothing: on every
+    branch of the grid, skipped signals included (there they are made again without the skipped ones),
+    the result equals the one without them."""
+    grid = _grid()
+    for f, ms, text, ctxs, skip in grid:
+        known = candidate_brands(ms, text.mentions, PARAMS.visual, PARAMS.brand_evidence)
+        full = assess(f, ms, text, ctxs, PARAMS, skip)
+        given = assess(f, ms, text, ctxs, PARAMS, skip, candidates=known)
+        assert given.to_result(ms) == full.to_result(ms), (f, ms, skip)
+        assert given.candidates == full.candidates
+        quick = assess_risk(f, ms, text, ctxs, PARAMS, skip, candidates=known)
+        assert (quick.risk, quick.brand, quick.policy) == (full.risk, full.brand, full.policy), (f, ms, skip)
+
+
 def test_assess_risk_raises_as_assess_does() -> None:
     with pytest.raises(UnknownCurrencyError):
         assess_risk(facts(10.0, currency="XYZ"), [copy_of(0.97)], NO_TEXT, CONTEXTS, PARAMS)
