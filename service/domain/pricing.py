@@ -111,17 +111,28 @@ class MarketStats:
 
 
 class MarketSample(tuple[Money, ...]):
-    """Other listings' prices of a product, remembering their :func:`market_stats`.
+    """Listings' prices of a product, remembering their :func:`market_stats`.
 
     A scorer reads one sample for many listings of the same product (scoring caches it briefly), so
     the robust statistics — a pass over up to a thousand prices — are computed once per sample and
-    parameter set, not once per listing. Immutable like any tuple; the memo only ever adds answers."""
+    parameter set, not once per listing. Immutable like any tuple; the memos only ever add answers.
+
+    ``listing_ids`` (parallel to the prices) lets :meth:`others` leave a listing's own price out, so one
+    cached sample serves every listing of the product with exactly the other listings' prices.
+    """
 
     _memo: dict[tuple[object, ...], MarketStats | None]
+    _ids: dict[str, int]
+    _without: dict[tuple[object, ...], MarketSample]
 
-    def __new__(cls, prices: Iterable[Money] = ()) -> MarketSample:
+    def __new__(cls, prices: Iterable[Money] = (), listing_ids: Iterable[str] = ()) -> MarketSample:
         self = super().__new__(cls, prices)
+        ids = list(listing_ids)
+        if ids and len(ids) != len(self):
+            raise ValueError(f"market sample has {len(self)} prices but {len(ids)} listing ids")
         self._memo = {}
+        self._ids = {lid: i for i, lid in enumerate(ids)}
+        self._without = {}
         return self
 
     def stats(self, currencies: CurrencyTable, min_count: int = 5, outlier_cut: float = 3.5,
@@ -130,6 +141,27 @@ class MarketSample(tuple[Money, ...]):
         if key not in self._memo:
             self._memo[key] = market_stats(self, currencies, min_count, outlier_cut, min_log_scale)
         return self._memo[key]
+
+    def others(self, listing_id: str, limit: int) -> MarketSample:
+        """The first ``limit`` prices of listings other than ``listing_id`` (it needs a sample of at
+        least ``limit`` + 1 prices to have ``limit`` others). Which listing is left out does not matter,
+        only its price: listings of equal price share one answer and its statistics, and the answer is
+        the same whichever listing loaded the sample."""
+        if limit < 0:
+            raise ValueError(f"market sample limit must be >= 0, got {limit}")
+        at = self._ids.get(listing_id)
+        if at is None or at >= limit + 1:
+            key: tuple[object, ...] = ("first", limit)
+        else:
+            own = self[at]
+            key = ("without", own.amount, own.currency, limit)
+        got = self._without.get(key)
+        if got is None:
+            kept = self[:limit + 1]
+            if at is not None and at < limit + 1:
+                kept = kept[:at] + kept[at + 1:]
+            got = self._without.setdefault(key, MarketSample(kept[:limit]))
+        return got
 
 
 def market_stats(

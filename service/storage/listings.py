@@ -261,7 +261,7 @@ class _Statements:
                    .where(_MATCHES.c.brand_id == brand, _MATCHES.c.sku == sa.bindparam("p_sku"),
                           _MATCHES.c.signal.in_(("copy", "lookalike")),
                           _MATCHES.c.similarity >= best_of_photo))
-        prices = (sa.select(_LISTINGS.c.price, _LISTINGS.c.currency)
+        prices = (sa.select(_LISTINGS.c.listing_id, _LISTINGS.c.price, _LISTINGS.c.currency)
                   .where(_LISTINGS.c.id.in_(matched), _LISTINGS.c.price.is_not(None), ~confirmed)
                   .order_by(_LISTINGS.c.last_seen_at.desc(), _LISTINGS.c.id.desc())
                   # A literal LIMIT: with a parameter, PostgreSQL's generic plan (psycopg prepares
@@ -562,6 +562,14 @@ class ListingRepository:
                       limit: int = 1000) -> list[Money]:
         """Prices of other listings whose latest matches include the brand's ``sku``, most recently
         seen first; listings the brand confirmed as counterfeit are left out of the sample."""
+        return [m for _, m in self._market(brand, sku, exclude_listing_id, limit)]
+
+    def market_sample(self, brand: str, sku: str, limit: int = 1001) -> list[tuple[str, Money]]:
+        """:meth:`market_prices` of every listing, with each price's listing_id: one sample that a
+        scorer narrows to each listing's others (:meth:`MarketSample.others`)."""
+        return self._market(brand, sku, None, limit)
+
+    def _market(self, brand: str, sku: str, exclude_listing_id: str | None, limit: int) -> list[tuple[str, Money]]:
         with self._db.reading() as conn:
             bid = self._brand_id(conn, brand)
             if bid is None:
@@ -570,7 +578,7 @@ class ListingRepository:
             stmt = self._sql.market_prices
             if exclude_listing_id is not None:
                 stmt, params["p_exclude"] = self._sql.market_prices_excluding, exclude_listing_id
-            return [Money(float(p), c) for p, c in conn.execute(stmt, params).all()]
+            return [(lid, Money(float(p), c)) for lid, p, c in conn.execute(stmt, params).all()]
 
     def confirmed_counterfeits(self, seller_id: str) -> int:
         """How many of the seller's listings some brand confirmed as counterfeit."""

@@ -95,6 +95,8 @@ class ScorerOptions:
     # Below this preliminary risk a listing with a candidate brand is not worth the expensive signals.
     cascade_floor: float = 0.15
     market_ttl_s: float = 10.0
+    # The most recently seen listings of a product whose prices make its market (the listing's own left out).
+    market_size: int = 1000
     crop_grid: CropGrid = field(default_factory=CropGrid)
 
 
@@ -545,17 +547,18 @@ class ListingScorer:
     def _should_run(self, mode: Mode, closer: bool) -> bool:
         return mode == "always" or (mode == "cascade" and closer)
 
-    def _market_prices(self, brand: str, sku: str, listing_id: str) -> MarketSample:
-        """Other listings' prices of the sku, through a short-lived cache: market statistics move slowly,
-        and a rescan asks for the same few skus thousands of times. (The listing itself may be in a cached
-        sample; one price among the many a robust median needs does not move it.)"""
+    def _market_sample(self, brand: str, sku: str) -> MarketSample:
+        """Listings' prices of the sku with their listing_ids, through a short-lived cache: market
+        statistics move slowly, and a rescan asks for the same few skus thousands of times. One more
+        price than ``market_size`` is read, so that every listing has ``market_size`` others."""
         key = (brand, sku)
         now = time.monotonic()
         with self._names_lock:
             hit = self._market.get(key)
             if hit is not None and now - hit[0] < self.options.market_ttl_s:
                 return hit[1]
-        prices = MarketSample(self.history.market_prices(brand, sku, listing_id))
+        rows = self.history.market_sample(brand, sku, self.options.market_size + 1)
+        prices = MarketSample((m for _, m in rows), (lid for lid, _ in rows))
         with self._names_lock:
             self._market[key] = (now, prices)
             if len(self._market) > 50_000:
@@ -564,16 +567,26 @@ class ListingScorer:
 
     def _contexts(self, candidates: Sequence[BrandCandidate], listing_id: str,
                   known: dict[tuple[str, str | None], BrandContext]) -> dict[str, BrandContext]:
+        """The candidates' contexts as ``listing_id`` sees them. ``known`` (one batch's) holds each
+        (brand, sku)'s context with the whole market sample; each listing gets the other listings'
+        prices only, so its result does not depend on which listing loaded the sample (a stored rescan
+        of an unchanged catalog gives every listing the same result again, in any order)."""
         out = {}
         for c in candidates[: self.params.max_candidates]:
             key = (c.brand, c.sku)
-            if key not in known:
-                known[key] = self._context(c.brand, c.sku, listing_id)
-            out[c.brand] = known[key]
+            ctx = known.get(key)
+            if ctx is None:
+                ctx = known[key] = self._context(c.brand, c.sku)
+            if c.sku is not None:
+                full = ctx.market_prices[c.sku]
+                assert isinstance(full, MarketSample)
+                ctx = BrandContext(ctx.brand, ctx.authorized_sellers,
+                                   {c.sku: full.others(listing_id, self.options.market_size)}, ctx.policy)
+            out[c.brand] = ctx
         return out
 
-    def _context(self, brand: str, sku: str | None, listing_id: str) -> BrandContext:
-        market = {sku: self._market_prices(brand, sku, listing_id)} if sku else {}
+    def _context(self, brand: str, sku: str | None) -> BrandContext:
+        market = {sku: self._market_sample(brand, sku)} if sku else {}
         return BrandContext(brand=brand, authorized_sellers=self.catalog.authorized_sellers(brand),
                             market_prices=market, policy=self.policies.brand_policy(brand))
 

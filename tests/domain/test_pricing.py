@@ -10,6 +10,7 @@ import pytest
 from service.domain.model import Money, SignalName
 from service.domain.pricing import (
     CurrencyTable,
+    MarketSample,
     PriceThresholds,
     UnknownCurrencyError,
     market_stats,
@@ -177,3 +178,23 @@ def test_thresholds_validate() -> None:
         PriceThresholds(z_start=-5.0, z_certain=-2.0)
     with pytest.raises(ValueError, match="min_market_count"):
         PriceThresholds(min_market_count=0)
+
+
+def test_a_market_sample_leaves_each_listing_its_others() -> None:
+    usd = CurrencyTable({"USD": 1.0})
+    prices = [Money(p, "USD") for p in (10.0, 11.0, 12.0, 11.0, 30.0)]
+    full = MarketSample(prices, ["a", "b", "c", "d", "e"])
+    # Its own price left out; a listing not in the sample sees the first ``limit``.
+    assert sorted(m.amount for m in full.others("c", 10)) == [10.0, 11.0, 11.0, 30.0]
+    assert list(full.others("zz", 3)) == prices[:3]
+    # ``limit`` others: a listing among the first limit + 1 is replaced by the next price.
+    assert sorted(m.amount for m in full.others("a", 3)) == [11.0, 11.0, 12.0]
+    assert list(full.others("e", 3)) == prices[:3]  # beyond the first limit + 1: not in its others
+    # Equal prices give one answer (and one set of statistics), whichever listing asks.
+    assert full.others("b", 10) is full.others("d", 10)
+    assert full.others("b", 10).stats(usd, min_count=3) == MarketSample(prices[:1] + prices[2:]).stats(
+        usd, min_count=3)
+    with pytest.raises(ValueError, match="listing ids"):
+        MarketSample(prices, ["a"])
+    with pytest.raises(ValueError, match="limit"):
+        full.others("a", -1)

@@ -147,6 +147,11 @@ def test_market_prices(storage: Storage, two_brands: Refs) -> None:
                                                           Money(1.0, "EUR")]  # most recent first
     assert history.market_prices("alpro", "soy-milk", exclude_listing_id="L6") == [Money(2.0, "EUR"),
                                                                                    Money(1.0, "EUR")]
+    # The whole sample with each price's listing (a scorer leaves each listing's own price out).
+    assert history.market_sample("alpro", "soy-milk") == [("L6", Money(6.0, "EUR")), ("L2", Money(2.0, "EUR")),
+                                                          ("L1", Money(1.0, "EUR"))]
+    assert history.market_sample("alpro", "soy-milk", limit=2) == [("L6", Money(6.0, "EUR")),
+                                                                   ("L2", Money(2.0, "EUR"))]
     # A listing the brand confirmed as counterfeit leaves the price sample.
     [l6] = [i for i in storage.listings.review_queue("alpro") if i.listing_id == "L6"]
     storage.listings.decide("alpro", l6.id, "confirmed")
