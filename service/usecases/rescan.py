@@ -772,7 +772,8 @@ class StoredRescanJob:
             conn.send(("done", report))
         except BaseException:
             conn.send(("failed", traceback.format_exc()))
-            raise
+            # The parent prints the traceback in its error; raising it here printed it a second time.
+            raise SystemExit(1) from None
 
     def _run_threads(self, report: StoredRescanReport, progress: Progress | None,
                      cancel: CancelFlag | None) -> StoredRescanReport:

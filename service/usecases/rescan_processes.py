@@ -54,15 +54,19 @@ def _worker_main(conn: Connection) -> None:
     from service.container import build_container  # the slow imports, while worker 0 may still load
 
     try:
-        settings, base, threads, reconcile = conn.recv()
+        config = conn.recv()
     except EOFError:
         return
+    if config is None:  # stopped before it was configured (another worker failed to start)
+        return
+    settings, base, threads, reconcile = config
     try:
         container = build_container(settings, reconcile=reconcile)
         rescanner = ListingRescanner(container.scorer, container.images, Path(base))
     except BaseException:
         conn.send(("failed", traceback.format_exc()))
-        raise
+        # The driver prints the traceback in its error; raising it here printed it a second time.
+        raise SystemExit(1) from None
     conn.send(("ready", os.getpid()))
     send_lock = threading.Lock()
 

@@ -244,7 +244,8 @@ def test_stored_rescan_in_worker_processes_equals_the_threaded_one(rescan_world:
 
 
 def test_a_failed_worker_process_fails_the_stored_rescan(rescan_world: World, container: Container,
-                                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+                                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capfd: pytest.CaptureFixture[str]) -> None:
     folder = listings_dir(rescan_world, tmp_path / "in")
     rows = [listing(f"s-{i}", name) for i, (_, name) in enumerate(rescan_world.instore[:6])]
     run_file(container, write_jsonl(folder / "l.jsonl", rows), tmp_path / "o.jsonl")
@@ -263,8 +264,10 @@ def test_a_failed_worker_process_fails_the_stored_rescan(rescan_world: World, co
         return real(self, *a, shard=shard, **kw)
 
     monkeypatch.setattr(ListingRepository, "iter_stored", broken)
+    capfd.readouterr()
     with pytest.raises(RescanWorkerError, match=r"worker 1 failed:(?s:.*)the disk is on fire"):
         job.run()
+    assert "the disk is on fire" not in capfd.readouterr().err  # the error carries it; the child is quiet
     monkeypatch.undo()
     assert job.run().rescored == len(rows)  # the parent's database still works after the children
     with pytest.raises(ValueError, match="processes"):

@@ -121,13 +121,14 @@ def test_a_worker_that_dies_fails_the_run_and_resume_finishes_it(rescan_world: W
     assert sorted(r["listing_id"] for r in read_jsonl(out)) == [r["listing_id"] for r in rows]
 
 
-def test_a_worker_that_cannot_start_says_why(tmp_path: Path) -> None:
+def test_a_worker_that_cannot_start_says_why(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     # The data dir is a file: building the container fails in worker 0, which the driver reports.
     (tmp_path / "not-a-dir").write_text("x")
     s = Settings(data_dir=tmp_path / "not-a-dir", models={"ocr": "never"})
     engine = ProcessEngine(s, tmp_path, processes=2, threads=1)
     with pytest.raises(RescanWorkerError, match=r"(?s)rescan worker 0 failed to start:.*Error"):
         engine.start()
+    assert "Traceback" not in capfd.readouterr().err  # told once, by the error (the worker is quiet)
     assert engine._procs == []  # the workers were stopped
     with pytest.raises(ValueError, match="processes"):
         ProcessEngine(s, tmp_path, processes=0)
