@@ -15,4 +15,4 @@ from service.settings import Settings
 def app_factory() -> FastAPI:
     settings = Settings()
     configure_logging(settings.server.log_level)
-    return create_app(settings)
+    return create_app(settings, freeze_after_load=True)  # this worker process serves only this app

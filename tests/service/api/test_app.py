@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 from typing import Any
 
@@ -85,3 +86,32 @@ def test_failed_start_is_reported_not_hidden(tmp_path: Any) -> None:
     finally:
         server.should_exit = True
         t.join(timeout=10)
+
+
+def test_a_served_app_freezes_what_start_up_made(tmp_path: Any) -> None:
+    """The worker's app (``main.app_factory``) freezes start-up's objects once loaded, so a full garbage
+    collection under load does not scan them again; an app built for a test or an embedding process
+    leaves the collector alone."""
+    assert gc.get_freeze_count() == 0
+    plain, _, plain_url = _serve(create_app(Settings(data_dir=tmp_path), container_factory=lambda _: _FakeContainer()))
+    try:
+        _wait_ready(plain_url)
+        assert gc.get_freeze_count() == 0
+    finally:
+        plain.should_exit = True
+    served, _, url = _serve(create_app(Settings(data_dir=tmp_path), container_factory=lambda _: _FakeContainer(),
+                                       freeze_after_load=True))
+    try:
+        _wait_ready(url)
+        assert gc.get_freeze_count() > 1000  # the imports alone are thousands of objects
+    finally:
+        served.should_exit = True
+        gc.unfreeze()  # this test process goes on: give its objects back to the collector
+
+
+def _wait_ready(url: str) -> None:
+    for _ in range(200):
+        if httpx.get(f"{url}/readyz").status_code == 200:
+            return
+        threading.Event().wait(0.05)
+    raise AssertionError("not ready")
