@@ -74,8 +74,8 @@ class ListingFacts:
 class BrandContext:
     """What the catalog and the history say about one candidate brand.
 
-    ``market_prices`` maps a sku to other listings' prices of it (ListingHistory.market_prices,
-    excluding this listing); only the candidate's product sku is read. An empty
+    ``market_prices`` maps a sku to other listings' prices of it (ListingHistory.market_sample narrowed
+    by ``MarketSample.others``: this listing left out); only the candidate's product sku is read. An empty
     ``authorized_sellers`` means the brand keeps no list. ``policy`` overrides the default one.
     """
 

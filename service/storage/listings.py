@@ -268,7 +268,6 @@ class _Statements:
                   # repeated statements) assumes a small limit and walks every listing by date.
                   .limit(sa.bindparam("p_limit", type_=sa.Integer(), literal_execute=True)))
         self.market_prices = prices
-        self.market_prices_excluding = prices.where(_LISTINGS.c.listing_id != sa.bindparam("p_exclude"))
         self.confirmed_by_seller = (
             sa.select(_LISTINGS.c.seller_id, sa.func.count(sa.distinct(_LISTINGS.c.id)))
             .select_from(_REVIEWS.join(_LISTINGS, _LISTINGS.c.id == _REVIEWS.c.listing_pk))
@@ -289,7 +288,7 @@ class ListingRepository:
         self._db = db
         self._sql = _Statements(db.dialect)
         # slug -> id. Brands are never deleted or renamed, so an id once seen stays right; this saves a
-        # query on every record_score / market_prices call.
+        # query on every record_score / market_sample call.
         self._brand_ids: dict[str, int] = {}
 
     # ------------------------------------------------------------------ recording
@@ -561,24 +560,21 @@ class ListingRepository:
     def market_prices(self, brand: str, sku: str, exclude_listing_id: str | None = None,
                       limit: int = 1000) -> list[Money]:
         """Prices of other listings whose latest matches include the brand's ``sku``, most recently
-        seen first; listings the brand confirmed as counterfeit are left out of the sample."""
-        return [m for _, m in self._market(brand, sku, exclude_listing_id, limit)]
+        seen first; listings the brand confirmed as counterfeit are left out of the sample. (Scoring
+        reads :meth:`market_sample` once per product and leaves each listing out itself.)"""
+        rows = self.market_sample(brand, sku, limit + 1)
+        return [m for lid, m in rows if lid != exclude_listing_id][:limit]
 
     def market_sample(self, brand: str, sku: str, limit: int = 1001) -> list[tuple[str, Money]]:
-        """:meth:`market_prices` of every listing, with each price's listing_id: one sample that a
-        scorer narrows to each listing's others (:meth:`MarketSample.others`)."""
-        return self._market(brand, sku, None, limit)
-
-    def _market(self, brand: str, sku: str, exclude_listing_id: str | None, limit: int) -> list[tuple[str, Money]]:
+        """The prices of every listing in the sku's market (as :meth:`market_prices`, none left out),
+        each with its listing_id: one sample that a scorer narrows to each listing's others
+        (:meth:`MarketSample.others`)."""
         with self._db.reading() as conn:
             bid = self._brand_id(conn, brand)
             if bid is None:
                 return []
-            params: dict[str, Any] = {"p_brand": bid, "p_sku": sku, "p_limit": int(limit)}
-            stmt = self._sql.market_prices
-            if exclude_listing_id is not None:
-                stmt, params["p_exclude"] = self._sql.market_prices_excluding, exclude_listing_id
-            return [(lid, Money(float(p), c)) for lid, p, c in conn.execute(stmt, params).all()]
+            params = {"p_brand": bid, "p_sku": sku, "p_limit": int(limit)}
+            return [(lid, Money(float(p), c)) for lid, p, c in conn.execute(self._sql.market_prices, params).all()]
 
     def confirmed_counterfeits(self, seller_id: str) -> int:
         """How many of the seller's listings some brand confirmed as counterfeit."""

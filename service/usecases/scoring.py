@@ -577,7 +577,7 @@ class ListingScorer:
             ctx = known.get(key)
             if ctx is None:
                 ctx = known[key] = self._context(c.brand, c.sku)
-            if c.sku is not None:
+            if c.sku:  # (as _context: a candidate without a sku has no market)
                 full = ctx.market_prices[c.sku]
                 assert isinstance(full, MarketSample)
                 ctx = BrandContext(ctx.brand, ctx.authorized_sellers,
