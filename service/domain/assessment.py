@@ -166,11 +166,16 @@ class _Reading:
 @dataclass(frozen=True, slots=True)
 class RiskReading:
     """What :func:`assess_risk` answers: the risk :func:`assess` would report, the brand it reads and
-    the verdict policy that applies to it."""
+    the verdict policy that applies to it. It also keeps the reading itself, so that :func:`assess` of
+    the same inputs can report it without making it again (``prior``)."""
 
     risk: float
     brand: str | None
     policy: VerdictPolicy
+    candidates: tuple[BrandCandidate, ...] = field(default=(), repr=False, compare=False)
+    best: _Reading | None = field(default=None, repr=False, compare=False)
+    # The skipped signals that shaped the reading (see _reading_skips).
+    skips: frozenset[tuple[SignalName, str]] = field(default=frozenset(), repr=False, compare=False)
 
 
 def assess(
@@ -182,6 +187,7 @@ def assess(
     skipped: Mapping[SignalName, str] | None = None,
     *,
     candidates: Sequence[BrandCandidate] | None = None,
+    prior: RiskReading | None = None,
 ) -> Assessment:
     """Score one listing.
 
@@ -191,14 +197,21 @@ def assess(
     ``skipped``: signals the caller did not run, with why (e.g. ``{LOGO: "no candidate brand"}``);
     ``candidates``: :func:`candidate_brands` of these ``matches`` and ``text.mentions`` with
     ``params.visual`` and ``params.brand_evidence``, where the caller has made them already (the cascade
-    does, to decide what to run): they are not made again unless ``skipped`` leaves some out.
+    does, to decide what to run): they are not made again unless ``skipped`` leaves some out;
+    ``prior``: :func:`assess_risk`'s answer for these same facts, matches, text, contexts, params and
+    candidates (the cascade's preliminary reading, where what the cascade ran added no evidence): its
+    reading is reported rather than made again, unless ``skipped`` differs from the prior's in a way that
+    changes a reading (a skipped price, seller or text signal, or one that leaves matches out).
 
     Raises ValueError (naming the field) for invalid prices or seller counts and
     :class:`~service.domain.pricing.UnknownCurrencyError` for a currency the table does not know.
     """
     p = params or ScoringParams()
     skip = dict(skipped or {})
-    candidates, best = _best_reading(facts, matches, text, contexts, p, skip, candidates)
+    if prior is not None and prior.best is not None and prior.skips == _reading_skips(skip, matches):
+        candidates, best = list(prior.candidates), prior.best
+    else:
+        candidates, best = _best_reading(facts, matches, text, contexts, p, skip, candidates)
     brand = best.candidate.brand if best.candidate else None
     policy = _policy(contexts, brand, p)
     text_sig = _skipped(SignalName.TEXT, skip[SignalName.TEXT]) if SignalName.TEXT in skip else (
@@ -232,9 +245,24 @@ def assess_risk(
     signals and reasons: for the cascade's "would this change the verdict?" questions, which ask it
     for hypothetical evidence on every listing. Raises as :func:`assess` does."""
     p = params or ScoringParams()
-    _, best = _best_reading(facts, matches, text, contexts, p, dict(skipped or {}), candidates)
+    skip = dict(skipped or {})
+    made, best = _best_reading(facts, matches, text, contexts, p, skip, candidates)
     brand = best.candidate.brand if best.candidate else None
-    return RiskReading(best.fusion.risk, brand, _policy(contexts, brand, p))
+    return RiskReading(best.fusion.risk, brand, _policy(contexts, brand, p), tuple(made), best,
+                       _reading_skips(skip, matches))
+
+
+# The signals whose skipping changes a reading whether or not a match has them (a match of a skipped
+# signal is not counted either: see _best_reading).
+_READ_SIGNALS = (SignalName.TEXT, SignalName.PRICE, SignalName.SELLER)
+
+
+def _reading_skips(skip: Mapping[SignalName, str], matches: Sequence[Match]) -> frozenset[tuple[SignalName, str]]:
+    """The part of ``skip`` a reading depends on: skipped text, price and seller signals (with why: the
+    price's reason is part of its reading), and skipped signals some match has (those matches are left
+    out). A skipped logo search with no logo match changes nothing read."""
+    found = {m.signal for m in matches}
+    return frozenset((name, why) for name, why in skip.items() if name in _READ_SIGNALS or name in found)
 
 
 def _policy(contexts: Mapping[str, BrandContext], brand: str | None, p: ScoringParams) -> VerdictPolicy:

@@ -107,6 +107,10 @@ class KeypointCache(Protocol):
     def get_many(self, extractor_id: str, sha256s: Iterable[str]) -> dict[str, KeypointSet]: ...
     def put_many(self, extractor_id: str, features: Mapping[str, KeypointSet]) -> None: ...
 
+    def described(self, extractor_id: str, sha256s: Iterable[str]) -> set[str]:
+        """The photos among ``sha256s`` whose features are stored (without reading the features)."""
+        ...
+
     def get_verified(self, extractor_id: str, references: str,
                      sha256s: Iterable[str]) -> dict[str, list[VerifiedReference]]:
         """The photos among ``sha256s`` last verified against exactly ``references`` (the others are

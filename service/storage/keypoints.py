@@ -55,6 +55,8 @@ class KeypointStore:
         self._upsert = ins.on_conflict_do_update(
             index_elements=["sha256", "extractor_id"],
             set_={c: getattr(ins.excluded, c) for c in ("count", "dim", "width", "height", "scale", "data")})
+        self._select_described = sa.select(t.c.sha256).where(
+            t.c.extractor_id == sa.bindparam("extractor"), t.c.sha256.in_(sa.bindparam("shas", expanding=True)))
         self._select_verified = sa.select(t.c.sha256, t.c.verified).where(
             t.c.extractor_id == sa.bindparam("extractor"), t.c.verified_refs == sa.bindparam("refs"),
             t.c.sha256.in_(sa.bindparam("shas", expanding=True)))
@@ -79,6 +81,11 @@ class KeypointStore:
             if got is not None:
                 out[sha] = got
         return out
+
+    def described(self, extractor_id: str, sha256s: Iterable[str]) -> set[str]:
+        """The photos among ``sha256s`` whose features are stored: one indexed lookup per 500, no blob read."""
+        extractor = validate.text(extractor_id, "extractor_id", 128)
+        return {sha for (sha,) in self._rows(self._select_described, {"extractor": extractor}, sha256s)}
 
     def put_many(self, extractor_id: str, features: Mapping[str, KeypointSet]) -> None:
         """Stores the features; an existing (sha256, extractor_id) row is overwritten (idempotent)."""

@@ -120,6 +120,17 @@ class KeypointMatcher:
                 self.cache.put_verified(self.extractor_id, references, fresh)
         return self._matches(hits), missing
 
+    def verifiable(self, hashes: Iterable[str]) -> set[str]:
+        """The photos among ``hashes`` that :meth:`verify` can verify without their pixels: remembered
+        here, or described in the keypoint cache. A stored rescan asks it for a page of listings at
+        once, so that a listing none of whose photos was ever described skips the cascade's question
+        whether to verify it (there is nothing to verify it with)."""
+        wanted = list(dict.fromkeys(hashes))
+        with self._lru_lock:
+            known = {sha for sha in wanted if sha in self._verified}
+        rest = [sha for sha in wanted if sha not in known]
+        return known | (self.cache.described(self.extractor_id, rest) if rest else set())
+
     def _current(self, generation: int) -> bool:
         with self._lru_lock:
             return generation == self._generation

@@ -27,6 +27,7 @@ import numpy as np
 from service.domain.assessment import (
     BrandContext,
     ListingFacts,
+    RiskReading,
     ScoringParams,
     assess,
     assess_risk,
@@ -68,6 +69,9 @@ class StoredListing:
     digest: str | None = None
 
 
+_KEYPOINTS_NOT_STORED = "the photos' keypoints were not stored: not verified"
+
+
 @dataclass(slots=True)
 class _Item:
     """One listing on its way through :meth:`ListingScorer._assess_many`."""
@@ -78,6 +82,9 @@ class _Item:
     hashes: list[str]
     digest: str | None = None
     ran: dict[str, bool] = field(default_factory=dict)
+    # Keypoint verification can run: False only for a stored rescan's listing none of whose photos was
+    # ever described (no pixels, no stored features).
+    verifiable: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,6 +328,11 @@ class ListingScorer:
         # Brand contexts (sellers, market prices, policy) are read once per batch, for the preliminary
         # and the final assessments alike.
         known: dict[tuple[str, str | None], BrandContext] = {}
+        pixelless = [it for it in items if it.images is None]
+        if pixelless and self.keypoints is not None and self.options.keypoints != "never":
+            described = self.keypoints.verifiable(sha for it in pixelless for sha in it.hashes)
+            for it in pixelless:
+                it.verifiable = any(sha in described for sha in it.hashes)
         outcomes: list[ScoreOutcome | Exception] = []
         for it, found in zip(items, found_all, strict=True):
             try:
@@ -379,14 +391,24 @@ class ListingScorer:
                      if self.logo_templates is not None and len(self.logo_templates) else "never")
         cascaded = "cascade" in (self.options.logo_search, self.options.ocr if self.ocr is not None else "never",
                                  templates)
-        closer = self._worth_a_closer_look(facts, matches, scan, candidates, known) if cascaded else False
+        closer, prelim = (self._worth_a_closer_look(facts, matches, scan, candidates, known) if cascaded
+                          else (False, None))
+        # The evidence the preliminary reading read: where nothing the cascade runs below adds to it, the
+        # final assessment reports that reading rather than making it again.
+        read = (matches, candidates, scan)
         skipped: dict[SignalName, str] = {}
         hashes = it.hashes
 
         # Keypoint verification: a reference's printed design found in the photo under one geometric
         # transform (a product cut out onto a new scene, another photo of the same packaging).
         verified: list[Match] = []
-        if self.keypoints is not None and self._wants_keypoints(facts, found, scan, closer, known):
+        if self.keypoints is None or self.options.keypoints == "never":
+            it.ran["keypoints"] = False
+            skipped[SignalName.KEYPOINTS] = "keypoint verification is off"
+        elif not it.verifiable:  # (not worth the cascade's question: verify could only answer this)
+            it.ran["keypoints"] = False
+            skipped[SignalName.KEYPOINTS] = _KEYPOINTS_NOT_STORED
+        elif self._wants_keypoints(facts, found, scan, closer, known):
             verified, unverified = self.keypoints.verify(images, hashes)
             if verified:
                 found = found + verified
@@ -396,12 +418,10 @@ class ListingScorer:
                 # cold p99 at 16 concurrent requests 8.4 s), where the verification is the closer look.
             it.ran["keypoints"] = True
             if unverified and unverified == len(hashes):
-                skipped[SignalName.KEYPOINTS] = "the photos' keypoints were not stored: not verified"
+                skipped[SignalName.KEYPOINTS] = _KEYPOINTS_NOT_STORED
         else:
             it.ran["keypoints"] = False
-            skipped[SignalName.KEYPOINTS] = (
-                "keypoint verification is off" if self.keypoints is None or self.options.keypoints == "never"
-                else "keypoint verification could not change the verdict: skipped")
+            skipped[SignalName.KEYPOINTS] = "keypoint verification could not change the verdict: skipped"
 
         # Logo search inside crops: a logo printed small on a product never fills the whole photo.
         if self._should_run(self.options.logo_search, closer):
@@ -434,7 +454,9 @@ class ListingScorer:
             it.ran["ocr"] = False
 
         contexts = self._contexts(candidates, listing.listing_id, known)
-        assessment = assess(facts, matches, scan, contexts, p, skipped, candidates=candidates)
+        unchanged = all(a is b for a, b in zip(read, (matches, candidates, scan), strict=True))
+        assessment = assess(facts, matches, scan, contexts, p, skipped, candidates=candidates,
+                            prior=prelim if unchanged else None)
         return assessment.to_result(_ordered(found), self.model_versions())
 
     def _evidence(self, found: Sequence[Match], scan: TextScan) -> tuple[list[Match], list[BrandCandidate]]:
@@ -481,19 +503,20 @@ class ListingScorer:
 
     def _worth_a_closer_look(self, facts: ListingFacts, matches: list[Match], scan: TextScan,
                              candidates: list[BrandCandidate], known: dict[tuple[str, str | None], BrandContext],
-                             ) -> bool:
+                             ) -> tuple[bool, RiskReading | None]:
         """The cascade's rule: spend OCR and crop search where they can change the verdict.
 
         That is where the cheap signals leave the listing undecided (a preliminary risk between
         ``cascade_floor`` and the likely threshold: a clear listing stays clear without a brand, an already
         likely one needs no more evidence), or where the text uses counterfeit wording but no brand is a
-        candidate yet (the brand may be printed in the photos)."""
+        candidate yet (the brand may be printed in the photos). Answers the decision and the preliminary
+        reading it made (None without a candidate brand)."""
         if not candidates:
-            return wants_closer_look(candidates, scan)
+            return wants_closer_look(candidates, scan), None
         p = self.params
         contexts = self._contexts(candidates, facts.listing_id, known)
         prelim = assess_risk(facts, matches, scan, contexts, p, candidates=candidates)
-        return self.options.cascade_floor <= prelim.risk < prelim.policy.likely_threshold
+        return self.options.cascade_floor <= prelim.risk < prelim.policy.likely_threshold, prelim
 
     def _wants_keypoints(self, facts: ListingFacts, found: Sequence[Match], scan: TextScan, closer: bool,
                          known: dict[tuple[str, str | None], BrandContext]) -> bool:

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import itertools
 import pickle
+from typing import Any
 
 import pytest
 
+import service.domain.assessment as assessment_module
 from service.domain.assessment import (
     Assessment,
     BrandContext,
@@ -306,6 +308,35 @@ def test_the_callers_candidates_give_the_same_assessment() -> None:
         assert given.candidates == full.candidates
         quick = assess_risk(f, ms, text, ctxs, PARAMS, skip, candidates=known)
         assert (quick.risk, quick.brand, quick.policy) == (full.risk, full.brand, full.policy), (f, ms, skip)
+
+
+def test_a_prior_reading_gives_the_same_assessment_without_reading_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cascade's preliminary reading handed to :func:`assess` (``prior``) is reported as made: on
+    every branch of the grid the result equals a fresh assessment, and no reading is made again. A prior
+    made with other skipped signals is used only where they cannot change a reading (a skipped logo
+    search with no logo match); otherwise the reading is made again, with the skips."""
+    grid = _grid()
+    reads = [0]
+    real = assessment_module._best_reading
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        reads[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(assessment_module, "_best_reading", counted)
+    logo_off = {SignalName.LOGO: "no logo search"}
+    for f, ms, text, ctxs, skip in grid:
+        full = assess(f, ms, text, ctxs, PARAMS, skip)
+        for prior_skip in (skip, {}, {**skip, **logo_off}):
+            prior = assess_risk(f, ms, text, ctxs, PARAMS, prior_skip)
+            reads[0] = 0
+            given = assess(f, ms, text, ctxs, PARAMS, skip, prior=prior)
+            assert given.to_result(ms) == full.to_result(ms), (f, ms, skip, prior_skip)
+            assert given.candidates == full.candidates
+            harmless = prior_skip == skip or (prior_skip == {**skip, **logo_off}
+                                               and not any(m.signal is SignalName.LOGO for m in ms))
+            assert reads[0] == (0 if harmless else 1), (ms, skip, prior_skip)
 
 
 def test_assess_risk_raises_as_assess_does() -> None:

@@ -42,6 +42,17 @@ def test_features_are_kept_per_extractor_and_overwritten_idempotently(storage: S
     assert store.count() == 2 and store.count("sift@1") == 1
 
 
+def test_described_names_the_photos_with_stored_features_per_extractor(storage: Storage) -> None:
+    store = storage.keypoints
+    feats = {sha(f"d-{i}"): _features(i % 3 * 5, seed=i) for i in range(505)}  # > one IN-list chunk
+    store.put_many("sift@1", feats)
+    store.put_many("sift@2", {sha("other-extractor"): _features(4, 9)})
+    asked = [*feats, sha("never-stored"), sha("other-extractor"), sha("d-0")]  # a repeat is answered once
+    assert store.described("sift@1", asked) == set(feats)  # a photo with no keypoints is described too
+    assert store.described("sift@2", asked) == {sha("other-extractor")}
+    assert store.described("sift@1", []) == set()
+
+
 def test_a_torn_row_is_a_miss(storage: Storage) -> None:
     storage.keypoints.put_many("sift@1", {sha("torn"): _features(20, 4)})
     with storage.db.engine.begin() as conn:

@@ -21,6 +21,7 @@ from service.container import Container, build_container
 from service.domain.model import KeypointSet, Listing, ListingImage, Money, ReferenceKind, SignalName, Verdict
 from service.usecases.catalog import ReferenceUpload
 from service.usecases.keypoints import KeypointMatcher
+from service.usecases.scoring import StoredListing
 from tests.conftest import jpeg_bytes
 from tests.usecases.rescan_world import REFERENCE_PRICE, World, fresh_data_dir, settings
 
@@ -97,6 +98,45 @@ def test_a_stored_rescan_verifies_again_without_pixels(container: Container, gro
         [(m.reference.image_id, m.signal, m.box) for m in first.matches]
 
 
+def test_a_stored_rescan_of_photos_never_described_does_not_ask_whether_to_verify(
+        container: Container, grocery_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At its normal price the product on a new scene is not verified, so its photo is never described: a
+    stored rescan has nothing to verify it with, says so, and skips the cascade's hypothetical reading
+    (which is most of a stored listing's fusion). A described photo is still verified."""
+    photo = _on_new_scene(grocery_dir)
+    normal = _listing("scene-normal-stored", photo, 1.0)
+    brighter = np.clip(photo.astype(np.int16) + 4, 0, 255).astype(np.uint8)  # other bytes, same keypoints
+    cheap = _listing("scene-cheap-stored", brighter, 0.25)
+    first = {lst.listing_id: container.scorer.score(lst) for lst in (normal, cheap)}
+    assert first[normal.listing_id].ran["keypoints"] is False and first[cheap.listing_id].ran["keypoints"] is True
+    km = container.scorer.keypoints
+    assert km is not None
+    shas = {lst.listing_id: lst.images[0].sha256 for lst in (normal, cheap)}
+    assert km.verifiable([*shas.values(), "0" * 64]) == {shas[cheap.listing_id]}
+
+    asked: list[str] = []
+    real = container.scorer._wants_keypoints
+
+    def spy(facts: Any, *args: Any) -> bool:
+        asked.append(facts.listing_id)
+        return real(facts, *args)
+
+    monkeypatch.setattr(container.scorer, "_wants_keypoints", spy)
+    got = container.scorer.rescore_stored_many(
+        [StoredListing(Listing(lst.listing_id, lst.title, price=lst.price), (shas[lst.listing_id],))
+         for lst in (normal, cheap)], persist=False)
+    plain, verified = (g for g in got if g is not None and not isinstance(g, Exception))
+    assert asked == [cheap.listing_id]
+    assert plain.ran["keypoints"] is False
+    sig = plain.result.signal(SignalName.KEYPOINTS)
+    assert sig is not None and not sig.ran
+    assert sig.skipped_because == "the photos' keypoints were not stored: not verified"
+    was = first[normal.listing_id].result
+    assert (plain.result.verdict, plain.result.brand) == (was.verdict, was.brand)
+    assert verified.ran["keypoints"] is True
+    assert any(m.signal is SignalName.KEYPOINTS for m in verified.result.matches)
+
+
 def test_the_cascade_skips_photos_nothing_resembles(container: Container) -> None:
     """Noise resembles no product: no verified product could make it suspicious, however cheap."""
     rng = np.random.default_rng(0)
@@ -140,6 +180,9 @@ class _CountingCache:
 
     def put_many(self, extractor_id: str, features: Any) -> None:
         self.inner.put_many(extractor_id, features)
+
+    def described(self, extractor_id: str, sha256s: Any) -> Any:
+        return self.inner.described(extractor_id, sha256s)
 
     def get_verified(self, extractor_id: str, references: str, sha256s: Any) -> Any:
         keys = list(sha256s)
