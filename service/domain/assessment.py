@@ -174,8 +174,7 @@ class RiskReading:
     policy: VerdictPolicy
     candidates: tuple[BrandCandidate, ...] = field(default=(), repr=False, compare=False)
     best: _Reading | None = field(default=None, repr=False, compare=False)
-    # The skipped signals that shaped the reading (see _reading_skips).
-    skips: frozenset[tuple[SignalName, str]] = field(default=frozenset(), repr=False, compare=False)
+    skipped: Mapping[SignalName, str] = field(default_factory=dict, repr=False, compare=False)
 
 
 def assess(
@@ -208,7 +207,8 @@ def assess(
     """
     p = params or ScoringParams()
     skip = dict(skipped or {})
-    if prior is not None and prior.best is not None and prior.skips == _reading_skips(skip, matches):
+    if prior is not None and prior.best is not None and (
+            prior.skipped == skip or _reading_skips(prior.skipped, matches) == _reading_skips(skip, matches)):
         candidates, best = list(prior.candidates), prior.best
     else:
         candidates, best = _best_reading(facts, matches, text, contexts, p, skip, candidates)
@@ -248,8 +248,9 @@ def assess_risk(
     skip = dict(skipped or {})
     made, best = _best_reading(facts, matches, text, contexts, p, skip, candidates)
     brand = best.candidate.brand if best.candidate else None
-    return RiskReading(best.fusion.risk, brand, _policy(contexts, brand, p), tuple(made), best,
-                       _reading_skips(skip, matches))
+    # (Which of the skips shape the reading is worked out only if ``assess`` is handed it: the cascade's
+    # hypothetical readings never are.)
+    return RiskReading(best.fusion.risk, brand, _policy(contexts, brand, p), tuple(made), best, skip)
 
 
 # The signals whose skipping changes a reading whether or not a match has them (a match of a skipped

@@ -171,12 +171,16 @@ class ListingScorer:
                 self._names = BrandNames(self.catalog.brand_aliases())
             return self._names
 
+    def _keypoint_verifier(self) -> KeypointMatcher | None:
+        """The keypoint matcher where verification is on (a matcher, and a mode other than "never")."""
+        return self.keypoints if self.options.keypoints != "never" else None
+
     def model_versions(self) -> dict[str, str]:
         out = {"copy": self.copy.model_id, "logo": self.logo.model_id}
         if self.semantic is not None:
             out["semantic"] = self.semantic.model_id
-        if self.keypoints is not None and self.options.keypoints != "never":
-            out["keypoints"] = self.keypoints.extractor_id
+        if (kp := self._keypoint_verifier()) is not None:
+            out["keypoints"] = kp.extractor_id
         if self.logo_templates is not None and self.options.logo_templates != "never":
             out["logo_templates"] = LOGO_TEMPLATE_VERSION
         return out
@@ -329,8 +333,8 @@ class ListingScorer:
         # and the final assessments alike.
         known: dict[tuple[str, str | None], BrandContext] = {}
         pixelless = [it for it in items if it.images is None]
-        if pixelless and self.keypoints is not None and self.options.keypoints != "never":
-            described = self.keypoints.verifiable(sha for it in pixelless for sha in it.hashes)
+        if pixelless and (kp := self._keypoint_verifier()) is not None:
+            described = kp.verifiable(sha for it in pixelless for sha in it.hashes)
             for it in pixelless:
                 it.verifiable = any(sha in described for sha in it.hashes)
         outcomes: list[ScoreOutcome | Exception] = []
@@ -402,14 +406,15 @@ class ListingScorer:
         # Keypoint verification: a reference's printed design found in the photo under one geometric
         # transform (a product cut out onto a new scene, another photo of the same packaging).
         verified: list[Match] = []
-        if self.keypoints is None or self.options.keypoints == "never":
+        kp = self._keypoint_verifier()
+        if kp is None:
             it.ran["keypoints"] = False
             skipped[SignalName.KEYPOINTS] = "keypoint verification is off"
         elif not it.verifiable:  # (not worth the cascade's question: verify could only answer this)
             it.ran["keypoints"] = False
             skipped[SignalName.KEYPOINTS] = _KEYPOINTS_NOT_STORED
         elif self._wants_keypoints(facts, found, scan, closer, known):
-            verified, unverified = self.keypoints.verify(images, hashes)
+            verified, unverified = kp.verify(images, hashes)
             if verified:
                 found = found + verified
                 matches, candidates = self._evidence(found, scan)
