@@ -217,7 +217,7 @@ def demo() -> None:
         report = c.catalog.import_manifest(manifest)
         for brand, sellers in AUTHORIZED_SELLERS.items():
             for seller in sellers:
-                c.catalog_repo.add_authorized_seller(brand, seller, "demo")
+                c.catalog.authorize_seller(brand, seller, "demo")
     finally:
         c.close()
     out.print(f"demo catalog: {report.added} added, {report.duplicates} already present, "

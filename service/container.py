@@ -264,7 +264,7 @@ def _request_rescan(scheduler: StoredRescanScheduler, change: CatalogChange) -> 
         scheduler.request()  # a logo may appear in any stored listing's crops
     elif change.added_products:
         scheduler.request(near_references=change.added_products)
-    if change.removed:
+    if change.removed or change.terms:
         scheduler.request(brand=change.brand)
 
 

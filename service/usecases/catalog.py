@@ -1,8 +1,13 @@
-"""Brand catalogs: adding and deleting reference images, importing manifests, reindexing.
+"""Brand catalogs: brands, products and their reference prices, authorized sellers, adding and deleting
+reference images, importing manifests, reindexing.
 
 Every change to the catalog updates the indexes before it returns (and saves them), so the next score
 sees it. Reference bytes are kept in the content-addressed blob store so ``reindex`` can re-embed them
 after a model change; embeddings are stored per (sha256, model_id), so nothing is embedded twice.
+
+Every change that can move a stored listing's score is announced to ``listeners`` as a
+:class:`CatalogChange` (the API's background stored rescans listen): new references, removed ones, and
+a brand's terms (a product's reference price, its authorized sellers).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from service.intake.images import DecodedImage, ImageLimits, decode_image
 from service.storage.blobs import BlobStore
 from service.storage.catalog import CatalogRepository
 from service.storage.errors import StorageError
-from service.storage.records import ReferenceRecord, RemovedReferences
+from service.storage.records import BrandRecord, ProductRecord, ReferenceRecord, RemovedReferences, SellerRecord
 from service.usecases.embedding import CachedEmbedder
 from service.usecases.keypoints import KeypointMatcher
 from service.usecases.logo_templates import LogoTemplateMatcher
@@ -74,6 +79,9 @@ class CatalogChange:
     added_products: tuple[str, ...] = ()  # sha256s of new product references
     added_logos: bool = False
     removed: bool = False
+    # A reference price or an authorized seller of the brand changed: the brand's stored listings keep
+    # their matches, but their price and seller readings (and so their verdicts) may not hold any more.
+    terms: bool = False
 
 
 @dataclass(slots=True)
@@ -148,20 +156,74 @@ class CatalogService:
         stored). Duplicates (same bytes, same brand and kind) return the existing row, created False."""
         decoded = [self.decode(u.data, u.field) for u in uploads]
         out: list[AddedReference] = []
+        repriced: set[str] = set()  # brands an upload gave an existing product a new reference price
         with self._write:
             for u, img in zip(uploads, decoded, strict=True):
-                out.append(self._add_one(u, img))
+                added, price_changed = self._add_one(u, img)
+                out.append(added)
+                if price_changed:
+                    repriced.add(added.reference.brand)
             if save:
                 self.indexes.save_dirty()
-        if any(a.created for a in out):
+        if any(a.created for a in out) or repriced:
             if self._on_change:
                 self._on_change()
-            for brand in dict.fromkeys(a.reference.brand for a in out if a.created):
+            for brand in dict.fromkeys([*(a.reference.brand for a in out if a.created), *sorted(repriced)]):
                 new = [a.reference for a in out if a.created and a.reference.brand == brand]
                 self._notify(CatalogChange(
                     brand, added_products=tuple(r.sha256 for r in new if r.kind is ReferenceKind.PRODUCT),
-                    added_logos=any(r.kind is ReferenceKind.LOGO for r in new)))
+                    added_logos=any(r.kind is ReferenceKind.LOGO for r in new), terms=brand in repriced))
         return out
+
+    # ------------------------------------------------------------------ brands, products, sellers
+
+    def create_brand(self, slug: str, name: str, aliases: Iterable[str] = (), *,
+                     review_threshold: float | None = None, likely_threshold: float | None = None) -> BrandRecord:
+        """A new brand (:class:`ConflictError` if the slug is taken). Its names reach the text signal of
+        the next score; no stored listing is matched to it yet, so nothing is rescanned."""
+        brand = self.repo.create_brand(slug, name, aliases, review_threshold=review_threshold,
+                                       likely_threshold=likely_threshold)
+        if self._on_change:
+            self._on_change()
+        return brand
+
+    def put_product(self, brand: str, sku: str, title: str, price: Money | None) -> tuple[ProductRecord, bool]:
+        """Create or update a product (the bool says "created"). A new reference price of an existing
+        product is a change of the brand's terms: its stored listings are read again."""
+        with self._write:
+            product, created, repriced = self._put_product(brand, sku, title, price)
+        if repriced:
+            self._terms_changed(brand)
+        elif self._on_change:
+            self._on_change()  # (a title, or a product no reference shows yet: no stored score moves)
+        return product, created
+
+    def _put_product(self, brand: str, sku: str, title: str,
+                     price: Money | None) -> tuple[ProductRecord, bool, bool]:
+        before = self.repo.get_product(brand, sku)
+        product, created = self.repo.upsert_product(brand, sku, title, price)
+        repriced = before is not None and before.reference_price != product.reference_price
+        return product, created, repriced
+
+    def authorize_seller(self, brand: str, seller_id: str, note: str | None = None) -> tuple[SellerRecord, bool]:
+        """Authorize a seller for the brand (an existing authorization is kept: False). Its stored listings
+        of the brand are read again: an authorized seller lowers their risk."""
+        seller, created = self.repo.add_authorized_seller(brand, seller_id, note)
+        if created:  # (an authorization repeated changes nothing a score reads)
+            self._terms_changed(brand)
+        return seller, created
+
+    def revoke_seller(self, brand: str, seller_id: str) -> bool:
+        """Withdraw a seller's authorization; False where it had none."""
+        removed = self.repo.remove_authorized_seller(brand, seller_id)
+        if removed:
+            self._terms_changed(brand)
+        return removed
+
+    def _terms_changed(self, brand: str) -> None:
+        if self._on_change:
+            self._on_change()
+        self._notify(CatalogChange(brand, terms=True))
 
     def _notify(self, change: CatalogChange) -> None:
         for listener in self.listeners:
@@ -170,15 +232,18 @@ class CatalogService:
             except Exception:  # a listener's failure must not undo or fail the catalog change
                 log.exception("catalog listener failed", extra={"brand": change.brand})
 
-    def _add_one(self, u: ReferenceUpload, img: DecodedImage) -> AddedReference:
+    def _add_one(self, u: ReferenceUpload, img: DecodedImage) -> tuple[AddedReference, bool]:
+        """The reference added (or found), and whether its upload gave an existing product a new reference
+        price."""
         self.repo.get_or_create_brand(u.brand)
+        repriced = False
         if u.sku:
             existing = self.repo.get_product(u.brand, u.sku)
             if existing is None or u.title or u.price is not None:
-                self.repo.upsert_product(u.brand, u.sku, u.title if u.title is not None else
-                                         (existing.title if existing else ""),
-                                         u.price if u.price is not None else
-                                         (existing.reference_price if existing else None))
+                _, _, repriced = self._put_product(u.brand, u.sku, u.title if u.title is not None else
+                                                   (existing.title if existing else ""),
+                                                   u.price if u.price is not None else
+                                                   (existing.reference_price if existing else None))
         blob = self.blobs.put(u.data, img.sha256)
         h, w = img.pixels.shape[:2]
         record, created = self.repo.add_reference(
@@ -186,7 +251,7 @@ class CatalogService:
             ref_id=u.ref_id or None, phash=phash(img.pixels), blob_path=self.blobs.relative_path(blob))
         if created:
             self._index([record], [img.pixels])
-        return AddedReference(record, created)
+        return AddedReference(record, created), repriced
 
     def _index(self, records: Sequence[ReferenceRecord], pixels: Sequence[RGBImage]) -> None:
         """Embed (through the cache) and add to the indexes; the caller saves."""

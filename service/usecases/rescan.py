@@ -846,7 +846,8 @@ class StoredRescanScheduler:
 
     * ``request(near_references=shas)`` after references were added (their content hashes: the
       ``sha256`` of the added reference records);
-    * ``request(brand=slug)`` after a brand removed references or changed thresholds or sellers;
+    * ``request(brand=slug)`` after a brand removed references, or changed a product's reference price
+      or its authorized sellers;
     * ``request()`` for every stored listing.
 
     Requests arriving while a job runs are coalesced: a pending rescan of everything covers every other

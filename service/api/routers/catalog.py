@@ -79,10 +79,8 @@ async def _brand(c: Any, brand: str) -> BrandRecord:
 async def create_brand(request: Request, body: BrandIn) -> BrandOut:
     c = _c(request)
     b = await anyio.to_thread.run_sync(
-        lambda: c.catalog_repo.create_brand(body.slug, body.name, body.aliases,
-                                            review_threshold=body.review_threshold,
-                                            likely_threshold=body.likely_threshold))
-    c.scorer.catalog_changed()
+        lambda: c.catalog.create_brand(body.slug, body.name, body.aliases, review_threshold=body.review_threshold,
+                                       likely_threshold=body.likely_threshold))
     return _brand_out(b)
 
 
@@ -290,8 +288,7 @@ async def put_product(request: Request, brand: str, sku: str, body: ProductIn) -
     c = _c(request)
     await _brand(c, brand)
     money = Money(body.price.amount, body.price.currency.upper()) if body.price else None
-    p, _ = await anyio.to_thread.run_sync(c.catalog_repo.upsert_product, brand, sku, body.title, money)
-    c.scorer.catalog_changed()
+    p, _ = await anyio.to_thread.run_sync(c.catalog.put_product, brand, sku, body.title, money)
     return _product_out(p)
 
 
@@ -318,16 +315,13 @@ async def list_sellers(request: Request, brand: str) -> list[SellerAuthOut]:
 async def add_seller(request: Request, brand: str, body: SellerAuthIn) -> SellerAuthOut:
     c = _c(request)
     await _brand(c, brand)
-    s = await anyio.to_thread.run_sync(lambda: c.catalog_repo.add_authorized_seller(brand, body.seller_id,
-                                                                                     body.note))
-    c.scorer.catalog_changed()
-    return _seller_out(s[0])
+    s, _ = await anyio.to_thread.run_sync(c.catalog.authorize_seller, brand, body.seller_id, body.note)
+    return _seller_out(s)
 
 
 @router.delete("/{brand}/sellers/{seller_id}", status_code=204)
 async def remove_seller(request: Request, brand: str, seller_id: str) -> Response:
     c = _c(request)
-    if not await anyio.to_thread.run_sync(c.catalog_repo.remove_authorized_seller, brand, seller_id):
+    if not await anyio.to_thread.run_sync(c.catalog.revoke_seller, brand, seller_id):
         raise NotFoundError(f"brand {brand!r} has no authorized seller {seller_id!r}", "seller_id")
-    c.scorer.catalog_changed()
     return Response(status_code=204)
