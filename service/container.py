@@ -26,6 +26,7 @@ from service.domain.pricing import CurrencyTable
 from service.domain.visual import SimilarityRamp, VisualThresholds
 from service.intake.fetch import SafeFetcher
 from service.intake.loader import ImageLoader
+from service.rescan_process import StoredRescanProcess
 from service.settings import Settings
 from service.storage.blobs import BlobStore
 from service.storage.catalog import CatalogRepository
@@ -41,7 +42,7 @@ from service.usecases.keypoints import KeypointMatcher
 from service.usecases.listing_input import ListingImageLoader
 from service.usecases.logo_templates import LogoTemplateMatcher
 from service.usecases.matching import MatchingConfig, ModelRoles, ReferenceMatcher
-from service.usecases.rescan import StoredRescanJob, StoredRescanScheduler
+from service.usecases.rescan import RunRescan, StoredRescanScheduler, rescan_in_this_process
 from service.usecases.score_queue import ScoringQueue
 from service.usecases.scoring import ListingScorer, ScorerOptions
 
@@ -108,6 +109,7 @@ class Container:
     catalog: CatalogService
     scorer: ListingScorer
     stored_rescans: StoredRescanScheduler | None = None
+    rescan_process: StoredRescanProcess | None = field(default=None, repr=False)
     catalog_watch: CatalogWatcher | None = None
     _score_queue: ScoringQueue | None = field(default=None, repr=False)
     _score_queue_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -142,6 +144,8 @@ class Container:
             self.catalog_watch.close()
         if self.stored_rescans is not None:
             self.stored_rescans.close()
+        if self.rescan_process is not None:
+            self.rescan_process.close()
         self.indexes.save_dirty()
         for e in self.embedders.values():
             if isinstance(e.embedder, ThreadBatcher):
@@ -181,8 +185,9 @@ def build_container(settings: Settings, *, reconcile: bool = True,
                     background_rescans: bool = False, watch_catalog: bool = False) -> Container:
     """Everything the API and the CLI need. ``embedders`` lets tests share already-built models.
 
-    ``background_rescans`` (the API): catalog changes start stored rescans in a background thread
-    (re-matching stored listings near new product references, or a brand's listings after a removal).
+    ``background_rescans`` (the API): catalog changes start stored rescans in the background
+    (re-matching stored listings near new product references, or a brand's listings after a removal or a
+    change of its prices or sellers), in a child process or a thread (``server.background_rescans``).
     A CLI import exits at once instead; docs/rescan.md shows the `rescan --stored` cron for it.
     ``watch_catalog`` (the API): catalog changes made by other processes (other workers, a CLI import) are
     patched into this process's indexes every ``server.catalog_sync_s`` seconds (CatalogWatcher)."""
@@ -226,8 +231,12 @@ def build_container(settings: Settings, *, reconcile: bool = True,
                           fetcher=fetcher, images=ListingImageLoader(ImageLoader(settings.intake, fetcher)),
                           catalog=catalog, scorer=scorer)
     if background_rescans:
-        scheduler = StoredRescanScheduler(lambda req: StoredRescanJob(
-            scorer, listings, brand=req.brand, near_references=sorted(req.near_references)))
+        if settings.server.background_rescans == "process":
+            container.rescan_process = StoredRescanProcess(settings, nice=settings.server.background_rescan_nice)
+            run: RunRescan = container.rescan_process
+        else:
+            run = rescan_in_this_process(scorer, listings)
+        scheduler = StoredRescanScheduler(run)
         container.stored_rescans = scheduler
         catalog.listeners.append(lambda ch: _request_rescan(scheduler, ch))
     if watch_catalog and settings.server.catalog_sync_s > 0:

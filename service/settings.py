@@ -178,6 +178,11 @@ class ServerSettings(BaseModel):
     # Seconds between checks for catalog changes made by other processes (other workers, a CLI import),
     # which are then patched into this worker's indexes (service.usecases.catalog_watch); 0: never.
     catalog_sync_s: float = Field(default=2.0, ge=0, le=3600)
+    # Where the stored rescans that catalog changes start run (service.rescan_process): "process", one
+    # child process per worker at a lower CPU priority (nice, 0-19); "thread", a thread of the worker
+    # itself, whose requests then wait for it (the GIL).
+    background_rescans: Literal["process", "thread"] = "process"
+    background_rescan_nice: int = Field(default=10, ge=0, le=19)
 
 
 class Settings(BaseSettings):

@@ -841,8 +841,20 @@ class RescanRequest:
     near_references: frozenset[str] = frozenset()
 
 
+RunRescan = Callable[[RescanRequest, CancelFlag], StoredRescanReport]
+
+
+def rescan_in_this_process(scorer: ListingScorer, listings: ListingRepository) -> RunRescan:
+    """A :data:`RunRescan` that runs each job in the calling thread, on this process's scorer."""
+    def run(req: RescanRequest, cancel: CancelFlag) -> StoredRescanReport:
+        return StoredRescanJob(scorer, listings, brand=req.brand,
+                               near_references=sorted(req.near_references)).run(cancel=cancel)
+    return run
+
+
 class StoredRescanScheduler:
-    """Runs stored rescans in one background thread, for the API after catalog changes.
+    """Runs stored rescans one after another from a background thread, for the API after catalog changes
+    (``run`` does the work: in the API, in a separate process, see :mod:`service.rescan_process`).
 
     * ``request(near_references=shas)`` after references were added (their content hashes: the
       ``sha256`` of the added reference records);
@@ -854,8 +866,8 @@ class StoredRescanScheduler:
     request, added references are merged into one job, a brand asked for twice runs once.
     """
 
-    def __init__(self, make_job: Callable[[RescanRequest], StoredRescanJob]) -> None:
-        self._make_job = make_job
+    def __init__(self, run: RunRescan) -> None:
+        self._run = run
         self._lock = threading.Condition()
         self._everything = False
         self._brands: set[str] = set()
@@ -922,7 +934,7 @@ class StoredRescanScheduler:
                     return
                 req = self.running = self._next()
             try:
-                report: StoredRescanReport | None = self._make_job(req).run(cancel=self._cancel)
+                report: StoredRescanReport | None = self._run(req, self._cancel)
             except Exception:
                 log.exception("stored rescan job failed", extra={"brand": req.brand})
                 report = None
@@ -953,9 +965,11 @@ __all__ = [
     "RescanRequest",
     "RescanSummary",
     "RowOutcome",
+    "RunRescan",
     "StoredRescanJob",
     "StoredRescanReport",
     "StoredRescanScheduler",
     "ThreadedEngine",
     "default_errors_path",
+    "rescan_in_this_process",
 ]

@@ -126,6 +126,9 @@ def test_a_brands_sellers_and_prices_re_read_its_stored_listings(served: Served,
     assert "by-other" in served.open_review("god-morgon")
     assert served.latest("by-other")["verdict"] == "likely_counterfeit"
     assert client.get("/v1/jobs/stored-rescan").json()["runs"] == runs + 1
+    # The jobs ran in one child process (started by the first, kept for the next), not in the server's.
+    process = served.container.rescan_process
+    assert process is not None and process.started == 1
 
     # Authorizing it again changes nothing: no rescan.
     assert client.post("/v1/brands/god-morgon/sellers", json={"seller_id": "s9"}).status_code == 201

@@ -16,13 +16,16 @@ from service.storage.listings import ListingRepository
 from service.storage.records import ReviewStatus, ScoreSource
 from service.usecases.catalog import ReferenceUpload
 from service.usecases.rescan import (
+    CancelFlag,
     FileRescan,
     ListingRescanner,
     RescanRequest,
     RescanWorkerError,
     StoredRescanJob,
+    StoredRescanReport,
     StoredRescanScheduler,
     ThreadedEngine,
+    rescan_in_this_process,
 )
 from service.usecases.rescan_io import JsonlJournal
 from tests.usecases.rescan_world import (
@@ -280,13 +283,13 @@ def test_the_scheduler_runs_requested_rescans_in_the_background(rescan_world: Wo
     rows = [listing(f"s-{i}", name) for i, (_, name) in enumerate(rescan_world.instore[:3])]
     run_file(container, write_jsonl(folder / "l.jsonl", rows), tmp_path / "o.jsonl")
     asked: list[RescanRequest] = []
+    here = rescan_in_this_process(container.scorer, container.listings)
 
-    def make(req: RescanRequest) -> StoredRescanJob:
+    def run(req: RescanRequest, cancel: CancelFlag) -> StoredRescanReport:
         asked.append(req)
-        return StoredRescanJob(container.scorer, container.listings, brand=req.brand,
-                               near_references=sorted(req.near_references))
+        return here(req, cancel)
 
-    scheduler = StoredRescanScheduler(make)
+    scheduler = StoredRescanScheduler(run)
     try:
         scheduler.request(brand="arla")
         scheduler.request()
