@@ -71,7 +71,10 @@ class StoredRescanProcess:
         self._settings = settings
         self._nice = nice
         self._ctx = multiprocessing.get_context("spawn")
-        self._stop = self._ctx.Event()  # set once, by cancel or close: the child stops between pages
+        # Both made by the first job (a worker that never rescans holds no semaphores, which a worker
+        # killed at shutdown would leak); _stop is set once, by cancel or close: the child stops between
+        # pages, and a new child (after one died) gets a new flag.
+        self._stop: Event | None = None
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
         self.started = 0  # children started (a test can tell that jobs share one)
@@ -79,17 +82,19 @@ class StoredRescanProcess:
     def __call__(self, req: RescanRequest, cancel: CancelFlag) -> StoredRescanReport:
         with self._lock:
             if self._pool is None:
+                self._stop = self._ctx.Event()
                 self._pool = ProcessPoolExecutor(1, mp_context=self._ctx, initializer=_start,
                                                  initargs=(self._settings, self._stop, self._nice))
                 self.started += 1
-            pool = self._pool
+            pool, stop = self._pool, self._stop
+        assert stop is not None
         future = pool.submit(_run, req)
         while True:
             try:
                 return future.result(timeout=0.2)
             except FutureTimeout:
                 if cancel.is_set():
-                    self._stop.set()
+                    stop.set()
             except BrokenProcessPool:
                 log.error("the stored rescan process died; the next job starts a new one")
                 with self._lock:
@@ -106,8 +111,9 @@ class StoredRescanProcess:
 
     def close(self) -> None:
         """Stop a running job between pages and end the child."""
-        self._stop.set()
         with self._lock:
-            pool, self._pool = self._pool, None
+            pool, stop, self._pool, self._stop = self._pool, self._stop, None, None
+        if stop is not None:
+            stop.set()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
