@@ -9,9 +9,10 @@ alone, 47-49 listings/s with p99 440-473 ms while one brand's ~1,000-1,300 listi
 :class:`StoredRescanProcess` runs the jobs in one child process instead, started on the first job and
 kept between jobs. It is spawned, not forked: a server worker's threads may hold any lock at the moment of a
 fork. It runs at a lower CPU priority (``nice``), so on a busy machine the requests come first. The child
-builds its own container from the server's settings (the models are not loaded: a stored rescan reads
-embeddings), and before each job catches up with the catalog the server changed (``CatalogService.sync``)
-and forgets its cached catalog view (prices and sellers are not in the reference set ``sync`` watches).
+builds its own container from the server's settings (the models load with it, as in any container,
+though a stored rescan only reads embeddings), and before each job catches up with the catalog the server
+changed (``CatalogService.sync``) and forgets its cached catalog view (prices and sellers are not in the
+reference set ``sync`` watches).
 """
 
 from __future__ import annotations

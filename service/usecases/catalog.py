@@ -191,16 +191,18 @@ class CatalogService:
         """Create or update a product (the bool says "created"). A new reference price of an existing
         product is a change of the brand's terms: its stored listings are read again."""
         with self._write:
-            product, created, repriced = self._put_product(brand, sku, title, price)
+            product, created, repriced = self._put_product(brand, sku, title, price,
+                                                           self.repo.get_product(brand, sku))
         if repriced:
             self._terms_changed(brand)
         elif self._on_change:
             self._on_change()  # (a title, or a product no reference shows yet: no stored score moves)
         return product, created
 
-    def _put_product(self, brand: str, sku: str, title: str,
-                     price: Money | None) -> tuple[ProductRecord, bool, bool]:
-        before = self.repo.get_product(brand, sku)
+    def _put_product(self, brand: str, sku: str, title: str, price: Money | None,
+                     before: ProductRecord | None) -> tuple[ProductRecord, bool, bool]:
+        """Upsert the product; also answers whether ``before`` (the product as stored, read by the caller
+        under the write lock) had another reference price."""
         product, created = self.repo.upsert_product(brand, sku, title, price)
         repriced = before is not None and before.reference_price != product.reference_price
         return product, created, repriced
@@ -243,7 +245,7 @@ class CatalogService:
                 _, _, repriced = self._put_product(u.brand, u.sku, u.title if u.title is not None else
                                                    (existing.title if existing else ""),
                                                    u.price if u.price is not None else
-                                                   (existing.reference_price if existing else None))
+                                                   (existing.reference_price if existing else None), existing)
         blob = self.blobs.put(u.data, img.sha256)
         h, w = img.pixels.shape[:2]
         record, created = self.repo.add_reference(
