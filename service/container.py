@@ -72,9 +72,12 @@ class BrandPolicyLookup:
         b = self._repo.get_brand(brand)
         if b is None or (b.review_threshold is None and b.likely_threshold is None):
             return None
+        # A threshold the brand left unset is the configured one, moved so that review <= likely holds:
+        # a brand that only lowered its likely threshold below the default review one reviews from there.
         default = self._default
-        review = b.review_threshold if b.review_threshold is not None else default.review_threshold
-        likely = b.likely_threshold if b.likely_threshold is not None else max(default.likely_threshold, review)
+        likely = b.likely_threshold if b.likely_threshold is not None else max(default.likely_threshold,
+                                                                               b.review_threshold or 0.0)
+        review = b.review_threshold if b.review_threshold is not None else min(default.review_threshold, likely)
         return VerdictPolicy(review, likely)
 
 
@@ -269,8 +272,8 @@ def build_logo_templates(settings: Settings, catalog: CatalogReader) -> LogoTemp
 
 
 def _request_rescan(scheduler: StoredRescanScheduler, change: CatalogChange) -> None:
-    if change.added_logos:
-        scheduler.request()  # a logo may appear in any stored listing's crops
+    if change.added_logos or change.names:
+        scheduler.request()  # a logo may appear in any stored listing's crops, a name in any title
     elif change.added_products:
         scheduler.request(near_references=change.added_products)
     if change.removed or change.terms:

@@ -142,6 +142,17 @@ class BrandIn(BaseModel):
     likely_threshold: float | None = Field(default=None, ge=0, le=1)
 
 
+class BrandPatch(BaseModel):
+    """A brand's fields to change; a field left out is kept. A threshold given as null falls back to the
+    service-wide one."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(default=None, min_length=1, max_length=255)
+    aliases: list[str] | None = Field(default=None, max_length=50)
+    review_threshold: float | None = Field(default=None, ge=0, le=1)
+    likely_threshold: float | None = Field(default=None, ge=0, le=1)
+
+
 class BrandOut(BaseModel):
     slug: str
     name: str

@@ -29,9 +29,11 @@ from service.storage.models import (
     utcnow,
 )
 from service.storage.records import (
+    KEEP,
     BrandRecord,
     BrandStats,
     CatalogExport,
+    Keep,
     ProductRecord,
     ReferenceRecord,
     RemovedReferences,
@@ -150,24 +152,29 @@ class CatalogRepository:
         with self._db.read() as s:
             return [_brand_record(b) for b in s.scalars(sa.select(Brand).order_by(Brand.slug))]
 
-    def set_brand_aliases(self, slug: str, aliases: Iterable[str]) -> BrandRecord:
-        """Replaces the brand's aliases (the names a listing may use besides the display name)."""
-        names = validate.aliases(aliases)
+    def update_brand(self, slug: str, *, name: str | None = None, aliases: Iterable[str] | None = None,
+                     review_threshold: float | Keep | None = KEEP,
+                     likely_threshold: float | Keep | None = KEEP) -> tuple[BrandRecord, BrandRecord]:
+        """Change what is given of a brand (None or ``KEEP``: left as it is; a threshold set to None falls
+        back to the service-wide setting). The thresholds are checked as they will be stored, the one
+        given with the one kept. Answers the brand before and after, read in the same transaction."""
+        slug = validate.slug(slug)
+        display = validate.text(name, "name", 255).strip() if name is not None else None
+        if display == "":
+            raise InvalidInputError("name must not be empty", "name")
+        names = validate.aliases(aliases) if aliases is not None else None
         with self._db.write() as s:
-            b = self._brand(s, validate.slug(slug))
-            b.aliases = names
+            b = self._brand(s, slug)
+            before = _brand_record(b)
+            review = before.review_threshold if review_threshold is KEEP else review_threshold
+            likely = before.likely_threshold if likely_threshold is KEEP else likely_threshold
+            b.review_threshold, b.likely_threshold = validate.thresholds(review, likely)
+            if display is not None:
+                b.name = display
+            if names is not None:
+                b.aliases = names
             s.flush()
-            return _brand_record(b)
-
-    def set_brand_thresholds(self, slug: str, review_threshold: float | None,
-                             likely_threshold: float | None) -> BrandRecord:
-        """Sets the brand's own verdict thresholds; None falls back to the service-wide setting."""
-        review, likely = validate.thresholds(review_threshold, likely_threshold)
-        with self._db.write() as s:
-            b = self._brand(s, validate.slug(slug))
-            b.review_threshold, b.likely_threshold = review, likely
-            s.flush()
-            return _brand_record(b)
+            return before, _brand_record(b)
 
     # ------------------------------------------------------------------ products
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from enum import StrEnum
+from enum import Enum, StrEnum
 from typing import Any
 
 from service.domain.model import Listing, Money, ReferenceKind, SellerInfo, Verdict
@@ -25,6 +25,16 @@ class ScoreSource(StrEnum):
     API = "api"
     RESCAN = "rescan"  # a file of listings: fresh data from the platform
     STORED_RESCAN = "stored-rescan"  # re-matching stored listings and embeddings: no fresh data
+
+
+class Keep(Enum):
+    """The value of an update's field that leaves the stored value as it is (where None is a value:
+    a brand's threshold set to None falls back to the service-wide one)."""
+
+    KEEP = "keep"
+
+
+KEEP = Keep.KEEP
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,15 @@ from service.intake.images import DecodedImage, ImageLimits, decode_image
 from service.storage.blobs import BlobStore
 from service.storage.catalog import CatalogRepository
 from service.storage.errors import StorageError
-from service.storage.records import BrandRecord, ProductRecord, ReferenceRecord, RemovedReferences, SellerRecord
+from service.storage.records import (
+    KEEP,
+    BrandRecord,
+    Keep,
+    ProductRecord,
+    ReferenceRecord,
+    RemovedReferences,
+    SellerRecord,
+)
 from service.usecases.embedding import CachedEmbedder
 from service.usecases.keypoints import KeypointMatcher
 from service.usecases.logo_templates import LogoTemplateMatcher
@@ -79,9 +87,11 @@ class CatalogChange:
     added_products: tuple[str, ...] = ()  # sha256s of new product references
     added_logos: bool = False
     removed: bool = False
-    # A reference price or an authorized seller of the brand changed: the brand's stored listings keep
-    # their matches, but their price and seller readings (and so their verdicts) may not hold any more.
+    # A reference price, an authorized seller or a verdict threshold of the brand changed: the brand's
+    # stored listings keep their matches, but their readings (and so their verdicts) may not hold any more.
     terms: bool = False
+    # The brand's name or aliases changed: any stored listing's title may name it now, or no longer.
+    names: bool = False
 
 
 @dataclass(slots=True)
@@ -186,6 +196,27 @@ class CatalogService:
         if self._on_change:
             self._on_change()
         return brand
+
+    def update_brand(self, slug: str, *, name: str | None = None, aliases: Iterable[str] | None = None,
+                     review_threshold: float | Keep | None = KEEP,
+                     likely_threshold: float | Keep | None = KEEP) -> BrandRecord:
+        """Change a brand's display name, aliases or verdict thresholds (what is not given is kept; a
+        threshold set to None falls back to the service-wide one).
+
+        New thresholds move the verdicts of the brand's stored listings: a terms change, so they are read
+        again. A new name or alias reaches the text signal of any listing, so a changed name announces
+        ``names`` (the API's listener then re-reads every stored listing)."""
+        before, after = self.repo.update_brand(slug, name=name, aliases=aliases,
+                                               review_threshold=review_threshold,
+                                               likely_threshold=likely_threshold)
+        thresholds = (before.review_threshold, before.likely_threshold) != (after.review_threshold,
+                                                                            after.likely_threshold)
+        names = before.names != after.names
+        if self._on_change and (thresholds or names):
+            self._on_change()
+        if thresholds or names:
+            self._notify(CatalogChange(after.slug, terms=thresholds, names=names))
+        return after
 
     def put_product(self, brand: str, sku: str, title: str, price: Money | None) -> tuple[ProductRecord, bool]:
         """Create or update a product (the bool says "created"). A new reference price of an existing

@@ -858,9 +858,9 @@ class StoredRescanScheduler:
 
     * ``request(near_references=shas)`` after references were added (their content hashes: the
       ``sha256`` of the added reference records);
-    * ``request(brand=slug)`` after a brand removed references, or changed a product's reference price
-      or its authorized sellers;
-    * ``request()`` for every stored listing.
+    * ``request(brand=slug)`` after a brand removed references, or changed a product's reference price,
+      its authorized sellers or its verdict thresholds;
+    * ``request()`` for every stored listing (after a logo was added, or a brand's names changed).
 
     Requests arriving while a job runs are coalesced: a pending rescan of everything covers every other
     request, added references are merged into one job, a brand asked for twice runs once.

@@ -1,5 +1,6 @@
 """Catalog changes re-match stored listings in the background (no re-embedding): a brand adding a
-reference, authorizing or revoking a seller, or changing a product's reference price."""
+reference, authorizing or revoking a seller, changing a product's reference price, its verdict
+thresholds or its names."""
 
 from __future__ import annotations
 
@@ -12,11 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
+import skimage.data
 import uvicorn
+from PIL import Image
 
 from service.api.app import create_app
 from service.container import Container, build_container
+from tests.conftest import jpeg_bytes
 from tests.e2e.conftest import _free_port, edited_copy, load
 
 pytestmark = pytest.mark.slow
@@ -148,3 +153,48 @@ def test_a_brands_sellers_and_prices_re_read_its_stored_listings(served: Served,
     repriced = served.latest("by-other")
     assert repriced["risk"] < other["risk"] - 0.05, (other, repriced)
     assert not any("reference price" in reason for reason in repriced["result"]["reasons"]), repriced["result"]
+
+
+def test_a_brands_thresholds_and_names_re_read_stored_listings(served: Served, grocery_dir: Path) -> None:
+    client = served.client
+    _add_reference(served, grocery_dir)
+    got = client.post("/v1/score", json=_copy_listing(grocery_dir, "copy", "s9")).json()
+    assert got["verdict"] == "likely_counterfeit", got
+    flagged = served.latest("copy")
+    # A listing that names the brand by a name the brand has not registered yet, on a photo unlike it.
+    cat = np.asarray(Image.open(Path(skimage.data.__file__).parent / "chelsea.png").convert("RGB"))
+    text_only = {"listing_id": "named", "title": "Morgonsol replica 1:1", "price": {"amount": 3.0},
+                 "seller": {"id": "s7"}, "images": [{"base64": base64.b64encode(jpeg_bytes(cat)).decode()}]}
+    client.post("/v1/score", json=text_only)
+    unnamed = served.latest("named")
+    assert unnamed["verdict"] == "clear", unnamed
+    runs = client.get("/v1/jobs/stored-rescan").json()["runs"]
+
+    # The brand raises its thresholds above the listing's risk: the stored verdict follows (the risk
+    # does not move) and the listing leaves the review queue.
+    r = client.patch("/v1/brands/god-morgon", json={"review_threshold": 0.97, "likely_threshold": 0.99})
+    assert r.status_code == 200, r.text
+    relaxed = served.latest("copy")
+    assert relaxed["verdict"] == "clear" and relaxed["risk"] == pytest.approx(flagged["risk"], abs=1e-6)
+    assert "copy" not in served.open_review("god-morgon")
+    assert client.get("/v1/jobs/stored-rescan").json()["runs"] == runs + 1
+    # Only the review threshold back down: review, and in the queue again.
+    client.patch("/v1/brands/god-morgon", json={"review_threshold": 0.9})
+    assert served.latest("copy")["verdict"] == "review"
+    assert "copy" in served.open_review("god-morgon")
+
+    # A new alias: every stored listing is read again (any title may use it), and the one that used it
+    # now names the brand (its risk under the brand's raised thresholds is still below review).
+    assert client.patch("/v1/brands/god-morgon", json={"aliases": ["Morgonsol"]}).status_code == 200
+    named = served.latest("named")
+    assert named["risk"] > unnamed["risk"] + 0.1, (unnamed, named)
+    assert any("Morgonsol" in reason for reason in named["result"]["reasons"]), named["result"]["reasons"]
+    status = client.get("/v1/jobs/stored-rescan").json()
+    assert status["runs"] == runs + 3 and status["last"]["brand"] is None and status["last"]["scanned"] == 2
+
+    # The thresholds back to the service's (null): both listings are flagged and queued.
+    r = client.patch("/v1/brands/god-morgon", json={"review_threshold": None, "likely_threshold": None})
+    assert r.status_code == 200 and r.json()["review_threshold"] is None, r.text
+    assert served.latest("named")["verdict"] == "review"
+    assert served.latest("copy")["verdict"] == "likely_counterfeit"
+    assert {"named", "copy"} <= served.open_review("god-morgon")

@@ -100,6 +100,30 @@ def test_brand_scoping_and_bad_input(server: Any, grocery_dir: Path) -> None:
     assert client.get("/v1/brands/nope/references").status_code == 404
 
 
+def test_a_brand_changes_its_thresholds_and_names(server: Any) -> None:
+    client, _, _ = server
+    client.post("/v1/brands", json={"slug": "alpro", "name": "Alpro", "aliases": ["Alpro Soya"],
+                                    "review_threshold": 0.4, "likely_threshold": 0.7})
+    r = client.patch("/v1/brands/alpro", json={"likely_threshold": 0.6})
+    assert r.status_code == 200, r.text
+    assert {k: r.json()[k] for k in ("name", "aliases", "review_threshold", "likely_threshold")} == \
+        {"name": "Alpro", "aliases": ["Alpro Soya"], "review_threshold": 0.4, "likely_threshold": 0.6}
+    r = client.patch("/v1/brands/alpro", json={"name": "Alpro EU", "aliases": [], "review_threshold": None})
+    assert r.status_code == 200, r.text
+    assert (r.json()["name"], r.json()["aliases"], r.json()["review_threshold"]) == ("Alpro EU", [], None)
+    assert client.get("/v1/brands/alpro").json() == r.json()
+    # Bad input names its field and changes nothing.
+    for body, field in (({"review_threshold": 0.9}, "review_threshold"),  # above the kept likely one
+                        ({"likely_threshold": 2}, "likely_threshold"),
+                        ({"name": None}, "name"), ({"name": ""}, "name"), ({"aliases": None}, "aliases"),
+                        ({"aliases": "Alpro"}, "aliases"), ({"slug": "other"}, "slug")):
+        bad = client.patch("/v1/brands/alpro", json=body)
+        assert bad.status_code == 422 and bad.json()["error"]["field"] == field, (body, bad.text)
+    assert client.get("/v1/brands/alpro").json() == r.json()
+    missing = client.patch("/v1/brands/nope", json={"likely_threshold": 0.6})
+    assert missing.status_code == 404 and missing.json()["error"]["field"] == "brand"
+
+
 def test_bulk_zip_and_sellers(server: Any, grocery_dir: Path) -> None:
     client, container, _ = server
     client.post("/v1/brands", json={"slug": "tropicana", "name": "Tropicana"})

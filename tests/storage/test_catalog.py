@@ -39,8 +39,9 @@ def test_brand_lifecycle_and_validation(storage: Storage) -> None:
     new, created = cat.get_or_create_brand("zeta")
     assert (new.name, created) == ("zeta", True)
     assert [x.slug for x in cat.list_brands()] == ["acme-co", "zeta"]
-    assert cat.set_brand_aliases("zeta", ["Zeta", "ZT"]).aliases == ("Zeta", "ZT")
-    assert cat.set_brand_thresholds("zeta", 0.3, 0.7).likely_threshold == 0.7
+    before, after = cat.update_brand("zeta", aliases=["Zeta", "ZT"])
+    assert (before.aliases, after.aliases, after.name) == ((), ("Zeta", "ZT"), "zeta")
+    assert cat.update_brand("zeta", review_threshold=0.3, likely_threshold=0.7)[1].likely_threshold == 0.7
     assert cat.get_brand("zeta") is not None and cat.get_brand("zeta").review_threshold == 0.3  # type: ignore[union-attr]
     # Aliases equal to the display name but for case are not repeated.
     assert cat.brand_aliases() == {"acme-co": ["ACME", "ACME Corp"], "zeta": ["zeta", "ZT"]}
@@ -48,12 +49,32 @@ def test_brand_lifecycle_and_validation(storage: Storage) -> None:
         with pytest.raises(InvalidInputError) as err:
             cat.create_brand(bad, "n")
         assert err.value.field == "slug"
-    with pytest.raises(InvalidInputError, match="review_threshold"):
-        cat.set_brand_thresholds("zeta", 0.9, 0.5)
-    with pytest.raises(InvalidInputError, match="likely_threshold"):
-        cat.set_brand_thresholds("zeta", None, 1.5)
     with pytest.raises(NotFoundError):
-        cat.set_brand_aliases("nobody", [])
+        cat.update_brand("nobody", aliases=[])
+
+
+def test_brand_update_changes_only_what_is_given(storage: Storage) -> None:
+    cat = storage.catalog
+    cat.create_brand("zeta", "Zeta", ["ZT"], review_threshold=0.3, likely_threshold=0.7)
+    # One threshold given: the other is kept, and the pair is checked as it will be stored.
+    before, after = cat.update_brand("zeta", likely_threshold=0.6)
+    assert (before.likely_threshold, after.review_threshold, after.likely_threshold) == (0.7, 0.3, 0.6)
+    with pytest.raises(InvalidInputError, match="review_threshold") as err:
+        cat.update_brand("zeta", review_threshold=0.9)  # above the kept likely threshold
+    assert err.value.field == "review_threshold"
+    with pytest.raises(InvalidInputError, match="likely_threshold"):
+        cat.update_brand("zeta", likely_threshold=1.5)
+    with pytest.raises(InvalidInputError) as err:
+        cat.update_brand("zeta", name="  ", review_threshold=0.1)
+    assert err.value.field == "name"
+    # A refused update changes nothing, not even its valid fields.
+    kept = cat.get_brand("zeta")
+    assert kept is not None and (kept.name, kept.aliases, kept.review_threshold, kept.likely_threshold) == \
+        ("Zeta", ("ZT",), 0.3, 0.6)
+    # None sets a threshold back to the service-wide one; the name and aliases are replaced.
+    _, after = cat.update_brand("zeta", name="Zeta Corp", aliases=[], review_threshold=None)
+    assert (after.name, after.aliases, after.review_threshold, after.likely_threshold) == \
+        ("Zeta Corp", (), None, 0.6)
 
 
 def test_products_upsert(storage: Storage) -> None:

@@ -52,3 +52,27 @@ def test_prices_and_sellers_are_announced_once_changed(container: Container, gro
     catalog.add([ReferenceUpload("alpro", ReferenceKind.PRODUCT, photo, "test", sku="Alpro-Shelf-Soy-Milk",
                                  price=Money(9.0, "USD"))])
     assert len(heard) == 4  # the same price again
+
+
+def test_a_brands_thresholds_and_names_are_announced_once_changed(container: Container) -> None:
+    heard: list[CatalogChange] = []
+    container.catalog.listeners.append(heard.append)
+    catalog, scorer_view = container.catalog, container.scorer.catalog
+    assert scorer_view.brand_policy("arla") is None  # (read into the scorer's cache: the default policy)
+
+    b = catalog.update_brand("arla", likely_threshold=0.3)
+    assert (b.review_threshold, b.likely_threshold) == (None, 0.3) and heard == [TERMS]
+    # The cache forgot at once; the unset review threshold follows the likely one down (0.5 > 0.3).
+    policy = scorer_view.brand_policy("arla")
+    assert policy is not None and (policy.review_threshold, policy.likely_threshold) == (0.3, 0.3)
+    catalog.update_brand("arla", likely_threshold=0.3)
+    assert heard == [TERMS]  # the same threshold again
+
+    # A new alias: any stored title may name the brand now.
+    catalog.update_brand("arla", aliases=["Arla Foods"])
+    assert heard == [TERMS, CatalogChange("arla", names=True)]
+    assert "Arla Foods" in scorer_view.brand_aliases()["arla"]
+    catalog.update_brand("arla", name="Arla", aliases=["arla foods"], review_threshold=0.2)
+    assert heard[-1] == CatalogChange("arla", terms=True, names=True)  # (the alias's case is a new name too)
+    catalog.update_brand("arla", aliases=["arla foods"], likely_threshold=0.3)
+    assert len(heard) == 3

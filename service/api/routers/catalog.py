@@ -19,6 +19,7 @@ from service.api.errors import ApiError
 from service.api.schemas import (
     BrandIn,
     BrandOut,
+    BrandPatch,
     ByUrlIn,
     ImportOut,
     PriceIn,
@@ -30,7 +31,7 @@ from service.api.schemas import (
 )
 from service.domain.model import Money, ReferenceKind
 from service.storage.errors import NotFoundError
-from service.storage.records import BrandRecord, ProductRecord, ReferenceRecord, SellerRecord
+from service.storage.records import KEEP, BrandRecord, ProductRecord, ReferenceRecord, SellerRecord
 from service.usecases.catalog import ReferenceUpload
 
 router = APIRouter(prefix="/v1/brands", tags=["catalog"])
@@ -93,6 +94,24 @@ async def list_brands(request: Request) -> list[BrandOut]:
 @router.get("/{brand}", response_model=BrandOut)
 async def get_brand(request: Request, brand: str) -> BrandOut:
     return _brand_out(await _brand(_c(request), brand))
+
+
+@router.patch("/{brand}", response_model=BrandOut, summary="Change a brand's name, aliases or thresholds")
+async def update_brand(request: Request, brand: str, body: BrandPatch) -> BrandOut:
+    """Fields left out are kept; a threshold set to null falls back to the service-wide one. New
+    thresholds re-read the brand's stored listings in the background (their verdicts and review items
+    follow), a new name or alias every stored listing (any title may name the brand)."""
+    c = _c(request)
+    given = body.model_fields_set
+    if "name" in given and body.name is None:
+        raise ApiError(422, "invalid_input", "name must not be null", "name")
+    if "aliases" in given and body.aliases is None:
+        raise ApiError(422, "invalid_input", "aliases must be a list (empty: no aliases), not null", "aliases")
+    b = await anyio.to_thread.run_sync(lambda: c.catalog.update_brand(
+        brand, name=body.name, aliases=body.aliases,
+        review_threshold=body.review_threshold if "review_threshold" in given else KEEP,
+        likely_threshold=body.likely_threshold if "likely_threshold" in given else KEEP))
+    return _brand_out(b)
 
 
 # ------------------------------------------------------------------ references
