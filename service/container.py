@@ -273,7 +273,7 @@ def build_logo_templates(settings: Settings, catalog: CatalogReader) -> LogoTemp
 
 def _request_rescan(scheduler: StoredRescanScheduler, change: CatalogChange) -> None:
     if change.added_logos or change.names:
-        scheduler.request()  # a logo may appear in any stored listing's crops, a name in any title
+        scheduler.request()  # a logo may appear in any stored listing's crops, a brand's name in any title
     elif change.added_products:
         scheduler.request(near_references=change.added_products)
     if change.removed or change.terms:

@@ -190,11 +190,13 @@ class CatalogService:
     def create_brand(self, slug: str, name: str, aliases: Iterable[str] = (), *,
                      review_threshold: float | None = None, likely_threshold: float | None = None) -> BrandRecord:
         """A new brand (:class:`ConflictError` if the slug is taken). Its names reach the text signal of
-        the next score; no stored listing is matched to it yet, so nothing is rescanned."""
+        the next score, and of stored listings whose titles already name it: announced as ``names``, like
+        a new alias (a listing offering a "replica" of the brand before it joined belongs in its queue)."""
         brand = self.repo.create_brand(slug, name, aliases, review_threshold=review_threshold,
                                        likely_threshold=likely_threshold)
         if self._on_change:
             self._on_change()
+        self._notify(CatalogChange(brand.slug, names=True))
         return brand
 
     def update_brand(self, slug: str, *, name: str | None = None, aliases: Iterable[str] | None = None,

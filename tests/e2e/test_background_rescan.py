@@ -166,6 +166,8 @@ def test_a_brands_thresholds_and_names_re_read_stored_listings(served: Served, g
     text_only = {"listing_id": "named", "title": "Morgonsol replica 1:1", "price": {"amount": 3.0},
                  "seller": {"id": "s7"}, "images": [{"base64": base64.b64encode(jpeg_bytes(cat)).decode()}]}
     client.post("/v1/score", json=text_only)
+    client.post("/v1/score", json={**text_only, "listing_id": "zebrax", "title": "Zebrax replica 1:1 AAA"})
+    before_brand = served.latest("zebrax")
     unnamed = served.latest("named")
     assert unnamed["verdict"] == "clear", unnamed
     runs = client.get("/v1/jobs/stored-rescan").json()["runs"]
@@ -190,7 +192,7 @@ def test_a_brands_thresholds_and_names_re_read_stored_listings(served: Served, g
     assert named["risk"] > unnamed["risk"] + 0.1, (unnamed, named)
     assert any("Morgonsol" in reason for reason in named["result"]["reasons"]), named["result"]["reasons"]
     status = client.get("/v1/jobs/stored-rescan").json()
-    assert status["runs"] == runs + 3 and status["last"]["brand"] is None and status["last"]["scanned"] == 2
+    assert status["runs"] == runs + 3 and status["last"]["brand"] is None and status["last"]["scanned"] == 3
 
     # The thresholds back to the service's (null): both listings are flagged and queued.
     r = client.patch("/v1/brands/god-morgon", json={"review_threshold": None, "likely_threshold": None})
@@ -198,3 +200,12 @@ def test_a_brands_thresholds_and_names_re_read_stored_listings(served: Served, g
     assert served.latest("named")["verdict"] == "review"
     assert served.latest("copy")["verdict"] == "likely_counterfeit"
     assert {"named", "copy"} <= served.open_review("god-morgon")
+
+    # A brand that joins later: the stored listing that already named it is read again.
+    assert client.post("/v1/brands", json={"slug": "zebrax", "name": "Zebrax"}).status_code == 201
+    after_brand = served.latest("zebrax")
+    assert after_brand["risk"] > before_brand["risk"] + 0.1, (before_brand, after_brand)
+    assert any("Zebrax" in reason for reason in after_brand["result"]["reasons"]), after_brand["result"]["reasons"]
+    assert before_brand["verdict"] == "clear" and after_brand["verdict"] == "review", after_brand
+    assert "zebrax" in served.open_review("zebrax")
+    assert client.get("/v1/jobs/stored-rescan").json()["last"]["brand"] is None

@@ -76,3 +76,7 @@ def test_a_brands_thresholds_and_names_are_announced_once_changed(container: Con
     assert heard[-1] == CatalogChange("arla", terms=True, names=True)  # (the alias's case is a new name too)
     catalog.update_brand("arla", aliases=["arla foods"], likely_threshold=0.3)
     assert len(heard) == 3
+
+    # A new brand: stored titles may name it already.
+    catalog.create_brand("zebrax", "Zebrax")
+    assert heard[-1] == CatalogChange("zebrax", names=True) and "zebrax" in scorer_view.brand_aliases()
