@@ -7,6 +7,10 @@ service has never seen (cold: every model runs) and for photos it has seen (cach
 answers). The raw embedding throughput of the same models is measured in this run, in this process, on
 the same photos, so the ratio service/raw says what HTTP, storage, search and fusion cost.
 
+Each phase opens with every connection's first request at once, a burst that waits for one model batch
+together; the figures start after ``--warmup`` answered requests (default twice the concurrency), so
+they are of the steady state, like a load tester's warm-up. ``--warmup 0`` counts the burst too.
+
     .venv/bin/python scripts/bench_score.py --concurrency 1,4,8,16 --n 240
 """
 
@@ -116,6 +120,10 @@ def main() -> None:
     ap.add_argument("--time-limit", type=float, default=60.0, help="seconds per level at most")
     ap.add_argument("--models-from", type=Path, help="a models folder to copy instead of exporting")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="answered requests per phase left out of the figures before they start (default: "
+                         "2 x the concurrency; 0 counts the opening burst, where every connection's first "
+                         "request arrives at once)")
     ap.add_argument("--workers", type=int, default=1, help="server worker processes (with no --url)")
     ap.add_argument("--no-cascade", action="store_true",
                     help="start the server with the expensive signals off (logo search in crops, OCR, "
@@ -128,6 +136,8 @@ def main() -> None:
         ap.error(f"--concurrency: comma-separated whole numbers, got {args.concurrency!r}")
     if min(levels) < 1 or args.n < 1 or args.workers < 1 or args.time_limit <= 0:
         ap.error("--concurrency, --n and --workers must be >= 1 and --time-limit > 0")
+    if args.warmup is not None and args.warmup < 0:
+        ap.error("--warmup must be >= 0")
     tmp = Path(tempfile.mkdtemp(prefix="counterlens-bench-"))
     proc = None
     try:
@@ -142,7 +152,12 @@ def main() -> None:
         if parsed.scheme != "http" or not parsed.hostname:
             ap.error(f"--url: an http://host:port URL, got {url!r}")
         host, port = parsed.hostname, parsed.port or 80
-        photos = _photos(args.n * len(levels), args.seed)
+        def warmup(c: int) -> int:
+            return 2 * c if args.warmup is None else args.warmup
+
+        # Each level's photos: its warm-up's and its measured ones, all distinct (cold means unseen).
+        sizes = [args.n + warmup(c) for c in levels]
+        photos = _photos(sum(sizes), args.seed)
         console.print("measuring raw model throughput (same photos, this process)...")
         raw = _raw_throughput(photos[: min(256, len(photos))], tmp / "data", batch=16)
 
@@ -157,23 +172,28 @@ def main() -> None:
 
         def run(phase: str, c: int, requests: list[bytes]) -> None:
             cpu0 = process_tree_cpu_s(proc.pid) if proc is not None else None
-            got = post_load(host, port, requests, c, args.time_limit)
+            got = post_load(host, port, requests, c, args.time_limit, warmup=warmup(c))
             cpu1 = process_tree_cpu_s(proc.pid) if proc is not None else None
-            server = "-" if cpu0 is None or cpu1 is None or not got.n else f"{(cpu1 - cpu0) / got.n * 1000:.1f}"
+            answered = got.n + got.warmed  # (the server's CPU is read over the whole phase)
+            server = "-" if cpu0 is None or cpu1 is None or not got.n else f"{(cpu1 - cpu0) / answered * 1000:.1f}"
             table.add_row(phase, str(c), str(got.n), f"{got.rate:.1f}", f"{got.percentile_ms(0.50):.0f}",
                           f"{got.percentile_ms(0.95):.0f}", f"{got.percentile_ms(0.99):.0f}", str(got.errors),
                           f"{got.rate / raw:.2f}" if phase == "cold" else "-", server, f"{got.client_cpu_ms:.2f}")
 
         for k, c in enumerate(levels):
-            chunk = photos[k * args.n:(k + 1) * args.n]
-            run("cold", c, [request(k * args.n + i, p) for i, p in enumerate(chunk)])
+            first = sum(sizes[:k])
+            chunk = photos[first:first + sizes[k]]
+            run("cold", c, [request(first + i, p) for i, p in enumerate(chunk)])
             # The same photos again, under new listing ids: every embedding comes from the cache.
-            run("cached", c, [request(10**6 + k * args.n + i, p) for i, p in enumerate(chunk)])
+            run("cached", c, [request(10**6 + first + i, p) for i, p in enumerate(chunk)])
         console.print(table)
         console.print("expensive signals: " + ("off (--no-cascade)" if args.no_cascade else
                                                "the server's settings (default: cascade)"))
         console.print("server CPU: user + system time of the server's processes over the phase, per listing "
                       "(2 cores: 1,000 ms of CPU a second at most per core)")
+        console.print("warm-up: the first " + ", ".join(f"{warmup(c)} (c={c})" for c in levels) + " answered "
+                      "requests of each phase are left out of listings/s and latencies (not of errors); "
+                      "--warmup 0 counts them")
         console.print(f"raw model throughput (all roles side by side, batch 16): {raw:.1f} photos/s; machine: "
                       f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
     finally:

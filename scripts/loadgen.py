@@ -28,6 +28,7 @@ class LoadResult:
     statuses: dict[int, int] = field(default_factory=dict)
     elapsed_s: float = 0.0
     client_cpu_s: float = 0.0
+    warmed: int = 0  # answered requests left out of the figures (``warmup``)
 
     @property
     def n(self) -> int:
@@ -81,10 +82,19 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
 
 
 async def _drive(host: str, port: int, requests: Sequence[bytes], concurrency: int,
-                 time_limit: float, timeout: float) -> LoadResult:
+                 time_limit: float, timeout: float, warmup: int) -> LoadResult:
     out = LoadResult()
     todo = deque(requests)
     deadline = time.monotonic() + time_limit
+    clock = [time.process_time(), time.perf_counter()]  # where the figures start: after the warm-up
+
+    def answered(latency: float) -> None:
+        if out.warmed < warmup:
+            out.warmed += 1
+            if out.warmed == warmup:
+                clock[:] = [time.process_time(), time.perf_counter()]
+        else:
+            out.latencies_s.append(latency)  # figures are of answered requests
 
     async def worker() -> None:
         conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
@@ -99,7 +109,7 @@ async def _drive(host: str, port: int, requests: Sequence[bytes], concurrency: i
                     status, keep = await asyncio.wait_for(_read_response(conn[0]), timeout)
                     out.statuses[status] = out.statuses.get(status, 0) + 1
                     if status == 200:
-                        out.latencies_s.append(time.perf_counter() - t0)  # figures are of answered requests
+                        answered(time.perf_counter() - t0)
                     else:
                         out.errors += 1
                     if not keep:
@@ -115,22 +125,26 @@ async def _drive(host: str, port: int, requests: Sequence[bytes], concurrency: i
             if conn is not None:
                 conn[1].close()
 
-    cpu0, t0 = time.process_time(), time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    out.elapsed_s = time.perf_counter() - t0
-    out.client_cpu_s = time.process_time() - cpu0
+    out.elapsed_s = time.perf_counter() - clock[1]
+    out.client_cpu_s = time.process_time() - clock[0]
     return out
 
 
 def post_load(host: str, port: int, requests: Sequence[bytes], concurrency: int,
-              time_limit: float = 60.0, timeout: float = 60.0) -> LoadResult:
+              time_limit: float = 60.0, timeout: float = 60.0, warmup: int = 0) -> LoadResult:
     """Send ``requests`` (from :func:`post_request`) over ``concurrency`` keep-alive connections, each
     waiting for its response (at most ``timeout`` seconds: then an error) before the next request, until
     all are sent or ``time_limit`` passes. Rate and latencies count the requests answered 200; the
-    others are ``errors`` (``statuses`` has every status seen)."""
-    if concurrency < 1:
-        raise ValueError("concurrency must be >= 1")
-    return asyncio.run(_drive(host, port, requests, concurrency, time_limit, timeout))
+    others are ``errors`` (``statuses`` has every status seen).
+
+    ``warmup``: the first that many answered requests are left out of rate, latencies and client CPU,
+    which start once they are answered (``warmed`` says how many were). The connections start together,
+    so the first requests arrive as one burst and wait for one another's model batch: the steady state
+    of ``concurrency`` clients begins after it. Errors are counted throughout."""
+    if concurrency < 1 or warmup < 0:
+        raise ValueError("concurrency must be >= 1 and warmup >= 0")
+    return asyncio.run(_drive(host, port, requests, concurrency, time_limit, timeout, warmup))
 
 
 def process_tree_cpu_s(pid: int) -> float | None:

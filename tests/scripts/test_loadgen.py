@@ -20,6 +20,8 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers["Content-Length"]))
         if self.path == "/hang":
             time.sleep(3)
+        if self.path == "/slow":
+            time.sleep(0.4)
         if self.path == "/chunked":
             self.send_response(200)
             self.send_header("Transfer-Encoding", "chunked")
@@ -59,6 +61,19 @@ def test_answers_errors_and_timeouts_are_told_apart(server: int) -> None:
     assert hung.n == 0 and hung.errors == 1
 
 
+def test_warm_up_requests_are_left_out_of_the_figures(server: int) -> None:
+    reqs = ([post_request("127.0.0.1", server, "/slow", b"{}")] * 2
+            + [post_request("127.0.0.1", server, "/ok", b"{}")] * 10)
+    whole = post_load("127.0.0.1", server, reqs, concurrency=1)
+    assert (whole.n, whole.warmed) == (12, 0) and whole.percentile_ms(0.99) >= 400 and whole.elapsed_s >= 0.8
+    warm = post_load("127.0.0.1", server, reqs, concurrency=1, warmup=2)
+    assert (warm.n, warm.warmed, warm.errors) == (10, 2, 0)
+    # The slow first two are neither in the latencies nor in the time the rate is measured over.
+    assert warm.percentile_ms(0.99) < 300 and warm.elapsed_s < whole.elapsed_s - 0.6 and warm.rate > whole.rate
+
+
 def test_bad_concurrency_is_refused() -> None:
     with pytest.raises(ValueError, match="concurrency"):
         post_load("127.0.0.1", 1, [], concurrency=0)
+    with pytest.raises(ValueError, match="warmup"):
+        post_load("127.0.0.1", 1, [], concurrency=1, warmup=-1)
