@@ -160,8 +160,6 @@ class CatalogRepository:
         given with the one kept. Answers the brand before and after, read in the same transaction."""
         slug = validate.slug(slug)
         display = validate.text(name, "name", 255).strip() if name is not None else None
-        if display == "":
-            raise InvalidInputError("name must not be empty", "name")
         names = validate.aliases(aliases) if aliases is not None else None
         with self._db.write() as s:
             b = self._brand(s, slug)

@@ -194,9 +194,7 @@ class CatalogService:
         a new alias (a listing offering a "replica" of the brand before it joined belongs in its queue)."""
         brand = self.repo.create_brand(slug, name, aliases, review_threshold=review_threshold,
                                        likely_threshold=likely_threshold)
-        if self._on_change:
-            self._on_change()
-        self._notify(CatalogChange(brand.slug, names=True))
+        self._announce(CatalogChange(brand.slug, names=True))
         return brand
 
     def update_brand(self, slug: str, *, name: str | None = None, aliases: Iterable[str] | None = None,
@@ -214,10 +212,8 @@ class CatalogService:
         thresholds = (before.review_threshold, before.likely_threshold) != (after.review_threshold,
                                                                             after.likely_threshold)
         names = before.names != after.names
-        if self._on_change and (thresholds or names):
-            self._on_change()
         if thresholds or names:
-            self._notify(CatalogChange(after.slug, terms=thresholds, names=names))
+            self._announce(CatalogChange(after.slug, terms=thresholds, names=names))
         return after
 
     def put_product(self, brand: str, sku: str, title: str, price: Money | None) -> tuple[ProductRecord, bool]:
@@ -227,7 +223,7 @@ class CatalogService:
             product, created, repriced = self._put_product(brand, sku, title, price,
                                                            self.repo.get_product(brand, sku))
         if repriced:
-            self._terms_changed(brand)
+            self._announce(CatalogChange(brand, terms=True))
         elif self._on_change:
             self._on_change()  # (a title, or a product no reference shows yet: no stored score moves)
         return product, created
@@ -245,20 +241,21 @@ class CatalogService:
         of the brand are read again: an authorized seller lowers their risk."""
         seller, created = self.repo.add_authorized_seller(brand, seller_id, note)
         if created:  # (an authorization repeated changes nothing a score reads)
-            self._terms_changed(brand)
+            self._announce(CatalogChange(brand, terms=True))
         return seller, created
 
     def revoke_seller(self, brand: str, seller_id: str) -> bool:
         """Withdraw a seller's authorization; False where it had none."""
         removed = self.repo.remove_authorized_seller(brand, seller_id)
         if removed:
-            self._terms_changed(brand)
+            self._announce(CatalogChange(brand, terms=True))
         return removed
 
-    def _terms_changed(self, brand: str) -> None:
+    def _announce(self, change: CatalogChange) -> None:
+        """One change of one brand: the scorer's catalog view is dropped, then the listeners hear of it."""
         if self._on_change:
             self._on_change()
-        self._notify(CatalogChange(brand, terms=True))
+        self._notify(change)
 
     def _notify(self, change: CatalogChange) -> None:
         for listener in self.listeners:
