@@ -131,6 +131,23 @@ class KeypointMatcher:
         rest = [sha for sha in wanted if sha not in known]
         return known | (self.cache.described(self.extractor_id, rest) if rest else set())
 
+    def recall(self, hashes: Iterable[str]) -> None:
+        """Read the stored verifications of ``hashes`` (made against the current references) into the
+        LRU, one query per 500 photos: a stored rescan recalls a page's described photos at once, so that
+        its :meth:`verify` calls find them remembered instead of querying the keypoint cache one listing
+        at a time."""
+        wanted = list(dict.fromkeys(hashes))
+        if not wanted:
+            return
+        self.loading.ensure()
+        with self._lru_lock:
+            generation, references = self._generation, self._references_id
+            todo = [sha for sha in wanted if sha not in self._verified]
+        if not todo or references is None:
+            return
+        for sha, verified in self.cache.get_verified(self.extractor_id, references, todo).items():
+            self._remember(sha, verified, generation)
+
     def _current(self, generation: int) -> bool:
         with self._lru_lock:
             return generation == self._generation

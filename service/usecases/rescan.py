@@ -20,6 +20,7 @@ the journals back and skips the listing ids already in the results and the lines
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import multiprocessing
 import os
@@ -704,6 +705,8 @@ class StoredRescanJob:
         assert self.resources is not None
         ctx = multiprocessing.get_context("fork")
         stop = ctx.Event()
+        # The catalog facts every page reads, read once here and inherited, not once per child.
+        self.scorer.warm_up()
         self.resources.before_fork()
         children: dict[Connection, tuple[int, BaseProcess]] = {}
         done: set[int] = set()
@@ -712,13 +715,21 @@ class StoredRescanJob:
         if cancel is not None and cancel.is_set():
             stop.set()  # stopped already: the children must not start a page
         try:
-            for k in range(self.processes):
-                recv, send = ctx.Pipe(duplex=False)
-                child = ctx.Process(target=self._child, args=(k, send, stop), name=f"stored-rescan-{k}",
-                                    daemon=True)
-                child.start()
-                send.close()  # the child's end: EOF here once the child is gone
-                children[recv] = (k, child)
+            # Frozen objects are left alone by the garbage collector, in the children too: its passes
+            # over the inherited heap would write to every object (copying each memory page the parent
+            # shares with the children). Measured on 2,000 stored listings, 2 children: 17,000 -> 11,000
+            # page faults and 0.9 -> 0.6-0.8 s of CPU time per child.
+            gc.freeze()
+            try:
+                for k in range(self.processes):
+                    recv, send = ctx.Pipe(duplex=False)
+                    child = ctx.Process(target=self._child, args=(k, send, stop), name=f"stored-rescan-{k}",
+                                        daemon=True)
+                    child.start()
+                    send.close()  # the child's end: EOF here once the child is gone
+                    children[recv] = (k, child)
+            finally:
+                gc.unfreeze()
             while children:
                 if cancel is not None and cancel.is_set():
                     stop.set()

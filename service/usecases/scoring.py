@@ -171,6 +171,15 @@ class ListingScorer:
                 self._names = BrandNames(self.catalog.brand_aliases())
             return self._names
 
+    def warm_up(self) -> None:
+        """Read the catalog facts that every listing's score reads (the brands' names, and each brand's
+        verdict policy and authorized sellers) into this process's caches. A stored rescan calls it before
+        it forks its worker processes: they inherit these instead of each reading them on its first page."""
+        for brand in self.catalog.brand_aliases():
+            self.catalog.authorized_sellers(brand)
+            self.policies.brand_policy(brand)
+        self._brand_names()
+
     def _keypoint_verifier(self) -> KeypointMatcher | None:
         """The keypoint matcher where verification is on (a matcher, and a mode other than "never")."""
         return self.keypoints if self.options.keypoints != "never" else None
@@ -290,18 +299,25 @@ class ListingScorer:
         roles = self._roles()
         shas = list(dict.fromkeys(sha for s in stored for sha in s.sha256s))
         found = {name: emb.lookup(shas) for name, emb in roles.items()}
+        complete = [all(sha in f for f in found.values() for sha in s.sha256s) for s in stored]
+        # One matrix per model for the whole batch, each listing a slice of it (as score_many's model
+        # outputs): stacking each listing's few vectors apart cost more than matching them.
+        order = [sha for s, ok in zip(stored, complete, strict=True) if ok for sha in s.sha256s]
+        matrices = {name: _stack(found[name], order, emb) for name, emb in roles.items()}
         items: list[_Item] = []
         where: list[int | None] = []
-        for s in stored:
-            if any(sha not in f for f in found.values() for sha in s.sha256s):
+        offset = 0
+        for s, ok in zip(stored, complete, strict=True):
+            if not ok:
                 where.append(None)
                 continue
-            vectors = ListingVectors(copy=_stack(found["copy"], s.sha256s, self.copy), photos=s.sha256s)
-            if "semantic" in found:
-                assert self.semantic is not None
-                vectors.semantic = _stack(found["semantic"], s.sha256s, self.semantic)
-            if "logo" in found:
-                vectors.logo = _stack(found["logo"], s.sha256s, self.logo)
+            rows = slice(offset, offset + len(s.sha256s))
+            offset += len(s.sha256s)
+            vectors = ListingVectors(copy=matrices["copy"][rows], photos=s.sha256s)
+            if "semantic" in matrices:
+                vectors.semantic = matrices["semantic"][rows]
+            if "logo" in matrices:
+                vectors.logo = matrices["logo"][rows]
             elif self.logo is self.semantic:
                 vectors.logo = vectors.semantic
             where.append(len(items))
@@ -335,6 +351,7 @@ class ListingScorer:
         pixelless = [it for it in items if it.images is None]
         if pixelless and (kp := self._keypoint_verifier()) is not None:
             described = kp.verifiable(sha for it in pixelless for sha in it.hashes)
+            kp.recall(described)  # their verifications in one query, not one per listing verified
             for it in pixelless:
                 it.verifiable = any(sha in described for sha in it.hashes)
         outcomes: list[ScoreOutcome | Exception] = []

@@ -273,6 +273,41 @@ def test_a_verification_is_reused_by_the_next_process_until_the_references_chang
         later.close()
 
 
+def test_a_stored_rescan_reads_a_pages_verifications_in_one_query(
+        rescan_world: World, container: Container, grocery_dir: Path) -> None:
+    """A ``--stored`` rescan in a fresh process recalls the stored verifications of a whole page at once
+    (one read of the keypoint cache, not one per listing verified), and the listings read them as before."""
+    photo = _on_new_scene(grocery_dir)
+    listings = [_listing(f"page-{k}", np.clip(photo.astype(np.int16) + k, 0, 255).astype(np.uint8), 0.25)
+                for k in range(3)]  # other bytes, the same keypoints: three photos, each verified
+    first = [container.scorer.score(lst) for lst in listings]
+    assert all(f.ran["keypoints"] for f in first)
+    later = build_container(container.settings, embedders=rescan_world.embedders)
+    try:
+        km = later.scorer.keypoints
+        assert km is not None
+        reads: list[list[str]] = []
+        get_verified = km.cache.get_verified
+
+        def counted(extractor_id: str, references: str, sha256s: Any) -> Any:
+            shas = list(sha256s)
+            reads.append(shas)
+            return get_verified(extractor_id, references, shas)
+
+        km.cache.get_verified = counted  # type: ignore[method-assign]
+        got = later.scorer.rescore_stored_many(
+            [StoredListing(Listing(lst.listing_id, lst.title, price=lst.price), (lst.images[0].sha256,))
+             for lst in listings], persist=False)
+        assert [sorted(r) for r in reads] == [sorted(lst.images[0].sha256 for lst in listings)]
+        for g, f in zip(got, first, strict=True):
+            assert g is not None and not isinstance(g, Exception) and g.ran["keypoints"] is True
+            assert [(m.reference.image_id, m.signal, m.box) for m in g.result.matches] == \
+                [(m.reference.image_id, m.signal, m.box) for m in f.result.matches]
+            assert g.result.verdict is f.result.verdict
+    finally:
+        later.close()
+
+
 def test_a_reference_image_that_cannot_be_read_is_left_out_at_start_up(
         rescan_world: World, container: Container) -> None:
     """Its stored keypoints and embeddings gone (a new extractor or model) and its blob unreadable: the

@@ -3,11 +3,14 @@ stored rescans (no model runs) after a brand adds a reference, and the backgroun
 
 from __future__ import annotations
 
+import gc
+import os
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from embeddings.thread_batcher import ThreadBatcher
 from service.container import Container, build_container
@@ -244,6 +247,35 @@ def test_stored_rescan_in_worker_processes_equals_the_threaded_one(rescan_world:
     fields = ("scanned", "rescored", "written", "changed", "newly_flagged", "errors", "verdicts", "cancelled")
     assert [getattr(procs, f) for f in fields] == [getattr(threads, f) for f in fields]
     assert (procs.scanned, procs.newly_flagged, p_ticks, t_ticks) == (len(rows), 1, len(rows), len(rows))
+
+
+def test_stored_rescan_worker_processes_inherit_the_catalog_facts(container: Container, rescan_world: World,
+                                                                  tmp_path: Path) -> None:
+    """The brands' names, policies and authorized sellers are read once, before the fork: no child reads
+    them again on its first page (each statement is logged with the process that ran it)."""
+    folder = listings_dir(rescan_world, tmp_path / "in")
+    rows = [listing(f"s-{i}", name) for i, (_, name) in enumerate(rescan_world.instore[:6])]
+    run_file(container, write_jsonl(folder / "l.jsonl", rows), tmp_path / "o.jsonl")
+    container.scorer.catalog_changed()  # forget what the file rescan read
+    log = tmp_path / "statements.log"
+
+    def logged(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        with log.open("a") as f:
+            f.write(f"{os.getpid()}\t{' '.join(statement.split())}\n")
+
+    sa.event.listen(container.db.engine, "before_cursor_execute", logged)
+    try:
+        report = StoredRescanJob(container.scorer, container.listings, page=2, workers=1, processes=2,
+                                 resources=container.db).run()
+    finally:
+        sa.event.remove(container.db.engine, "before_cursor_execute", logged)
+    assert report.rescored == len(rows)
+    lines = [line.split("\t", 1) for line in log.read_text().splitlines()]
+    children = {pid for pid, _ in lines} - {str(os.getpid())}
+    assert len(children) == 2  # both children queried (their pages)
+    catalog_reads = [(pid, sql) for pid, sql in lines if "FROM authorized_sellers" in sql or "aliases" in sql]
+    assert catalog_reads and {pid for pid, _ in catalog_reads} == {str(os.getpid())}
+    assert gc.get_freeze_count() == 0  # the parent's objects are collected again after the fork
 
 
 def test_a_failed_worker_process_fails_the_stored_rescan(rescan_world: World, container: Container,
