@@ -99,11 +99,10 @@ class KeypointMatcher:
                 else:
                     todo.setdefault(sha, []).append(i)
         missing = 0
-        if todo and references is not None:
-            for sha, verified in self.cache.get_verified(self.extractor_id, references, todo).items():
+        if todo:
+            for sha, verified in self._stored(list(todo), generation, references).items():
                 for i in todo.pop(sha):
                     hits[i] = verified
-                self._remember(sha, verified, generation)
         if todo:
             found, _ = self._describe(todo, None if images is None else (lambda sha: images[todo[sha][0]].pixels))
             fresh: dict[str, list[VerifiedReference]] = {}
@@ -124,29 +123,31 @@ class KeypointMatcher:
         """The photos among ``hashes`` that :meth:`verify` can verify without their pixels: remembered
         here, or described in the keypoint cache. A stored rescan asks it for a page of listings at
         once, so that a listing none of whose photos was ever described skips the cascade's question
-        whether to verify it (there is nothing to verify it with)."""
+        whether to verify it (there is nothing to verify it with). The described photos' stored
+        verifications are remembered on the way (one query per 500 photos), so that the page's
+        :meth:`verify` calls find them here instead of querying the keypoint cache one listing at a time."""
         wanted = list(dict.fromkeys(hashes))
         with self._lru_lock:
             known = {sha for sha in wanted if sha in self._verified}
         rest = [sha for sha in wanted if sha not in known]
-        return known | (self.cache.described(self.extractor_id, rest) if rest else set())
+        described = self.cache.described(self.extractor_id, rest) if rest else set()
+        if described:
+            self.loading.ensure()
+            with self._lru_lock:
+                generation, references = self._generation, self._references_id
+            self._stored(list(described), generation, references)
+        return known | described
 
-    def recall(self, hashes: Iterable[str]) -> None:
-        """Read the stored verifications of ``hashes`` (made against the current references) into the
-        LRU, one query per 500 photos: a stored rescan recalls a page's described photos at once, so that
-        its :meth:`verify` calls find them remembered instead of querying the keypoint cache one listing
-        at a time."""
-        wanted = list(dict.fromkeys(hashes))
-        if not wanted:
-            return
-        self.loading.ensure()
-        with self._lru_lock:
-            generation, references = self._generation, self._references_id
-            todo = [sha for sha in wanted if sha not in self._verified]
-        if not todo or references is None:
-            return
-        for sha, verified in self.cache.get_verified(self.extractor_id, references, todo).items():
+    def _stored(self, hashes: list[str], generation: int,
+                references: str | None) -> dict[str, list[VerifiedReference]]:
+        """The verifications of ``hashes`` stored against ``references`` (absent: none stored, or the
+        references are being changed), remembered here."""
+        if references is None:
+            return {}
+        got = self.cache.get_verified(self.extractor_id, references, hashes)
+        for sha, verified in got.items():
             self._remember(sha, verified, generation)
+        return got
 
     def _current(self, generation: int) -> bool:
         with self._lru_lock:

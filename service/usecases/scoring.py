@@ -351,7 +351,6 @@ class ListingScorer:
         pixelless = [it for it in items if it.images is None]
         if pixelless and (kp := self._keypoint_verifier()) is not None:
             described = kp.verifiable(sha for it in pixelless for sha in it.hashes)
-            kp.recall(described)  # their verifications in one query, not one per listing verified
             for it in pixelless:
                 it.verifiable = any(sha in described for sha in it.hashes)
         outcomes: list[ScoreOutcome | Exception] = []

@@ -276,6 +276,14 @@ def test_stored_rescan_worker_processes_inherit_the_catalog_facts(container: Con
     catalog_reads = [(pid, sql) for pid, sql in lines if "FROM authorized_sellers" in sql or "aliases" in sql]
     assert catalog_reads and {pid for pid, _ in catalog_reads} == {str(os.getpid())}
     assert gc.get_freeze_count() == 0  # the parent's objects are collected again after the fork
+    gc.freeze()  # what a server froze after start-up stays frozen through a rescan's fork
+    try:
+        frozen = gc.get_freeze_count()
+        StoredRescanJob(container.scorer, container.listings, page=2, workers=1, processes=2,
+                        resources=container.db).run()
+        assert gc.get_freeze_count() >= frozen > 0
+    finally:
+        gc.unfreeze()
 
 
 def test_a_failed_worker_process_fails_the_stored_rescan(rescan_world: World, container: Container,
