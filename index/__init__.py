@@ -2,7 +2,12 @@
 keyed by catalog image id, incremental add/remove, atomic persistence with a manifest, and the registry
 that loads, reconciles against the database and saves them."""
 
-from index.faiss_index import (
+# (First: FAISS's own OpenBLAS chooses its kernels when it loads; see index/runtime.py.)
+from index.runtime import load_faiss
+
+load_faiss()
+
+from index.faiss_index import (  # noqa: E402
     FaissReferenceIndex,
     IndexCorruptError,
     IndexLoadError,
@@ -13,7 +18,7 @@ from index.faiss_index import (
     VectorSource,
     ids_checksum,
 )
-from index.registry import Reconciliation, ReferenceIndexes, StoredVectors
+from index.registry import Reconciliation, ReferenceIndexes, StoredVectors  # noqa: E402
 
 __all__ = [
     "FaissReferenceIndex",

@@ -58,6 +58,7 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
+from index.runtime import use_search_threads
 from index.rwlock import ReadWriteLock
 from service.domain.model import ReferenceKind, Vectors
 from service.domain.ports import Ids
@@ -145,18 +146,6 @@ def as_ids(ids: object, field: str = "ids") -> Ids:
     if (out < 0).any():
         raise ValueError(f"{field} must be >= 0 (got {int(out.min())})")
     return out
-
-
-def set_search_threads(threads: int) -> None:
-    """FAISS's OpenMP threads for every index of the process (0: one per core).
-
-    One is right for a service: its concurrency comes from requests, each search is small (a batch of a
-    few photos against a catalog), and an OpenMP team started per call on cores that the models and
-    other threads already use costs more than it saves (measured: 256 queries against 41 vectors took
-    28 ms with the default team, beside a busy thread, against under 1 ms on one thread)."""
-    if threads < 0:
-        raise ValueError(f"threads must be >= 0, got {threads}")
-    faiss.omp_set_num_threads(threads or os.cpu_count() or 1)
 
 
 def as_vectors(vectors: object, dim: int, field: str = "vectors") -> Vectors:
@@ -615,6 +604,7 @@ class FaissReferenceIndex:
             if self._slots() == 0 or n == 0:
                 return np.full((n, k), -np.inf, dtype=np.float32), np.full((n, k), -1, dtype=np.int64)
             params, _keepalive = self._search_params(k, ef_search, nprobe, refine_factor)
+            use_search_threads()
             sims, slots = self._inner.search(q, k, params=params)
             view = self._id_map_view()
             found = slots >= 0

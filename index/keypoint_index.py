@@ -26,6 +26,7 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
+from index.runtime import use_search_threads
 from service.domain.model import KeypointSet
 from service.domain.ports import VerifiedReference
 
@@ -138,6 +139,7 @@ class FaissKeypointIndex:
         if built.index is None or len(query) < 3:
             return []
         q = root_sift(query.descriptors)
+        use_search_threads()
         sims, rows = built.index.search(np.ascontiguousarray(q), 2)
         valid = rows[:, 0] >= 0
         second_ok = rows[:, 1] >= 0

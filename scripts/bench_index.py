@@ -35,7 +35,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 import numpy.typing as npt
 from rich.console import Console
@@ -45,6 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from index import FaissReferenceIndex, IndexTuning, IndexType
 from service.settings import IndexSettings
+
+# isort: split
+# (After ``index``, which loads faiss with the BLAS kernels of this CPU: index/runtime.py.)
+import faiss
 
 DIM = 512
 K = 10

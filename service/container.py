@@ -15,10 +15,10 @@ from embeddings.keypoints import SiftExtractor
 from embeddings.ocr import RapidOcrReader
 from embeddings.registry import build_image_embedder
 from embeddings.thread_batcher import ThreadBatcher
-from index.faiss_index import set_search_threads
 from index.keypoint_index import FaissKeypointIndex
 from index.logo_templates import TemplateLogoLocator
 from index.registry import ReferenceIndexes
+from index.runtime import set_search_threads
 from service.domain.assessment import ScoringParams
 from service.domain.policy import VerdictPolicy
 from service.domain.ports import CatalogReader, ImageEmbedder, TextReader

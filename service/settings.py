@@ -57,7 +57,7 @@ class IndexSettings(BaseModel):
     hnsw_ef_construction: int = Field(default=80, ge=8)
     hnsw_ef_search: int = Field(default=64, ge=8)
     top_k: int = Field(default=10, ge=1, le=100)
-    # FAISS's OpenMP threads (process-wide); 0: one per core. See index.faiss_index.set_search_threads.
+    # FAISS's OpenMP threads for each search, in every thread; 0: one per core. See index/runtime.py.
     search_threads: int = Field(default=1, ge=0, le=256)
 
 
