@@ -162,6 +162,14 @@ class ReferenceMatcher:
         self.config = config or MatchingConfig()
         self.memo = SearchMemo(self.config.memo_photos)
 
+    def open_indexes(self) -> None:
+        """Open every index the matcher searches (each opens on its first search otherwise): a stored
+        rescan's worker processes, forked next, inherit them open instead of each loading them."""
+        for model, kind in ((self.roles.copy, ReferenceKind.PRODUCT), (self.roles.semantic, ReferenceKind.PRODUCT),
+                            (self.roles.logo, ReferenceKind.LOGO)):
+            if model is not None:
+                self._indexes(model, kind)
+
     def _search(self, model: str, kind: ReferenceKind, queries: Vectors,
                 min_sim: float) -> list[tuple[int, int, float]]:
         """(query row, vector id, similarity) above ``min_sim``."""

@@ -173,12 +173,14 @@ class ListingScorer:
 
     def warm_up(self) -> None:
         """Read the catalog facts that every listing's score reads (the brands' names, and each brand's
-        verdict policy and authorized sellers) into this process's caches. A stored rescan calls it before
-        it forks its worker processes: they inherit these instead of each reading them on its first page."""
+        verdict policy and authorized sellers) into this process's caches, and open the indexes. A stored
+        rescan calls it before it forks its worker processes: they inherit these instead of each reading
+        them on its first page."""
         for brand in self.catalog.brand_aliases():
             self.catalog.authorized_sellers(brand)
             self.policies.brand_policy(brand)
         self._brand_names()
+        self.matcher.open_indexes()
 
     def _keypoint_verifier(self) -> KeypointMatcher | None:
         """The keypoint matcher where verification is on (a matcher, and a mode other than "never")."""

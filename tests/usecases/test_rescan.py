@@ -7,12 +7,13 @@ import gc
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import sqlalchemy as sa
 
 from embeddings.thread_batcher import ThreadBatcher
+from index import FaissReferenceIndex
 from service.container import Container, build_container
 from service.domain.model import Listing, Money, ReferenceKind, ScoreResult, Verdict
 from service.storage.listings import ListingRepository
@@ -284,6 +285,32 @@ def test_stored_rescan_worker_processes_inherit_the_catalog_facts(container: Con
         assert gc.get_freeze_count() >= frozen > 0
     finally:
         gc.unfreeze()
+
+
+def test_stored_rescan_worker_processes_inherit_the_open_indexes(
+        container: Container, rescan_world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh process (as the CLI) opens its indexes before it forks: no child loads an index file."""
+    folder = listings_dir(rescan_world, tmp_path / "in")
+    rows = [listing(f"s-{i}", name) for i, (_, name) in enumerate(rescan_world.instore[:6])]
+    run_file(container, write_jsonl(folder / "l.jsonl", rows), tmp_path / "o.jsonl")
+    log = tmp_path / "loads.log"
+    real = FaissReferenceIndex.load.__func__  # type: ignore[attr-defined]
+
+    def load(cls: type[FaissReferenceIndex], /, directory: Path, **kw: Any) -> FaissReferenceIndex:
+        with log.open("a") as f:
+            f.write(f"{os.getpid()}\n")
+        return cast(FaissReferenceIndex, real(cls, directory, **kw))
+
+    monkeypatch.setattr(FaissReferenceIndex, "load", classmethod(load))  # (a fork inherits the patch)
+    fresh = build_container(container.settings, embedders=rescan_world.embedders, reconcile=False)
+    try:
+        report = StoredRescanJob(fresh.scorer, fresh.listings, page=2, workers=1, processes=2,
+                                 resources=fresh.db).run()
+    finally:
+        fresh.close()
+    assert report.rescored == len(rows)
+    loads = log.read_text().split()
+    assert loads and set(loads) == {str(os.getpid())}  # the copy and lookalike indexes, in the parent only
 
 
 def test_a_failed_worker_process_fails_the_stored_rescan(rescan_world: World, container: Container,
