@@ -85,14 +85,23 @@ def result_json(result: ScoreResult) -> dict[str, Any]:
     }
 
 
+# Risk and similarities count to 4 decimals. The same photo searched alone (a request: FAISS's SIMD
+# loop) or in a page (a rescan: one BLAS product) gets similarities ~1e-7 apart, which crossed a 1e-6
+# rounding step for 157-249 of 2,000 listings in a stored rescan after a file rescan: history rows with
+# nothing new in them. At 1e-4 such noise crosses a step for ~0.1% of the values.
+_DIGEST_DECIMALS = 4
+
+
 def result_digest(result: ScoreResult) -> str:
-    """A digest of what a result decides: risk (to 1e-6), verdict, brand, reasons, matches and model
-    versions. Two results with equal digests put the listing in the same place (queues, market
-    statistics, latest matches); signal evidence alone (a market median moving by a cent) does not count.
+    """A digest of what a result decides: risk (to 1e-4), verdict, brand, reasons, matches (similarity to
+    1e-4) and model versions. Two results with equal digests put the listing in the same place (queues,
+    market statistics, latest matches); signal evidence alone (a market median moving by a cent) does not
+    count, nor does floating-point noise in the similarities.
     """
-    matches = [(m.reference.image_id, m.signal.value, round(float(m.similarity), 6), m.image_index, m.box)
+    d = _DIGEST_DECIMALS
+    matches = [(m.reference.image_id, m.signal.value, round(float(m.similarity), d), m.image_index, m.box)
                for m in result.matches]
-    core = (round(float(result.risk), 6), Verdict(result.verdict).value, result.brand, list(result.reasons),
+    core = (round(float(result.risk), d), Verdict(result.verdict).value, result.brand, list(result.reasons),
             matches, sorted(result.model_versions.items()))
     return hashlib.sha256(repr(core).encode()).hexdigest()
 

@@ -375,6 +375,11 @@ def test_record_scores_skips_unchanged_results(storage: Storage, two_brands: Ref
     assert len(repo.history("S1")) == 1
     # Without skip_unchanged it is written (history is the record of every score).
     assert repo.record_scores([same])[0] is not None and len(repo.history("S1")) == 2
+    # Floating-point noise is no change (the same photo searched alone or in a page: ~1e-7 apart).
+    noisy = ScoreWrite(stored.to_listing(), result("S1", Verdict.REVIEW, "alpro", [match(a1, 0.9000006)]),
+                       ScoreSource.STORED_RESCAN, stored.image_sha256s, previous_digest=stored.latest_digest)
+    assert repo.record_scores([noisy], skip_unchanged=True) == [None]
+    assert len(repo.history("S1")) == 2
     # A changed similarity is a changed result: written, with a new digest.
     changed = ScoreWrite(stored.to_listing(), result("S1", Verdict.REVIEW, "alpro", [match(a1, 0.8)]),
                          ScoreSource.STORED_RESCAN, stored.image_sha256s, previous_digest=stored.latest_digest)
