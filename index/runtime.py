@@ -40,7 +40,7 @@ import ctypes
 import os
 import sys
 import threading
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable
 from pathlib import Path
 
 # Kernels by the flags they need, best first. (OpenBLAS 0.3.15 has no newer x86 kernels for sgemm.)
@@ -73,22 +73,20 @@ def _read_cpuinfo(path: Path = Path("/proc/cpuinfo")) -> str:
         return ""
 
 
-def load_faiss(environ: MutableMapping[str, str] | None = None, cpuinfo: str | None = None) -> str | None:
+def load_faiss() -> str | None:
     """Import faiss with OpenBLAS kernels chosen as the module docstring says; answers the kernels set
     (None: none set, OpenBLAS detects them itself). Without effect when faiss is loaded already (its
     OpenBLAS chose when it loaded)."""
-    env = os.environ if environ is None else environ
     core = None
-    if "faiss" not in sys.modules and _ENV not in env and sys.platform.startswith("linux"):
-        core = openblas_core(cpu_flags(_read_cpuinfo() if cpuinfo is None else cpuinfo))
-    if core is None:
-        import faiss
-        return None
-    env[_ENV] = core
+    if "faiss" not in sys.modules and _ENV not in os.environ and sys.platform.startswith("linux"):
+        core = openblas_core(cpu_flags(_read_cpuinfo()))
+    if core is not None:
+        os.environ[_ENV] = core
     try:
         import faiss  # noqa: F401
     finally:
-        env.pop(_ENV, None)
+        if core is not None:
+            os.environ.pop(_ENV, None)
     return core
 
 
