@@ -106,6 +106,14 @@ def result_digest(result: ScoreResult) -> str:
     return hashlib.sha256(repr(core).encode()).hexdigest()
 
 
+def _digest_or_none(result: ScoreResult) -> str | None:
+    """:func:`result_digest`, or None where the result is invalid (``_prepare`` says how)."""
+    try:
+        return result_digest(result)
+    except (ValueError, TypeError):
+        return None
+
+
 @dataclass(frozen=True, slots=True)
 class ScoreWrite:
     """One score to store (see :meth:`ListingRepository.record_scores`)."""
@@ -322,8 +330,9 @@ class ListingRepository:
         """Stores many scores in one transaction (each exactly as :meth:`record_score` would): a batch
         shares one commit, which is most of a score's write cost on SQLite and a round trip on PostgreSQL.
 
-        Every write is validated before anything is written; one invalid write raises
-        :class:`InvalidInputError` naming it (``writes[i]...``) and nothing is stored.
+        Every write is validated before anything is written (but those ``skip_unchanged`` leaves out:
+        nothing of them is written); one invalid write raises :class:`InvalidInputError` naming it
+        (``writes[i]...``) and nothing is stored.
 
         ``skip_unchanged``: a write whose result has the digest the listing's latest result already has
         (``ScoreWrite.previous_digest``, as read with the listing) is left out and answered None: its
@@ -339,13 +348,16 @@ class ListingRepository:
         now = _aware(scored_at, "scored_at") if scored_at is not None else utcnow()
         prepared: list[_Prepared | None] = []
         for i, w in enumerate(writes):
+            if skip_unchanged and w.previous_digest is not None and w.previous_digest == _digest_or_none(w.result):
+                # (Not validated either: nothing of it is written. A stored rescan writes a few of its
+                # listings and checked every other one's fields for nothing.)
+                prepared.append(None)
+                continue
             try:
-                p = self._prepare(w, now)
+                prepared.append(self._prepare(w, now))
             except InvalidInputError as exc:
                 field = f"writes[{i}].{exc.field}" if exc.field and len(writes) > 1 else exc.field
                 raise InvalidInputError(exc.message, field) from None
-            unchanged = skip_unchanged and w.previous_digest is not None and w.previous_digest == p.digest
-            prepared.append(None if unchanged else p)
         seen: list[str] = []
         if same_as_stored:
             same = self._same_as_stored([p for p in prepared if p is not None])

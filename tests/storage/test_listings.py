@@ -373,6 +373,15 @@ def test_record_scores_skips_unchanged_results(storage: Storage, two_brands: Ref
                       ScoreSource.STORED_RESCAN, stored.image_sha256s, previous_digest=stored.latest_digest)
     assert repo.record_scores([same], skip_unchanged=True) == [None]
     assert len(repo.history("S1")) == 1
+    # A write left out is not validated (nothing of it is written); a changed one is.
+    odd = ScoreWrite(stored.to_listing(), same.result, ScoreSource.STORED_RESCAN, ["nope"],
+                     previous_digest=stored.latest_digest)
+    assert repo.record_scores([odd], skip_unchanged=True) == [None]
+    odd_changed = ScoreWrite(stored.to_listing(), result("S1", Verdict.CLEAR, None, []), ScoreSource.STORED_RESCAN,
+                             ["nope"], previous_digest=stored.latest_digest)
+    with pytest.raises(InvalidInputError) as err:
+        repo.record_scores([odd_changed], skip_unchanged=True)
+    assert err.value.field == "images[0].sha256" and len(repo.history("S1")) == 1
     # Without skip_unchanged it is written (history is the record of every score).
     assert repo.record_scores([same])[0] is not None and len(repo.history("S1")) == 2
     # Floating-point noise is no change (the same photo searched alone or in a page: ~1e-7 apart).
