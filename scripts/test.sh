@@ -9,4 +9,5 @@ export COUNTERLENS_TEST_POSTGRES_URL
 .venv/bin/ruff check service embeddings index scripts tests
 .venv/bin/mypy service embeddings index
 .venv/bin/mypy --explicit-package-bases scripts
+.venv/bin/mypy tests  # (untyped test functions allowed: pyproject overrides)
 exec .venv/bin/python -m pytest "$@"

@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import numpy as np
@@ -19,6 +19,7 @@ import skimage.data
 import uvicorn
 from PIL import Image
 
+from embeddings.thread_batcher import ThreadBatcher
 from service.api.app import create_app
 from service.container import Container, build_container
 from tests.conftest import jpeg_bytes
@@ -99,14 +100,15 @@ def test_new_reference_flags_a_stored_listing(served: Served, grocery_dir: Path)
     first = client.post("/v1/score", json=_copy_listing(grocery_dir, "early", "s9")).json()
     assert first["verdict"] == "clear" and first["matches"] == []
     container = served.container
-    runs_before = {n: e.embedder.images_run for n, e in container.embedders.items()}
+    batchers = {n: cast(ThreadBatcher, e.embedder) for n, e in container.embedders.items()}
+    runs_before = {n: b.images_run for n, b in batchers.items()}
 
     _add_reference(served, grocery_dir)
     latest = served.latest("early")
     assert latest["verdict"] == "likely_counterfeit", latest
     assert "early" in served.open_review("god-morgon")
     # Only the new reference itself went through the models: the listing's photo was not re-embedded.
-    added = {n: e.embedder.images_run - runs_before[n] for n, e in container.embedders.items()}
+    added = {n: b.images_run - runs_before[n] for n, b in batchers.items()}
     assert all(v <= 1 for v in added.values()), added
     status = client.get("/v1/jobs/stored-rescan").json()
     assert status["enabled"] and status["runs"] >= 1

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from service.domain.model import Money, SignalName, Verdict
-from service.domain.ports import ListingHistory
 from service.storage import (
     InvalidInputError,
     NotFoundError,
@@ -139,7 +138,7 @@ def test_review_queues_are_brand_scoped(storage: Storage, two_brands: Refs) -> N
 
 def test_market_prices(storage: Storage, two_brands: Refs) -> None:
     a1, a2, o1 = two_brands["a1"], two_brands["a2"], two_brands["o1"]
-    history: ListingHistory = storage.listings
+    history = storage.listings  # (market_prices is the repository's; market_sample is ListingHistory's)
     for lid, price, refs, at in (("L1", 1.0, [a1], 0), ("L2", 2.0, [a1, a2], 1), ("L3", None, [a1], 2),
                                  ("L4", 4.0, [a2], 3), ("L5", 5.0, [o1], 4), ("L6", 6.0, [a1], 5)):
         _score(storage, lid, Verdict.REVIEW, refs[0].brand, refs, price=price, at=T0 + timedelta(minutes=at))

@@ -11,6 +11,7 @@ import pytest
 from service.container import Container
 from service.domain.model import Money, ReferenceKind
 from service.usecases.catalog import CatalogChange, ReferenceUpload
+from service.usecases.catalog_cache import CachedCatalog
 
 pytestmark = pytest.mark.slow
 
@@ -58,6 +59,7 @@ def test_a_brands_thresholds_and_names_are_announced_once_changed(container: Con
     heard: list[CatalogChange] = []
     container.catalog.listeners.append(heard.append)
     catalog, scorer_view = container.catalog, container.scorer.catalog
+    assert isinstance(scorer_view, CachedCatalog)
     assert scorer_view.brand_policy("arla") is None  # (read into the scorer's cache: the default policy)
 
     b = catalog.update_brand("arla", likely_threshold=0.3)

@@ -266,6 +266,7 @@ def test_a_verification_is_reused_by_the_next_process_until_the_references_chang
         km2 = build_container(container.settings, embedders=rescan_world.embedders)
         try:
             assert km2.scorer.keypoints is not None and km2.scorer.keypoints.references_id == km.references_id
+            assert km.references_id is not None
             assert km2.scorer.keypoints.cache.get_verified(km.extractor_id, km.references_id, [sha])
         finally:
             km2.close()

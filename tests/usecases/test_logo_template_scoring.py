@@ -223,9 +223,9 @@ class _AddsALogoDuringTheFirstSearch(TemplateLogoLocator):
     """A real locator that, while searching its first photo, has a logo added (as a concurrent catalog
     write would)."""
 
-    def __init__(self, on_first: Callable[[], None]) -> None:
+    def __init__(self, on_first: Callable[[], object]) -> None:
         super().__init__()
-        self.on_first: Callable[[], None] | None = on_first
+        self.on_first: Callable[[], object] | None = on_first
 
     def locate(self, pixels: np.ndarray, only: Collection[int] | None = None) -> list[LocatedLogo]:
         if self.on_first is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import os
 import threading
+from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -328,10 +329,11 @@ def test_a_failed_worker_process_fails_the_stored_rescan(rescan_world: World, co
 
     real = ListingRepository.iter_stored
 
-    def broken(self: ListingRepository, *a: Any, shard: tuple[int, int] | None = None, **kw: Any) -> Any:
+    def broken(self: ListingRepository, brand: str | None = None, since: datetime | None = None,
+               batch_size: int = 500, shard: tuple[int, int] | None = None) -> Any:
         if shard == (1, 2):  # only in the second child (a fork inherits the patch)
             raise RuntimeError("the disk is on fire")
-        return real(self, *a, shard=shard, **kw)
+        return real(self, brand, since, batch_size, shard)
 
     monkeypatch.setattr(ListingRepository, "iter_stored", broken)
     capfd.readouterr()
