@@ -348,13 +348,14 @@ class ListingRepository:
         now = _aware(scored_at, "scored_at") if scored_at is not None else utcnow()
         prepared: list[_Prepared | None] = []
         for i, w in enumerate(writes):
-            if skip_unchanged and w.previous_digest is not None and w.previous_digest == _digest_or_none(w.result):
+            digest = _digest_or_none(w.result) if skip_unchanged and w.previous_digest is not None else None
+            if digest is not None and digest == w.previous_digest:
                 # (Not validated either: nothing of it is written. A stored rescan writes a few of its
                 # listings and checked every other one's fields for nothing.)
                 prepared.append(None)
                 continue
             try:
-                prepared.append(self._prepare(w, now))
+                prepared.append(self._prepare(w, now, digest))
             except InvalidInputError as exc:
                 field = f"writes[{i}].{exc.field}" if exc.field and len(writes) > 1 else exc.field
                 raise InvalidInputError(exc.message, field) from None
@@ -395,7 +396,8 @@ class ListingRepository:
                         same.add(id(p))
         return same
 
-    def _prepare(self, w: ScoreWrite, now: datetime) -> _Prepared:
+    def _prepare(self, w: ScoreWrite, now: datetime, digest: str | None = None) -> _Prepared:
+        """``digest``: the result's, where the caller made it already."""
         listing, result = w.listing, w.result
         src = _source(w.source)
         lid = validate.text(listing.listing_id, "listing_id", 255)
@@ -418,7 +420,7 @@ class ListingRepository:
             raise InvalidInputError(f"result.verdict {result.verdict!r} is not a verdict",
                                     "result.verdict") from None
         # (The stored JSON is made in _write: a --stored rescan leaves most results unchanged, unwritten.)
-        digest = result_digest(result)
+        digest = digest if digest is not None else result_digest(result)
         slugs = {m.reference.brand for m in result.matches}
         if result.brand is not None:
             slugs.add(result.brand)
