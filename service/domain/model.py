@@ -143,6 +143,11 @@ Box = tuple[int, int, int, int]
 """(x0, y0, x1, y1) in pixels of the listing image as decoded."""
 
 
+SIMILARITY_DECIMALS = 4
+"""Similarities are reported to this many decimals. Below it they are floating-point noise: the same two
+vectors searched in a batch of one and in a batch of 256 are summed in different orders."""
+
+
 @dataclass(frozen=True, slots=True)
 class Match:
     """One listing image matched to one catalog reference by one signal."""
@@ -164,7 +169,7 @@ class Match:
             "ref_id": self.reference.ref_id,
             "kind": self.reference.kind.value,
             "signal": self.signal.value,
-            "similarity": round(float(self.similarity), 4),
+            "similarity": round(float(self.similarity), SIMILARITY_DECIMALS),
             "image_index": self.image_index,
         }
         if self.box is not None:
@@ -172,6 +177,22 @@ class Match:
         if self.method is not None:
             out["method"] = self.method
         return out
+
+
+# Equally similar matches are listed in this order of signals: the exact catalog photo first, then a
+# verified printed design, a logo, a semantic lookalike.
+_TIE_ORDER = {SignalName.COPY: 0, SignalName.KEYPOINTS: 1, SignalName.LOGO: 2, SignalName.LOOKALIKE: 3}
+_NO_BOX: Box = (-1, -1, -1, -1)
+
+
+def match_rank(m: Match) -> tuple[float, int, int, int, Box, str]:
+    """Sort key for matches, best first: similarity at the reported precision, then a fixed order
+    (signal, reference, photo, box, method), so the same evidence is listed the same way in every run.
+    Sorting by the raw similarity let noise between two searches of the same vectors swap a copy and a
+    lookalike that both read 1.0 (a re-used official photo), which made a stored rescan of an unchanged
+    catalog rewrite the listing."""
+    return (-round(float(m.similarity), SIMILARITY_DECIMALS), _TIE_ORDER.get(m.signal, len(_TIE_ORDER)),
+            m.reference.image_id, m.image_index, m.box or _NO_BOX, m.method or "")
 
 
 @dataclass(slots=True)

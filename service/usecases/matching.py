@@ -23,7 +23,16 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from service.domain.model import Box, Match, ReferenceInfo, ReferenceKind, RGBImage, SignalName, Vectors
+from service.domain.model import (
+    Box,
+    Match,
+    ReferenceInfo,
+    ReferenceKind,
+    RGBImage,
+    SignalName,
+    Vectors,
+    match_rank,
+)
 from service.domain.ports import CatalogReader, VectorIndex
 
 LOGO_ID_STRIDE = 16
@@ -272,6 +281,6 @@ class ReferenceMatcher:
                 Match(reference=ref, signal=signal, similarity=sim, image_index=row, box=box))
         out: list[Match] = []
         for signal in (SignalName.COPY, SignalName.LOOKALIKE, SignalName.LOGO):
-            ms = sorted(by_signal.get(signal, []), key=lambda m: -m.similarity)
+            ms = sorted(by_signal.get(signal, []), key=match_rank)
             out += ms[: self.config.max_matches_per_signal]
         return out

@@ -34,7 +34,16 @@ from service.domain.assessment import (
     wants_closer_look,
 )
 from service.domain.candidates import BrandCandidate, candidate_brands, one_product_per_photo
-from service.domain.model import Listing, ListingImage, Match, ReferenceKind, ScoreResult, SignalName, Vectors
+from service.domain.model import (
+    Listing,
+    ListingImage,
+    Match,
+    ReferenceKind,
+    ScoreResult,
+    SignalName,
+    Vectors,
+    match_rank,
+)
 from service.domain.policy import VerdictPolicy
 from service.domain.ports import CatalogReader, ListingHistory, OcrLine, TextReader
 from service.domain.pricing import MarketSample
@@ -679,4 +688,4 @@ def _stack(found: dict[str, np.ndarray], order: Sequence[str], emb: CachedEmbedd
 
 
 def _ordered(matches: Sequence[Match]) -> list[Match]:
-    return sorted(matches, key=lambda m: -m.similarity)
+    return sorted(matches, key=match_rank)
