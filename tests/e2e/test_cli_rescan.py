@@ -195,8 +195,10 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_results(rescan_world: Wor
         proc = subprocess.Popen([*command, *extra], cwd=REPO, env={**os.environ, **env(data)},
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 240
+        # Polled every 2 ms: a resumed run finds most embeddings cached and can write the ~180 lines
+        # left in ~60 ms on a fast machine, so a 20 ms poll once saw the run finish before the kill.
         while complete_lines(out) < lines and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
+            time.sleep(0.002)
         assert proc.stderr is not None
         assert proc.poll() is None, f"the run ended before it could be stopped: {proc.stderr.read()!r}"
         os.kill(proc.pid, sig)
