@@ -30,7 +30,15 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
-from service.domain.model import Listing, Money, ReferenceKind, ScoreResult, SellerInfo, Verdict
+from service.domain.model import (
+    SIMILARITY_DECIMALS,
+    Listing,
+    Money,
+    ReferenceKind,
+    ScoreResult,
+    SellerInfo,
+    Verdict,
+)
 from service.storage import validate
 from service.storage._sql import chunked, dialect_insert
 from service.storage.db import Database
@@ -88,8 +96,9 @@ def result_json(result: ScoreResult) -> dict[str, Any]:
 # Risk and similarities count to 4 decimals. The same photo searched alone (a request: FAISS's SIMD
 # loop) or in a page (a rescan: one BLAS product) gets similarities ~1e-7 apart, which crossed a 1e-6
 # rounding step for 157-249 of 2,000 listings in a stored rescan after a file rescan: history rows with
-# nothing new in them. At 1e-4 such noise crosses a step for ~0.1% of the values.
-_DIGEST_DECIMALS = 4
+# nothing new in them. At 1e-4 (the precision similarities are reported at) such noise crosses a step
+# for ~0.1% of the values.
+_DIGEST_DECIMALS = SIMILARITY_DECIMALS
 
 
 def result_digest(result: ScoreResult) -> str:
