@@ -19,6 +19,11 @@ import numpy as np
 from service.domain.model import KeypointSet, RGBImage
 
 
+def set_opencv_threads(threads: int) -> None:
+    """OpenCV's thread count for the whole process (0: OpenCV's default, one per core)."""
+    cv2.setNumThreads(threads if threads > 0 else -1)
+
+
 class SiftExtractor:
     """SIFT on the grey image, resized so its longer side is at most ``max_side`` (and upscaled to at
     least ``min_side``: a small photo has too few keypoints at its own size); the ``max_features``

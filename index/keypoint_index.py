@@ -109,6 +109,12 @@ class FaissKeypointIndex:
         """Indexed descriptors, over all references."""
         return sum(len(r.points) for r in self._refs.values())
 
+    def build(self) -> None:
+        """Build the search structure now instead of on the next verification (~0.4 s for ~33,000
+        reference keypoints in an HNSW graph): at start-up, and before a rescan forks its workers, which
+        then share it."""
+        self._index()
+
     def _index(self) -> _Built:
         with self._lock:
             if self._built is None:

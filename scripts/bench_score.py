@@ -7,6 +7,14 @@ service has never seen (cold: every model runs) and for photos it has seen (cach
 answers). The raw embedding throughput of the same models is measured in this run, in this process, on
 the same photos, so the ratio service/raw says what HTTP, storage, search and fusion cost.
 
+The listings are grocery in-store photos of catalog products; ``--suspect-share`` of them are priced at a
+quarter of their product's reference price (the rest at it). Those are the ones the cascade verifies by
+keypoints and, where still undecided, reads by OCR: the default 1.0 is its worst case, every listing a
+cheap lookalike. The server counts the expensive signals it runs (``/metrics``), and the raw rates of
+keypoint verification and OCR are measured here on the same photos, so ``service/raw work`` compares
+the service with the raw cost of the same work: the embeddings plus the expensive signals as often as
+they ran.
+
 Each phase opens with every connection's first request at once, a burst that waits for one model batch
 together; the figures start after ``--warmup`` answered requests (default twice the concurrency), so
 they are of the steady state, like a load tester's warm-up. ``--warmup 0`` counts the burst too.
@@ -27,6 +35,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -112,6 +121,44 @@ def _raw_throughput(photos: list[bytes], data_dir: Path, batch: int) -> float:
     return float(raw_model_rate(list(embedders.values()), pixels, batch))
 
 
+def _raw_signal_rates(photos: list[bytes], data_dir: Path) -> dict[str, float]:
+    """Photos/s of the cascade's expensive signals alone on these photos, two threads at once (the
+    service's pool): keypoint verification against the catalogue's photos, and OCR."""
+    from benchlib import raw_work_rate
+
+    from embeddings.keypoints import set_opencv_threads
+    from embeddings.registry import build_text_reader
+    from service.container import build_keypoint_parts
+    from service.settings import Settings
+
+    settings = Settings(data_dir=data_dir)
+    set_opencv_threads(settings.keypoints.opencv_threads)  # as the service runs
+    pixels = [np.asarray(Image.open(io.BytesIO(p)).convert("RGB")) for p in photos]
+    extractor, index = build_keypoint_parts(settings)
+    for i, path in enumerate(sorted((GROCERY / "catalogue").glob("*.jpg"))):
+        with Image.open(path) as im:
+            index.add(i, extractor.extract(np.asarray(im.convert("RGB"))))
+    min_inliers = settings.keypoints.min_inliers
+
+    def keypoints() -> Callable[[np.ndarray], object]:
+        return lambda px: index.verify(extractor.extract(px), min_inliers=min_inliers)
+
+    def ocr() -> Callable[[np.ndarray], object]:
+        return build_text_reader(settings.models.model_copy(update={"intra_op_threads": 1})).read
+
+    return {"keypoints": raw_work_rate(keypoints, pixels), "ocr": raw_work_rate(ocr, pixels[:32])}
+
+
+def _signals_run(url: str) -> dict[str, float]:
+    """The server's ``counterlens_signals_run_total`` by signal (one worker's, with several)."""
+    out: dict[str, float] = {}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("counterlens_signals_run_total{"):
+            name = line.split('signal="', 1)[1].split('"', 1)[0]
+            out[name] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", help="an already running service (default: start one)")
@@ -125,6 +172,9 @@ def main() -> None:
                          "2 x the concurrency; 0 counts the opening burst, where every connection's first "
                          "request arrives at once)")
     ap.add_argument("--workers", type=int, default=1, help="server worker processes (with no --url)")
+    ap.add_argument("--suspect-share", type=float, default=1.0,
+                    help="share of listings priced at a quarter of the reference price, the rest at it "
+                         "(default 1.0: every listing, the cascade's worst case)")
     ap.add_argument("--no-cascade", action="store_true",
                     help="start the server with the expensive signals off (logo search in crops, OCR, "
                          "keypoint verification): "
@@ -138,6 +188,8 @@ def main() -> None:
         ap.error("--concurrency, --n and --workers must be >= 1 and --time-limit > 0")
     if args.warmup is not None and args.warmup < 0:
         ap.error("--warmup must be >= 0")
+    if not 0.0 <= args.suspect_share <= 1.0:
+        ap.error("--suspect-share must be within [0, 1]")
     tmp = Path(tempfile.mkdtemp(prefix="counterlens-bench-"))
     proc = None
     try:
@@ -160,25 +212,41 @@ def main() -> None:
         photos = _photos(sum(sizes), args.seed)
         console.print("measuring raw model throughput (same photos, this process)...")
         raw = _raw_throughput(photos[: min(256, len(photos))], tmp / "data", batch=16)
+        signal_rates = {} if args.no_cascade else _raw_signal_rates(photos[: min(64, len(photos))], tmp / "data")
+        picker = random.Random(args.seed)
+        suspect = [picker.random() < args.suspect_share for _ in photos]
 
         def request(i: int, photo: bytes) -> bytes:
-            body = {"listing_id": f"bench-{args.seed}-{i}", "title": "grocery item", "price": {"amount": 5.0},
+            price = 5.0 if suspect[i % 10**6] else 20.0
+            body = {"listing_id": f"bench-{args.seed}-{i}", "title": "grocery item", "price": {"amount": price},
                     "seller": {"id": f"seller-{i % 50}"}, "images": [{"base64": base64.b64encode(photo).decode()}]}
             req: bytes = post_request(host, port, "/v1/score", json.dumps(body).encode("ascii"))
             return req
 
         table = Table("phase", "c", "listings", "listings/s", "p50 ms", "p95 ms", "p99 ms", "errors",
-                      "service/raw", "server CPU ms", "client CPU ms")
+                      "service/raw", "keypoints / OCR ran", "service/raw work", "server CPU ms", "client CPU ms")
+        unmeasured: set[str] = set()
 
         def run(phase: str, c: int, requests: list[bytes]) -> None:
+            ran0 = _signals_run(url)
             cpu0 = process_tree_cpu_s(proc.pid) if proc is not None else None
             got = post_load(host, port, requests, c, args.time_limit, warmup=warmup(c))
             cpu1 = process_tree_cpu_s(proc.pid) if proc is not None else None
-            answered = got.n + got.warmed  # (the server's CPU is read over the whole phase)
+            answered = got.n + got.warmed  # (the server's CPU and the signals are read over the whole phase)
+            ran = {k: (v - ran0.get(k, 0.0)) / max(1, answered) for k, v in _signals_run(url).items()}
             server = "-" if cpu0 is None or cpu1 is None or not got.n else f"{(cpu1 - cpu0) / answered * 1000:.1f}"
+            # The raw cost of this phase's work per listing: a photo through the models, plus keypoint
+            # verification and OCR as often as the server ran them (ms on the two cores).
+            work = "-"
+            if phase == "cold":
+                ms = 1000 / raw + sum(ran.get(k, 0.0) * 1000 / r for k, r in signal_rates.items())
+                work = f"{got.rate * ms / 1000:.2f}"
+                unmeasured.update(k for k, v in ran.items() if v > 0 and k not in signal_rates)
             table.add_row(phase, str(c), str(got.n), f"{got.rate:.1f}", f"{got.percentile_ms(0.50):.0f}",
                           f"{got.percentile_ms(0.95):.0f}", f"{got.percentile_ms(0.99):.0f}", str(got.errors),
-                          f"{got.rate / raw:.2f}" if phase == "cold" else "-", server, f"{got.client_cpu_ms:.2f}")
+                          f"{got.rate / raw:.2f}" if phase == "cold" else "-",
+                          f"{ran.get('keypoints', 0.0):.2f} / {ran.get('ocr', 0.0):.2f}", work, server,
+                          f"{got.client_cpu_ms:.2f}")
 
         for k, c in enumerate(levels):
             first = sum(sizes[:k])
@@ -196,6 +264,12 @@ def main() -> None:
                       "--warmup 0 counts them")
         console.print(f"raw model throughput (all roles side by side, batch 16): {raw:.1f} photos/s; machine: "
                       f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
+        if signal_rates:
+            console.print("raw expensive signals (2 threads): " + ", ".join(
+                f"{k} {v:.1f} photos/s" for k, v in signal_rates.items()) + f"; suspect share {args.suspect_share}")
+        if unmeasured:
+            console.print("[yellow]service/raw work leaves out " + ", ".join(sorted(unmeasured)) + " (ran, not "
+                          "measured raw): the ratio is too high[/yellow]")
     finally:
         if proc is not None:
             proc.terminate()

@@ -11,10 +11,33 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+
+
+def _side_by_side(loop: Callable[[int, Callable[[], bool]], int], threads: int,
+                  seconds: float) -> tuple[list[int], float]:
+    """Run ``loop(k, running)`` in ``threads`` threads started together, for ``seconds``: each loop
+    works while ``running()`` and answers how many photos it did. Answers the counts and the time."""
+    counts = [0] * threads
+    start = threading.Barrier(threads + 1)
+    stop_at = [0.0]
+
+    def run(k: int) -> None:
+        start.wait()
+        counts[k] = loop(k, lambda: time.perf_counter() < stop_at[0])
+
+    workers = [threading.Thread(target=run, args=(k,)) for k in range(threads)]
+    for t in workers:
+        t.start()
+    t0 = time.perf_counter()
+    stop_at[0] = t0 + seconds
+    start.wait()
+    for t in workers:
+        t.join()
+    return counts, time.perf_counter() - t0
 
 
 def raw_model_rate(embedders: Sequence[Any], pixels: Sequence[np.ndarray], batch: int,
@@ -25,25 +48,35 @@ def raw_model_rate(embedders: Sequence[Any], pixels: Sequence[np.ndarray], batch
         raise ValueError("need at least one model and one photo")
     for e in embedders:
         e.embed(list(pixels[:batch]))  # warm-up: first calls allocate
-    counts = [0] * len(embedders)
-    start = threading.Barrier(len(embedders) + 1)
-    stop_at = [0.0]
 
-    def loop(k: int) -> None:
-        e, done = embedders[k], 0
-        start.wait()
-        while time.perf_counter() < stop_at[0]:
-            e.embed([pixels[(done + j) % len(pixels)] for j in range(batch)])
+    def loop(k: int, running: Callable[[], bool]) -> int:
+        done = 0
+        while running():
+            embedders[k].embed([pixels[(done + j) % len(pixels)] for j in range(batch)])
             done += batch
-        counts[k] = done
+        return done
 
-    threads = [threading.Thread(target=loop, args=(k,)) for k in range(len(embedders))]
-    for t in threads:
-        t.start()
-    t0 = time.perf_counter()
-    stop_at[0] = t0 + seconds
-    start.wait()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - t0
+    counts, elapsed = _side_by_side(loop, len(embedders), seconds)
     return min(counts) / elapsed
+
+
+def raw_work_rate(work: Callable[[], Callable[[np.ndarray], object]], pixels: Sequence[np.ndarray],
+                  threads: int = 2, seconds: float = 4.0) -> float:
+    """Photos per second through one piece of per-photo work (keypoint verification, OCR) alone, on
+    ``threads`` threads at once (the service runs the cascade's expensive signals on a pool of two).
+    ``work()`` is called once per thread and answers the function that thread runs on each photo (a
+    reader per thread, where the work is not thread-safe)."""
+    if not pixels or threads < 1:
+        raise ValueError("need at least one photo and one thread")
+    fns = [work() for _ in range(threads)]
+    fns[0](pixels[0])  # warm-up: the first call loads and allocates
+
+    def loop(k: int, running: Callable[[], bool]) -> int:
+        done = 0
+        while running():
+            fns[k](pixels[(k + done * threads) % len(pixels)])
+            done += 1
+        return done
+
+    counts, elapsed = _side_by_side(loop, threads, seconds)
+    return sum(counts) / elapsed

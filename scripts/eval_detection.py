@@ -11,9 +11,10 @@ and the rescan's listings/s. The benchmark and the metrics are described in docs
     .venv/bin/python scripts/eval_detection.py --work /tmp/eval --probe crop-copy   # a proposal, on that run
 
 Settings of the system under test come from the environment as for any counterlens command
-(``COUNTERLENS_SCORING__LOGO_FLOOR=0.35``) or from ``--env KEY=VALUE``. With the default
-``scoring.logo_search=cascade`` the logo listings and the negatives are rescanned a second time with
-``always`` (``--no-logo-compare`` skips it) to measure what the cascade misses and what it saves.
+(``COUNTERLENS_SCORING__LOGO_FLOOR=0.35``) or from ``--env KEY=VALUE``. With
+``scoring.logo_search`` other than ``always`` (default ``never``) the logo listings and the negatives are
+rescanned twice more, with that mode and with ``always`` (``--no-logo-compare`` skips it), to measure what
+the crop search finds when it runs on every photo and what it costs.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", choices=["tune", "report", "both"], default="both", help="splits to print")
     ap.add_argument("--workers", type=int, default=None, help="rescan --workers (default: the CLI's)")
     ap.add_argument("--logo-compare", action=argparse.BooleanOptionalAction, default=True,
-                    help="also rescan logos + negatives with logo_search=always (and cascade, for speed)")
+                    help="also rescan logos + negatives with logo_search=always (and the configured mode, for speed)")
     ap.add_argument("--fit", action="store_true",
                     help="fit fusion weights and pick ramps on the tune split (in-process), report both splits")
     ap.add_argument("--probe", choices=["crop-copy", "logo"], default=None,
@@ -131,10 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copytree(base.path / "models", work / "models", symlinks=True)  # the next run skips the export
 
     logo_mode = settings.scoring.logo_search
-    compare = args.logo_compare and logo_mode == "cascade"
+    compare = args.logo_compare and logo_mode != "always"
     snapshots: dict[str, DataDir] = {}
     if compare:
-        for mode in ("cascade", "always"):
+        for mode in (logo_mode, "always"):
             snapshots[mode] = base.snapshot(runs / f"logo-{mode}" / "data")
 
     main_run = base.rescan("main", bench.listings, runs / "main", workers=args.workers)
@@ -208,7 +209,7 @@ def _check_errors(run: RescanRun) -> None:
 
 def _logo_compare(bench: Benchmark, snapshots: dict[str, DataDir], workers: int | None,
                   order: Any) -> dict[str, Any]:
-    """The logo listings and the negatives rescanned with logo_search cascade and always, each from the
+    """The logo listings and the negatives rescanned with the configured logo_search and always, each from the
     same freshly imported catalog, so both the quality and the speed compare like for like."""
     subset = [q for q in bench.queries if q.track in ("logo", "negative")]
     path = bench.subset("logo-compare", subset)
@@ -233,7 +234,8 @@ def _print(out: dict[str, Any], which: str) -> None:
     if "logo_search" in out:
         rows = [(f"logo_search={mode}", {s: v for s, v in r["splits"].items() if s in splits},
                  r["listings_per_s"]) for mode, r in out["logo_search"].items()]
-        print_comparison(console, "logo track: cascade vs always (logos + negatives rescanned)", rows, "logo")
+        title = "logo track: " + " vs ".join(out["logo_search"]) + " (logos + negatives rescanned)"
+        print_comparison(console, title, rows, "logo")
     if "tuning" in out:
         from scripts.eval.tuning import print_tuning
 

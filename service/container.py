@@ -11,9 +11,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from embeddings.keypoints import SiftExtractor
-from embeddings.ocr import RapidOcrReader
-from embeddings.registry import build_image_embedder
+from embeddings.keypoints import SiftExtractor, set_opencv_threads
+from embeddings.registry import build_image_embedder, build_text_reader
 from embeddings.thread_batcher import ThreadBatcher
 from index.keypoint_index import FaissKeypointIndex
 from index.logo_templates import TemplateLogoLocator
@@ -81,21 +80,6 @@ class BrandPolicyLookup:
         return VerdictPolicy(review, likely)
 
 
-class LazyOcr:
-    """The OCR reader, loaded on first use under a lock (most listings never need it)."""
-
-    def __init__(self, threads: int) -> None:
-        self._threads = threads
-        self._reader: RapidOcrReader | None = None
-        self._lock = threading.Lock()
-
-    def read(self, image: Any) -> Any:
-        with self._lock:
-            if self._reader is None:
-                self._reader = RapidOcrReader(intra_op_threads=self._threads)
-        return self._reader.read(image)
-
-
 @dataclass
 class Container:
     settings: Settings
@@ -124,7 +108,8 @@ class Container:
             if self._score_queue is None:
                 server = self.settings.server
                 self._score_queue = ScoringQueue(self.scorer, workers=server.scoring_threads,
-                                                 max_batch=server.max_batch_listings)
+                                                 max_batch=server.max_batch_listings,
+                                                 slow_workers=server.slow_scoring_threads)
             return self._score_queue
 
     def describe(self) -> dict[str, Any]:
@@ -185,7 +170,7 @@ def build_embedders(settings: Settings) -> tuple[dict[str, ImageEmbedder], Model
 
 def build_container(settings: Settings, *, reconcile: bool = True,
                     embedders: dict[str, ImageEmbedder] | None = None,
-                    background_rescans: bool = False, watch_catalog: bool = False) -> Container:
+                    background_rescans: bool = False, watch_catalog: bool = False, warm: bool = False) -> Container:
     """Everything the API and the CLI need. ``embedders`` lets tests share already-built models.
 
     ``background_rescans`` (the API): catalog changes start stored rescans in the background
@@ -193,9 +178,12 @@ def build_container(settings: Settings, *, reconcile: bool = True,
     change of its prices or sellers), in a child process or a thread (``server.background_rescans``).
     A CLI import exits at once instead; docs/rescan.md shows the `rescan --stored` cron for it.
     ``watch_catalog`` (the API): catalog changes made by other processes (other workers, a CLI import) are
-    patched into this process's indexes every ``server.catalog_sync_s`` seconds (CatalogWatcher)."""
+    patched into this process's indexes every ``server.catalog_sync_s`` seconds (CatalogWatcher).
+    ``warm`` (the API): what scoring loads on first use (the keypoint index, the logo templates, the
+    catalog facts) is loaded now, so that no request waits for it (``ListingScorer.warm_up``)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     set_search_threads(settings.index.search_threads)
+    set_opencv_threads(settings.keypoints.opencv_threads)
     db = Database(settings.database_url, echo=settings.storage.echo_sql)
     db.migrate()
     catalog_repo = CatalogRepository(db)
@@ -216,7 +204,7 @@ def build_container(settings: Settings, *, reconcile: bool = True,
     matcher = ReferenceMatcher(
         lambda name, kind: _open_or_none(indexes, cached, name, kind), catalog_view, roles,
         MatchingConfig(top_k=settings.index.top_k))
-    ocr: TextReader | None = None if settings.models.ocr == "never" else LazyOcr(settings.models.intra_op_threads)
+    ocr: TextReader | None = None if settings.models.ocr == "never" else build_text_reader(settings.models)
     scorer = ListingScorer(
         copy=cached[roles.copy], semantic=cached[roles.semantic] if roles.semantic else None,
         logo=cached[roles.logo], matcher=matcher, catalog=catalog_view, history=listings,
@@ -229,6 +217,8 @@ def build_container(settings: Settings, *, reconcile: bool = True,
                              on_change=scorer.catalog_changed, keypoints=keypoints, logo_templates=logo_templates)
     if reconcile:
         catalog.reconcile()
+    if warm:
+        scorer.warm_up()
     container = Container(settings=settings, db=db, catalog_repo=catalog_repo, listings=listings,
                           embedding_store=store, blobs=blobs, embedders=cached, roles=roles, indexes=indexes,
                           fetcher=fetcher, images=ListingImageLoader(ImageLoader(settings.intake, fetcher)),
@@ -250,12 +240,17 @@ def build_container(settings: Settings, *, reconcile: bool = True,
 def build_keypoints(settings: Settings, store: KeypointStore, catalog: CatalogReader) -> KeypointMatcher | None:
     """The keypoints signal's parts, or None when ``keypoints.mode`` is "never" (then no reference is
     described either)."""
-    k = settings.keypoints
-    if k.mode == "never":
+    if settings.keypoints.mode == "never":
         return None
+    extractor, index = build_keypoint_parts(settings)
+    return KeypointMatcher(extractor, store, index, catalog, min_inliers=settings.keypoints.min_inliers)
+
+
+def build_keypoint_parts(settings: Settings) -> tuple[SiftExtractor, FaissKeypointIndex]:
+    """The keypoint extractor and an empty reference index, as ``keypoints`` configures them."""
+    k = settings.keypoints
     extractor = SiftExtractor(max_side=k.max_side, min_side=k.min_side, max_features=k.max_features)
-    index = FaissKeypointIndex(ratio=k.ratio, exact_max=k.exact_max, hnsw_ef_search=k.hnsw_ef_search)
-    return KeypointMatcher(extractor, store, index, catalog, min_inliers=k.min_inliers)
+    return extractor, FaissKeypointIndex(ratio=k.ratio, exact_max=k.exact_max, hnsw_ef_search=k.hnsw_ef_search)
 
 
 def build_logo_locator(settings: Settings) -> TemplateLogoLocator:

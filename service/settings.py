@@ -47,6 +47,8 @@ class ModelSettings(BaseModel):
     max_batch: int = Field(default=16, ge=1, le=256)
     batch_wait_ms: float = Field(default=2.0, ge=0, le=100)
     ocr: Literal["cascade", "always", "never"] = "cascade"
+    # Text is detected on the photo resized to this longer side (embeddings/ocr.py, scripts/bench_ocr.py).
+    ocr_detect_side: int = Field(default=480, ge=64, le=4096)
 
 
 class IndexSettings(BaseModel):
@@ -72,6 +74,10 @@ class KeypointSettings(BaseModel):
     # photo here against 28 ms at 320, and found as many natural photos on the quality benchmark.
     min_side: int = Field(default=256, ge=32, le=4096)
     max_features: int = Field(default=400, ge=8, le=4000)
+    # OpenCV's threads (process-wide: SIFT, resizing, template matching); 0: its default, one per core.
+    # The service runs photos in parallel already (the scoring pool), and OpenCV's own threads on top
+    # cost CPU: SIFT of a 256 px photo took 21 ms of CPU with 2 threads against 19 with one (2 cores).
+    opencv_threads: int = Field(default=1, ge=0, le=256)
     # A reference is reported from this many inliers (the signal counts from scoring.keypoints_floor).
     min_inliers: int = Field(default=8, ge=3)
     ratio: float = Field(default=0.8, gt=0, le=1)
@@ -115,10 +121,12 @@ class LogoTemplateSettings(BaseModel):
 class ScoringSettings(BaseModel):
     review_threshold: float = Field(default=0.5, ge=0, le=1)
     likely_threshold: float = Field(default=0.8, ge=0, le=1)
-    # Logo search inside photo crops (~35 crops a photo, so it costs ~35 embeddings): "cascade" runs it
-    # only when a brand is already a candidate or the text is suspicious; "always" on every photo.
-    # docs/quality.md measures what the cascade misses.
-    logo_search: Literal["cascade", "always", "never"] = "cascade"
+    # Logo search by embedding ~35 crops of each photo (~35 embeddings a photo): "cascade" runs it where
+    # the cheap signals leave a listing undecided, "always" on every photo. Off by default: on the
+    # quality benchmark the cascade's crop search changed 1 of 1,516 figures and no metric (logo
+    # templates and keypoint verification find what it found), at ~205 ms per listing it ran on
+    # (docs/quality.md, "Logo search in crops, after templates and keypoints").
+    logo_search: Literal["cascade", "always", "never"] = "never"
     # Similarities at which the copy / lookalike / logo signals start to count and are certain.
     # Calibrated on the tune split of scripts/eval_detection.py (docs/quality.md).
     copy_floor: float = 0.30
@@ -173,6 +181,9 @@ class ServerSettings(BaseModel):
     # Threads scoring queued requests together (see service.usecases.score_queue): two keep one batch in
     # the models while another is matched and stored.
     scoring_threads: int = Field(default=2, ge=1, le=64)
+    # Threads finishing the listings that the cascade sends on to an expensive signal (keypoints, logo
+    # templates, OCR), so that the rest of their batch is answered without waiting for them.
+    slow_scoring_threads: int = Field(default=2, ge=1, le=64)
     max_batch_listings: int = Field(default=32, ge=1, le=1024)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Seconds between checks for catalog changes made by other processes (other workers, a CLI import),

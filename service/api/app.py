@@ -96,7 +96,7 @@ def create_app(settings: Settings, container_factory: ContainerFactory | None = 
 
         from service.container import build_container
 
-        container_factory = partial(build_container, background_rescans=True, watch_catalog=True)
+        container_factory = partial(build_container, background_rescans=True, watch_catalog=True, warm=True)
     factory = container_factory
     metrics = Metrics()
     state = AppState(settings, metrics)

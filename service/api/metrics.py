@@ -24,6 +24,10 @@ class Metrics:
                                        "Images run through a model (cache misses)", ["model"], registry=r)
         self.cache_hits = Counter("counterlens_embedding_cache_hits_total",
                                   "Images whose embedding came from the cache", ["model"], registry=r)
+        # How often the cascade runs each expensive signal (keypoints, logo_crops, logo_templates, ocr):
+        # what the scored traffic costs beyond the embeddings (scripts/bench_score.py reads it).
+        self.signals_run = Counter("counterlens_signals_run_total",
+                                   "Scored listings on which an expensive signal ran", ["signal"], registry=r)
         self.ready = Gauge("counterlens_ready", "1 once models and indexes are loaded", registry=r)
         self.index_size = Gauge("counterlens_index_vectors", "Vectors per reference index",
                                 ["index"], registry=r)

@@ -119,6 +119,17 @@ class KeypointMatcher:
                 self.cache.put_verified(self.extractor_id, references, fresh)
         return self._matches(hits), missing
 
+    def warm(self) -> None:
+        """Load the references (if this process has not) and build the index's search structure, so
+        that no listing's verification waits for either."""
+        self.loading.ensure()
+        self.index.build()
+
+    def remembers(self, hashes: Iterable[str]) -> bool:
+        """Whether every photo's verification is remembered here (then :meth:`verify` costs nothing)."""
+        with self._lru_lock:
+            return all(sha in self._verified for sha in hashes)
+
     def verifiable(self, hashes: Iterable[str]) -> set[str]:
         """The photos among ``hashes`` that :meth:`verify` can verify without their pixels: remembered
         here, or described in the keypoint cache. A stored rescan asks it for a page of listings at

@@ -1,12 +1,17 @@
 """Concurrent score requests scored together.
 
 Each ``POST /v1/score`` hands its decoded listing to :class:`ScoringQueue` and awaits a future. A few
-worker threads each take everything waiting (up to ``max_batch`` listings) and score it with one
-:meth:`~service.usecases.scoring.ListingScorer.score_many` call: one model batch per model, one search
-per index, one database transaction for the lot. A worker never waits for company: under light load a
-listing is scored alone at once, under heavy load the queue fills while the workers are busy and the
-batches grow by themselves. With two or more workers one batch is in the models while another is matched
-and written.
+worker threads each take everything waiting (up to ``max_batch`` listings) and prepare it with one
+:meth:`~service.usecases.scoring.ListingScorer.prepare_many` call: one model batch per model, one search
+per index. A worker never waits for company: under light load a listing is scored alone at once, under
+heavy load the queue fills while the workers are busy and the batches grow by themselves. With two or
+more workers one batch is in the models while another is matched and written.
+
+The listings the cascade sends on to an expensive signal (keypoint verification, logo templates, OCR:
+20-130 ms each on one core) are finished apart, each in a thread of a small pool; the rest of the batch
+is finished, stored in one transaction and answered at once. Finished together, every listing of a
+batch waited for the slowest one's OCR (bench_score, default settings: cold p50 140 ms, p99 925 ms at
+8 concurrent requests), and the worker could not take the next batch meanwhile.
 """
 
 from __future__ import annotations
@@ -14,10 +19,11 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from concurrent.futures import Future
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from service.domain.model import Listing
-from service.usecases.scoring import ListingScorer, ScoreOutcome
+from service.usecases.scoring import ListingScorer, PreparedListing, ScoreOutcome
 
 log = logging.getLogger("counterlens.score_queue")
 
@@ -28,9 +34,9 @@ class QueueClosedError(RuntimeError):
 
 class ScoringQueue:
     def __init__(self, scorer: ListingScorer, *, workers: int = 2, max_batch: int = 32,
-                 source: str = "api") -> None:
-        if workers < 1 or max_batch < 1:
-            raise ValueError("workers and max_batch must be >= 1")
+                 source: str = "api", slow_workers: int = 2) -> None:
+        if workers < 1 or max_batch < 1 or slow_workers < 1:
+            raise ValueError("workers, max_batch and slow_workers must be >= 1")
         self.scorer = scorer
         self.max_batch = max_batch
         self.source = source
@@ -39,6 +45,7 @@ class ScoringQueue:
         self._closed = False
         self.batches = 0
         self.listings = 0
+        self._slow = ThreadPoolExecutor(max_workers=slow_workers, thread_name_prefix="score-slow")
         self._threads = [threading.Thread(target=self._run, name=f"score-queue-{i}", daemon=True)
                          for i in range(workers)]
         for t in self._threads:
@@ -71,7 +78,7 @@ class ScoringQueue:
             if not live:
                 continue
             try:
-                outcomes = self.scorer.score_many([lst for lst, _ in live], source=self.source)
+                prepared = self.scorer.prepare_many([lst for lst, _ in live], source=self.source)
             except BaseException as exc:  # the batch as a whole failed: every caller hears why
                 log.exception("scoring a batch failed")
                 for _, fut in live:
@@ -80,11 +87,30 @@ class ScoringQueue:
             with self._cv:
                 self.batches += 1
                 self.listings += len(live)
-            for (_, fut), out in zip(live, outcomes, strict=True):
-                if isinstance(out, Exception):
-                    fut.set_exception(out)
+            quick: list[tuple[PreparedListing, Future[ScoreOutcome]]] = []
+            for (_, fut), p in zip(live, prepared, strict=True):
+                if isinstance(p, Exception):
+                    fut.set_exception(p)
+                elif p.slow:
+                    self._slow.submit(self._finish, [(p, fut)])
                 else:
-                    fut.set_result(out)
+                    quick.append((p, fut))
+            if quick:
+                self._finish(quick)
+
+    def _finish(self, pairs: Sequence[tuple[PreparedListing, Future[ScoreOutcome]]]) -> None:
+        try:
+            outcomes = self.scorer.finish_many([p for p, _ in pairs])
+        except BaseException as exc:
+            log.exception("finishing scores failed")
+            for _, fut in pairs:
+                fut.set_exception(exc)
+            return
+        for (_, fut), out in zip(pairs, outcomes, strict=True):
+            if isinstance(out, Exception):
+                fut.set_exception(out)
+            else:
+                fut.set_result(out)
 
     def close(self, timeout: float = 30.0) -> None:
         """Score what is queued, then stop the workers."""
@@ -93,3 +119,4 @@ class ScoringQueue:
             self._cv.notify_all()
         for t in self._threads:
             t.join(timeout)
+        self._slow.shutdown(wait=True)  # the listings already handed on are finished and answered

@@ -83,7 +83,7 @@ _KEYPOINTS_NOT_STORED = "the photos' keypoints were not stored: not verified"
 
 @dataclass(slots=True)
 class _Item:
-    """One listing on its way through :meth:`ListingScorer._assess_many`."""
+    """One listing on its way through :meth:`ListingScorer.prepare_many` and :meth:`ListingScorer.finish_many`."""
 
     listing: Listing
     vectors: ListingVectors
@@ -94,6 +94,53 @@ class _Item:
     # Keypoint verification can run: False only for a stored rescan's listing none of whose photos was
     # ever described (no pixels, no stored features).
     verifiable: bool = True
+
+
+@dataclass(slots=True)
+class _Triage:
+    """What the cheap signals say of one listing, and what the cascade runs next (:meth:`ListingScorer._triage`)."""
+
+    found: list[Match]  # every match of the whole-photo search (what the answer lists)
+    scan: TextScan
+    matches: list[Match]  # the evidence: one product per photo
+    candidates: list[BrandCandidate]
+    facts: ListingFacts
+    closer: bool  # worth the closer look (crops, templates, OCR)
+    prelim: RiskReading | None
+    verify: bool  # keypoint verification runs
+    skipped: dict[SignalName, str]
+
+
+@dataclass(slots=True)
+class _Batch:
+    """What the listings prepared together share: the sellers' confirmed counterfeits and the brand
+    contexts read for them, and how their scores are stored."""
+
+    source: str
+    persist: bool
+    skip_unchanged: bool
+    same_as_stored: bool
+    confirmed: dict[str, int] = field(default_factory=dict)
+    # (brand, sku) -> context, filled as listings ask (only ``get`` and ``set``: safe to share between the
+    # threads that finish the batch's listings).
+    known: dict[tuple[str, str | None], BrandContext] = field(default_factory=dict)
+    matched_from: float = 0.0  # when the batch's search started (the ``match`` timing)
+
+
+@dataclass(slots=True)
+class PreparedListing:
+    """A listing through the cheap half of scoring (:meth:`ListingScorer.prepare_many`): embedded,
+    searched, and the cascade's decisions made. ``slow``: finishing it runs an expensive signal
+    (keypoint verification, logo search, OCR)."""
+
+    item: _Item
+    triage: _Triage
+    batch: _Batch
+    started: float
+    embed_ms: float | None = None
+    slow: bool = False
+    embedded: dict[str, int] = field(default_factory=dict)
+    cache_hits: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,14 +229,19 @@ class ListingScorer:
 
     def warm_up(self) -> None:
         """Read the catalog facts that every listing's score reads (the brands' names, and each brand's
-        verdict policy and authorized sellers) into this process's caches, and open the indexes. A stored
-        rescan calls it before it forks its worker processes: they inherit these instead of each reading
-        them on its first page."""
+        verdict policy and authorized sellers) into this process's caches, open the indexes, and load the
+        keypoint index and the logo templates. A stored rescan calls it before it forks its worker
+        processes: they inherit these instead of each reading them on its first page. The API calls it
+        at start-up, so that no request waits for them."""
         for brand in self.catalog.brand_aliases():
             self.catalog.authorized_sellers(brand)
             self.policies.brand_policy(brand)
         self._brand_names()
         self.matcher.open_indexes()
+        if (kp := self._keypoint_verifier()) is not None:
+            kp.warm()
+        if self.logo_templates is not None and self.options.logo_templates != "never":
+            len(self.logo_templates)  # loads the logos' templates
 
     def _keypoint_verifier(self) -> KeypointMatcher | None:
         """The keypoint matcher where verification is on (a matcher, and a mode other than "never")."""
@@ -219,6 +271,16 @@ class ListingScorer:
         ``skip_unchanged``: a listing stored with the same content and latest result is only marked seen
         (``ListingRepository.record_scores``' ``same_as_stored``; its outcome says ``written=False``).
 
+        :meth:`prepare_many` then :meth:`finish_many`, for callers that want every outcome at once."""
+        prepared = self.prepare_many(listings, source=source, persist=persist, skip_unchanged=skip_unchanged)
+        done = iter(self.finish_many([p for p in prepared if isinstance(p, PreparedListing)]))
+        return [p if isinstance(p, Exception) else next(done) for p in prepared]
+
+    def prepare_many(self, listings: Sequence[Listing], *, source: str = "api", persist: bool = True,
+                     skip_unchanged: bool = False) -> list[PreparedListing | Exception]:
+        """The cheap half of :meth:`score_many`: the listings embedded together, searched together, and
+        the cascade's decisions made for each (``PreparedListing.slow``: an expensive signal is to run).
+
         Photos are decoded here, and only those some model has not embedded yet (a photo whose
         embeddings are all cached by its hash is never decoded); one that fails to decode fails its own
         listing."""
@@ -226,11 +288,38 @@ class ListingScorer:
         shas = list(dict.fromkeys(im.sha256 for lst in listings for im in lst.images))
         cached = {name: emb.lookup(shas) for name, emb in roles.items()}  # one lookup per model and batch
         failed = self._decode_misses(listings, cached)
-        if not failed:
-            return self._score_decoded(listings, roles, cached, source, persist, skip_unchanged)
         ok = [lst for k, lst in enumerate(listings) if k not in failed]
-        scored = iter(self._score_decoded(ok, roles, cached, source, persist, skip_unchanged) if ok else [])
-        return [failed[k] if k in failed else next(scored) for k in range(len(listings))]
+        prepared = iter(self._prepare_decoded(ok, roles, cached, source, persist, skip_unchanged) if ok else [])
+        return [failed[k] if k in failed else next(prepared) for k in range(len(listings))]
+
+    def finish_many(self, prepared: Sequence[PreparedListing]) -> list[ScoreOutcome | Exception]:
+        """The second half of :meth:`score_many`: the expensive signals the cascade chose, the final
+        assessment, and the scores stored (one transaction per batch they were prepared in). Answers
+        in the order given. Listings of one batch may be finished apart and in other threads (the
+        scoring queue answers the listings that need no expensive signal before those that do)."""
+        outcomes: list[ScoreOutcome | Exception] = []
+        for p in prepared:
+            try:
+                out = ScoreOutcome(result=self._complete(p.item, p.triage, p.batch.known),
+                                   embedded=p.embedded, cache_hits=p.cache_hits, ran=p.item.ran)
+                out.ms["match"] = (time.perf_counter() - p.batch.matched_from) * 1000
+                if p.embed_ms is not None:
+                    out.ms["embed"] = p.embed_ms
+                outcomes.append(out)
+            except Exception as exc:  # one listing's failure is its own, not the batch's
+                outcomes.append(exc)
+        batches: dict[int, list[int]] = {}
+        for k, p in enumerate(prepared):
+            batches.setdefault(id(p.batch), []).append(k)
+        for ks in batches.values():
+            batch = prepared[ks[0]].batch
+            if batch.persist and self.recorder is not None:
+                self._record([prepared[k] for k in ks], outcomes, ks)
+        now = time.perf_counter()
+        for p, got in zip(prepared, outcomes, strict=True):
+            if isinstance(got, ScoreOutcome):
+                got.ms["total"] = (now - p.started) * 1000
+        return outcomes
 
     @staticmethod
     def _decode_misses(listings: Sequence[Listing], cached: dict[str, dict[str, np.ndarray]]) -> dict[int, Exception]:
@@ -246,9 +335,9 @@ class ListingScorer:
                 failed[k] = exc
         return failed
 
-    def _score_decoded(self, listings: Sequence[Listing], roles: dict[str, CachedEmbedder],
-                       cached: dict[str, dict[str, np.ndarray]], source: str,
-                       persist: bool, same_as_stored: bool) -> list[ScoreOutcome | Exception]:
+    def _prepare_decoded(self, listings: Sequence[Listing], roles: dict[str, CachedEmbedder],
+                         cached: dict[str, dict[str, np.ndarray]], source: str,
+                         persist: bool, same_as_stored: bool) -> list[PreparedListing | Exception]:
         t0 = time.perf_counter()
         images = [im for lst in listings for im in lst.images]
         pending = {name: emb.start(images, found=cached[name]) for name, emb in roles.items()}
@@ -269,25 +358,25 @@ class ListingScorer:
             elif self.logo is self.semantic:
                 vectors.logo = vectors.semantic
             items.append(_Item(lst, vectors, list(lst.images), hashes))
-        outcomes = self._assess_many(items, source=source, persist=persist, skip_unchanged=False,
-                                     same_as_stored=same_as_stored)
-        for name, p in pending.items():
-            # A photo the model ran on counts for the first listing that has it; the rest were hits.
-            model, fresh = roles[name].model_id, set(p.todo)
-            for lst, out in zip(listings, outcomes, strict=True):
+        # A photo the model ran on counts for the first listing that has it; the rest were hits.
+        embedded: list[dict[str, int]] = [{} for _ in listings]
+        hits: list[dict[str, int]] = [{} for _ in listings]
+        for name, pe in pending.items():
+            model, fresh = roles[name].model_id, set(pe.todo)
+            for k, lst in enumerate(listings):
                 misses = 0
                 for im in lst.images:
                     if im.sha256 in fresh:
                         fresh.discard(im.sha256)
                         misses += 1
-                if isinstance(out, ScoreOutcome):
-                    out.embedded[model] = misses
-                    out.cache_hits[model] = len(lst.images) - misses
-        for out in outcomes:
-            if isinstance(out, ScoreOutcome):
-                out.ms["embed"] = embed_ms
-                out.ms["total"] = (time.perf_counter() - t0) * 1000
-        return outcomes
+                embedded[k][model] = misses
+                hits[k][model] = len(lst.images) - misses
+        batch = _Batch(source=source, persist=persist, skip_unchanged=False, same_as_stored=same_as_stored)
+        prepared = self._prepare_items(items, batch, started=t0, embed_ms=embed_ms)
+        for k, one in enumerate(prepared):
+            if isinstance(one, PreparedListing):
+                one.embedded, one.cache_hits = embedded[k], hits[k]
+        return prepared
 
     def rescore_stored(self, listing: Listing, sha256s: Sequence[str], *, persist: bool = True,
                        source: str = "stored-rescan") -> ScoreOutcome | None:
@@ -333,10 +422,10 @@ class ListingScorer:
                 vectors.logo = vectors.semantic
             where.append(len(items))
             items.append(_Item(s.listing, vectors, None, list(s.sha256s), s.digest))
-        outcomes = self._assess_many(items, source=source, persist=persist, skip_unchanged=skip_unchanged)
-        for out in outcomes:
-            if isinstance(out, ScoreOutcome):
-                out.ms["total"] = (time.perf_counter() - t0) * 1000
+        batch = _Batch(source=source, persist=persist, skip_unchanged=skip_unchanged, same_as_stored=False)
+        prepared = self._prepare_items(items, batch, started=t0)
+        done = iter(self.finish_many([p for p in prepared if isinstance(p, PreparedListing)]))
+        outcomes = [p if isinstance(p, Exception) else next(done) for p in prepared]
         return [None if w is None else outcomes[w] for w in where]
 
     def _roles(self) -> dict[str, CachedEmbedder]:
@@ -350,38 +439,38 @@ class ListingScorer:
 
     # ------------------------------------------------------------------ the shared second half
 
-    def _assess_many(self, items: Sequence[_Item], *, source: str, persist: bool,
-                     skip_unchanged: bool, same_as_stored: bool = False) -> list[ScoreOutcome | Exception]:
-        t1 = time.perf_counter()
+    def _prepare_items(self, items: Sequence[_Item], batch: _Batch, *, started: float,
+                       embed_ms: float | None = None) -> list[PreparedListing | Exception]:
+        """Search the indexes for a batch's vectors at once, read what the batch's listings share, and
+        triage each listing (:meth:`_triage`)."""
+        batch.matched_from = time.perf_counter()
         found_all = self.matcher.match_many([it.vectors for it in items])
         sellers = {it.listing.seller.seller_id for it in items if it.listing.seller is not None}
-        confirmed = self.history.confirmed_counterfeits_many(sellers) if sellers else {}
-        # Brand contexts (sellers, market prices, policy) are read once per batch, for the preliminary
-        # and the final assessments alike.
-        known: dict[tuple[str, str | None], BrandContext] = {}
+        batch.confirmed = self.history.confirmed_counterfeits_many(sellers) if sellers else {}
         pixelless = [it for it in items if it.images is None]
         if pixelless and (kp := self._keypoint_verifier()) is not None:
             described = kp.verifiable(sha for it in pixelless for sha in it.hashes)
             for it in pixelless:
                 it.verifiable = any(sha in described for sha in it.hashes)
-        outcomes: list[ScoreOutcome | Exception] = []
+        prepared: list[PreparedListing | Exception] = []
         for it, found in zip(items, found_all, strict=True):
             try:
-                out = ScoreOutcome(result=self._assess_one(it, found, confirmed, known))
-                out.ran = it.ran
-                out.ms["match"] = (time.perf_counter() - t1) * 1000
-                outcomes.append(out)
+                triage = self._triage(it, found, batch.confirmed, batch.known)
+                prepared.append(PreparedListing(it, triage, batch, started=started, embed_ms=embed_ms,
+                                                slow=self._is_slow(it, triage)))
             except Exception as exc:  # one listing's failure is its own, not the batch's
-                outcomes.append(exc)
-        if persist and self.recorder is not None:
-            self._record(items, outcomes, source, skip_unchanged, same_as_stored)
-        return outcomes
+                prepared.append(exc)
+        return prepared
 
-    def _record(self, items: Sequence[_Item], outcomes: list[ScoreOutcome | Exception], source: str,
-                skip_unchanged: bool, same_as_stored: bool) -> None:
-        """Store the batch's scores in one transaction."""
+    def _record(self, prepared: Sequence[PreparedListing], outcomes: list[ScoreOutcome | Exception],
+                where: Sequence[int]) -> None:
+        """Store the scores of ``prepared`` (one batch's listings; their outcomes are ``outcomes[where]``)
+        in one transaction."""
         assert self.recorder is not None
-        ok = [i for i, o in enumerate(outcomes) if isinstance(o, ScoreOutcome)]
+        batch = prepared[0].batch
+        source, skip_unchanged, same_as_stored = batch.source, batch.skip_unchanged, batch.same_as_stored
+        ok = [i for i in where if isinstance(outcomes[i], ScoreOutcome)]
+        items = {i: p.item for i, p in zip(where, prepared, strict=True)}
         writes = [ScoreWrite(items[i].listing, cast(ScoreOutcome, outcomes[i]).result, source, items[i].hashes,
                              items[i].digest) for i in ok]
         if not writes:
@@ -407,10 +496,12 @@ class ListingScorer:
             if isinstance(out, ScoreOutcome):
                 out.written = stored is not None
 
-    def _assess_one(self, it: _Item, found: list[Match], confirmed: dict[str, int],
-                    known: dict[tuple[str, str | None], BrandContext]) -> ScoreResult:
+    def _triage(self, it: _Item, found: list[Match], confirmed: dict[str, int],
+                known: dict[tuple[str, str | None], BrandContext]) -> _Triage:
+        """The cheap half of a listing's assessment: what its matches and text say (the candidate brands,
+        a preliminary reading), and which expensive signals the cascade runs on it (:meth:`_complete`)."""
         p = self.params
-        listing, vectors, images = it.listing, it.vectors, it.images
+        listing = it.listing
         names = self._brand_names()
         scan = scan_text(listing.title, listing.description, brands=names, weights=p.text)
         matches, candidates = self._evidence(found, scan)  # ``found`` is what the answer lists
@@ -424,16 +515,9 @@ class ListingScorer:
                                  templates)
         closer, prelim = (self._worth_a_closer_look(facts, matches, scan, candidates, known) if cascaded
                           else (False, None))
-        # The evidence the preliminary reading read: where nothing the cascade runs below adds to it, the
-        # final assessment reports that reading rather than making it again.
-        read = (matches, candidates, scan)
         skipped: dict[SignalName, str] = {}
-        hashes = it.hashes
-
-        # Keypoint verification: a reference's printed design found in the photo under one geometric
-        # transform (a product cut out onto a new scene, another photo of the same packaging).
-        verified: list[Match] = []
         kp = self._keypoint_verifier()
+        verify = False
         if kp is None:
             it.ran["keypoints"] = False
             skipped[SignalName.KEYPOINTS] = "keypoint verification is off"
@@ -441,6 +525,47 @@ class ListingScorer:
             it.ran["keypoints"] = False
             skipped[SignalName.KEYPOINTS] = _KEYPOINTS_NOT_STORED
         elif self._wants_keypoints(facts, found, scan, closer, known):
+            verify = True
+        else:
+            it.ran["keypoints"] = False
+            skipped[SignalName.KEYPOINTS] = "keypoint verification could not change the verdict: skipped"
+        return _Triage(found, scan, matches, candidates, facts, closer, prelim, verify, skipped)
+
+    def _is_slow(self, it: _Item, t: _Triage) -> bool:
+        """Whether :meth:`_complete` runs an expensive signal on the listing: keypoint verification of a
+        photo not verified before, or (on its photos' pixels) logo search in crops, logo templates or
+        OCR of a photo not read before."""
+        kp = self._keypoint_verifier()
+        if t.verify and kp is not None and not kp.remembers(it.hashes):
+            return True
+        if it.images is None or not it.images:
+            return False
+        templates = (self.logo_templates is not None and len(self.logo_templates) > 0
+                     and self._should_run(self.options.logo_templates, t.closer))
+        if self._should_run(self.options.logo_search, t.closer) or templates:
+            return True
+        if self.ocr is None or not self._should_run(self.options.ocr, t.closer):
+            return False
+        with self._names_lock:
+            return not all(im.sha256 in self._ocr_cache for im in it.images)
+
+    def _complete(self, it: _Item, t: _Triage, known: dict[tuple[str, str | None], BrandContext]) -> ScoreResult:
+        """The second half of a listing's assessment: the expensive signals :meth:`_triage` chose, then
+        the final reading of all the evidence."""
+        p = self.params
+        listing, vectors, images, hashes = it.listing, it.vectors, it.images, it.hashes
+        found, scan, matches, candidates, closer = t.found, t.scan, t.matches, t.candidates, t.closer
+        skipped = dict(t.skipped)
+        names = self._brand_names()
+        # The evidence the preliminary reading read: where nothing the cascade runs below adds to it, the
+        # final assessment reports that reading rather than making it again.
+        read = (matches, candidates, scan)
+
+        # Keypoint verification: a reference's printed design found in the photo under one geometric
+        # transform (a product cut out onto a new scene, another photo of the same packaging).
+        verified: list[Match] = []
+        kp = self._keypoint_verifier()
+        if t.verify and kp is not None:
             verified, unverified = kp.verify(images, hashes)
             if verified:
                 found = found + verified
@@ -451,9 +576,6 @@ class ListingScorer:
             it.ran["keypoints"] = True
             if unverified and unverified == len(hashes):
                 skipped[SignalName.KEYPOINTS] = _KEYPOINTS_NOT_STORED
-        else:
-            it.ran["keypoints"] = False
-            skipped[SignalName.KEYPOINTS] = "keypoint verification could not change the verdict: skipped"
 
         # Logo search inside crops: a logo printed small on a product never fills the whole photo.
         if self._should_run(self.options.logo_search, closer):
@@ -465,10 +587,10 @@ class ListingScorer:
             it.ran["logo_crops"] = True
         else:
             it.ran["logo_crops"] = False
-            if self.options.logo_search == "cascade":
-                skipped_reason = "no candidate brand or counterfeit wording: logo search in crops skipped"
-                if not any(m.signal is SignalName.LOGO for m in matches):
-                    skipped[SignalName.LOGO] = skipped_reason
+            if not any(m.signal is SignalName.LOGO for m in matches):
+                skipped[SignalName.LOGO] = ("no candidate brand or counterfeit wording: logo search in crops "
+                                            "skipped" if self.options.logo_search == "cascade"
+                                            else "logo search in crops is off")
 
         # Logo search by template: a logo's silhouette in its colour, at any size (index/logo_templates.py).
         found, matches, candidates = self._logo_templates(it, found, matches, candidates, scan, closer, skipped)
@@ -487,8 +609,8 @@ class ListingScorer:
 
         contexts = self._contexts(candidates, listing.listing_id, known)
         unchanged = all(a is b for a, b in zip(read, (matches, candidates, scan), strict=True))
-        assessment = assess(facts, matches, scan, contexts, p, skipped, candidates=candidates,
-                            prior=prelim if unchanged else None)
+        assessment = assess(t.facts, matches, scan, contexts, p, skipped, candidates=candidates,
+                            prior=t.prelim if unchanged else None)
         return assessment.to_result(_ordered(found), self.model_versions())
 
     def _evidence(self, found: Sequence[Match], scan: TextScan) -> tuple[list[Match], list[BrandCandidate]]:
@@ -512,14 +634,17 @@ class ListingScorer:
         # The logo signal is "skipped" only where no logo search ran at all and nothing found a logo:
         # the crop search may have run, and a stored rescan keeps its embeddings' logo matches.
         unsearched = not it.ran.get("logo_crops") and not any(m.signal is SignalName.LOGO for m in matches)
-        if not self._should_run(mode, closer):
+        if not len(self.logo_templates):
             if unsearched:
-                skipped.setdefault(SignalName.LOGO, "no candidate brand or counterfeit wording: logo search "
-                                   "skipped")
+                skipped[SignalName.LOGO] = "the catalog has no logo references that templates can find"
+            return found, matches, candidates
+        if not self._should_run(mode, closer):
+            if unsearched:  # (the templates' reason wins over the crops': they are the search that counts)
+                skipped[SignalName.LOGO] = "no candidate brand or counterfeit wording: logo search skipped"
             return found, matches, candidates
         if it.images is None:
             if unsearched:
-                skipped.setdefault(SignalName.LOGO, "a stored rescan has no photos: logo templates not searched")
+                skipped[SignalName.LOGO] = "a stored rescan has no photos: logo templates not searched"
             return found, matches, candidates
         every = (mode == "always" or not candidates
                  or len(self.logo_templates) <= self.options.logo_templates_every_up_to)

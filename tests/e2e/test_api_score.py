@@ -188,6 +188,10 @@ def test_health_and_metrics(live: LiveServer) -> None:
     # Requests are counted by route template and status, not per id.
     assert 'method="GET",route="/v1/listings/{listing_id}",status="404"' in metrics
     assert "no-such-listing" not in metrics
+    # The expensive signals are counted as they run (this server searches crops on every photo).
+    crops = [line for line in metrics.splitlines()
+             if line.startswith('counterlens_signals_run_total{signal="logo_crops"}')]
+    assert crops and float(crops[0].rsplit(" ", 1)[1]) >= 1
     assert live.client.get("/openapi.json").json()["paths"]["/v1/score"]
 
 

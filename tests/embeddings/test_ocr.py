@@ -50,6 +50,26 @@ def test_reads_the_drawn_word_with_its_box(
     assert 0 <= bx0 < bx1 <= image.shape[1] and 0 <= by0 < by1 <= image.shape[0]
 
 
+@pytest.mark.slow
+def test_a_large_photo_is_read_at_the_detection_size_with_boxes_in_its_own_pixels(
+    reader: RapidOcrReader, labelled_photo: tuple[np.ndarray, tuple[int, int, int, int]]
+) -> None:
+    """Text is detected on the photo resized to ``detect_side`` (480) on its longer side; the boxes come
+    back in the photo's own pixels."""
+    image, box = labelled_photo
+    k = 2.5
+    big = np.asarray(Image.fromarray(image).resize((round(image.shape[1] * k), round(image.shape[0] * k)),
+                                                   Image.Resampling.BICUBIC))
+    x0, y0, x1, y1 = (round(v * k) for v in box)
+    hits = [line for line in reader.read(big) if "COUNTERFEIT" in line.text.upper().replace(" ", "")]
+    assert hits
+    bx0, by0, bx1, by1 = hits[0].box
+    pad = 8 * k  # detection pads a little, at the detection's scale
+    assert bx0 <= x0 + pad and by0 <= y0 + pad and bx1 >= x1 - pad and by1 >= y1 - pad
+    assert bx1 - bx0 <= (x1 - x0) * 1.3  # in the large photo's pixels, not the detection's
+    assert 0 <= bx0 < bx1 <= big.shape[1] and 0 <= by0 < by1 <= big.shape[0]
+
+
 def test_a_blank_image_has_no_lines(reader: RapidOcrReader) -> None:
     assert reader.read(np.full((200, 300, 3), 255, dtype=np.uint8)) == []
 
@@ -59,3 +79,5 @@ def test_bad_input_is_named(reader: RapidOcrReader) -> None:
         reader.read(np.zeros((10, 10, 3), dtype=np.float32))
     with pytest.raises(ValueError, match="min_confidence"):
         RapidOcrReader(min_confidence=2.0)
+    with pytest.raises(ValueError, match="detect_side"):
+        RapidOcrReader(detect_side=10)

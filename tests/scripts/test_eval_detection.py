@@ -50,7 +50,8 @@ def test_every_track_edit_and_metric_is_reported(evaluation: tuple[dict[str, Any
         assert f["positives"] > 0 and f["negatives"] > 0
         assert 0.0 <= f["tpr_at_1fpr"] <= 1.0
         assert sum(r["n"] for r in s["reliability"]) == f["positives"] + f["negatives"]
-    assert set(metrics["logo_search"]) == {"cascade", "always"}
+    assert list(metrics["logo_search"]) == [metrics["config"]["logo_search"], "always"]
+    assert metrics["config"]["logo_search"] == "never"  # the default: crops searched only when asked
     assert metrics["timing"]["listings_per_s"] > 0
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from service.container import Container, build_container
 from service.domain.model import KeypointSet, Listing, ListingImage, Money, ReferenceKind, SignalName, Verdict
 from service.usecases.catalog import ReferenceUpload
 from service.usecases.keypoints import KeypointMatcher
+from service.usecases.score_queue import ScoringQueue
 from service.usecases.scoring import StoredListing
 from tests.conftest import jpeg_bytes
 from tests.usecases.rescan_world import REFERENCE_PRICE, World, fresh_data_dir, settings
@@ -164,6 +166,26 @@ def test_a_process_without_reconciliation_loads_the_stored_reference_keypoints(
         assert any(m.signal is SignalName.KEYPOINTS and m.reference.sku == SKU for m in r.matches)
     finally:
         c.close()
+
+
+def test_a_warmed_container_has_its_keypoint_index_built_before_any_listing(
+        rescan_world: World, tmp_path: Path) -> None:
+    """``warm`` (the API's start-up) loads the references and builds the search structure; without it
+    the first verification would (a request waiting ~0.4 s for an HNSW build)."""
+    data = fresh_data_dir(rescan_world, tmp_path / "data")
+    cold = build_container(settings(data), reconcile=False, embedders=rescan_world.embedders)
+    warm = build_container(settings(data), reconcile=False, embedders=rescan_world.embedders, warm=True)
+    try:
+        for c, built in ((cold, False), (warm, True)):
+            kp = c.scorer.keypoints
+            assert kp is not None and isinstance(kp.index, FaissKeypointIndex)
+            assert kp.loading.done is built
+            assert (kp.index._built is not None) is built  # (what build() is for)
+        index = warm.scorer.keypoints.index if warm.scorer.keypoints is not None else None
+        assert isinstance(index, FaissKeypointIndex) and index.references > 0
+    finally:
+        cold.close()
+        warm.close()
 
 
 class _CountingCache:
@@ -392,3 +414,47 @@ def test_reconcile_removes_references_deleted_by_another_process(container: Cont
     before = km.references_id
     km.reconcile({i: s for i, s in expected.items() if i != gone}, None)
     assert gone not in km.index and km.references_id != before
+
+
+class _HeldIndex(FaissKeypointIndex):
+    """The real index, whose verifications wait until the test lets them go."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.release = threading.Event()
+        self.entered = threading.Event()
+
+    def verify(self, query: KeypointSet, *, min_inliers: int = 8) -> Any:
+        self.entered.set()
+        assert self.release.wait(30)
+        return super().verify(query, min_inliers=min_inliers)
+
+
+def test_the_queue_answers_a_listing_without_expensive_signals_before_a_slow_one(
+        container: Container, grocery_dir: Path) -> None:
+    """A listing the cascade sends on to keypoint verification is finished apart: one queued with it
+    that needs nothing expensive is answered while the verification still runs (one queue worker, so
+    without the split the second listing would wait for the first's verification)."""
+    kp = container.scorer.keypoints
+    assert kp is not None and isinstance(kp.index, FaissKeypointIndex)
+    held = _HeldIndex()
+    for image_id, ref in kp.index._refs.items():  # the same references, copied into the held index
+        held._refs[image_id] = ref
+    kp.index = held
+    queue = ScoringQueue(container.scorer, workers=1, max_batch=8)
+    try:
+        slow = queue.submit(_listing("queue-slow", _on_new_scene(grocery_dir), 0.25))
+        assert held.entered.wait(30)
+        rng = np.random.default_rng(1)
+        quick = queue.submit(_listing("queue-quick", rng.integers(0, 256, (240, 320, 3), dtype=np.uint8), 0.25))
+        out = quick.result(timeout=30)
+        assert out.ran["keypoints"] is False and not slow.done()
+        held.release.set()
+        verified = slow.result(timeout=30)
+        assert verified.ran["keypoints"] is True
+        assert any(m.signal is SignalName.KEYPOINTS and m.reference.sku == SKU for m in verified.result.matches)
+        assert verified.written and out.written  # each stored, in its own transaction
+        assert {h.listing_id for h in container.listings.history("queue-slow")} == {"queue-slow"}
+    finally:
+        held.release.set()
+        queue.close()

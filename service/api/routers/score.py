@@ -61,6 +61,9 @@ async def _score_one(request: Request, body: ListingIn, sources: list[ImageSourc
         m.embedded_images.labels(model).inc(n)
     for model, n in outcome.cache_hits.items():
         m.cache_hits.labels(model).inc(n)
+    for signal, ran in outcome.ran.items():
+        if ran:
+            m.signals_run.labels(signal).inc()
     return score_out(r, outcome.ran, outcome.ms)
 
 
