@@ -241,7 +241,7 @@ class ListingScorer:
         if (kp := self._keypoint_verifier()) is not None:
             kp.warm()
         if self.logo_templates is not None and self.options.logo_templates != "never":
-            len(self.logo_templates)  # loads the logos' templates
+            self.logo_templates.loading.ensure()
 
     def _keypoint_verifier(self) -> KeypointMatcher | None:
         """The keypoint matcher where verification is on (a matcher, and a mode other than "never")."""
@@ -272,9 +272,8 @@ class ListingScorer:
         (``ListingRepository.record_scores``' ``same_as_stored``; its outcome says ``written=False``).
 
         :meth:`prepare_many` then :meth:`finish_many`, for callers that want every outcome at once."""
-        prepared = self.prepare_many(listings, source=source, persist=persist, skip_unchanged=skip_unchanged)
-        done = iter(self.finish_many([p for p in prepared if isinstance(p, PreparedListing)]))
-        return [p if isinstance(p, Exception) else next(done) for p in prepared]
+        return self._finish_prepared(self.prepare_many(listings, source=source, persist=persist,
+                                                       skip_unchanged=skip_unchanged))
 
     def prepare_many(self, listings: Sequence[Listing], *, source: str = "api", persist: bool = True,
                      skip_unchanged: bool = False) -> list[PreparedListing | Exception]:
@@ -320,6 +319,12 @@ class ListingScorer:
             if isinstance(got, ScoreOutcome):
                 got.ms["total"] = (now - p.started) * 1000
         return outcomes
+
+    def _finish_prepared(self, prepared: Sequence[PreparedListing | Exception]) -> list[ScoreOutcome | Exception]:
+        """:meth:`finish_many` of the prepared listings together; a listing that failed to prepare keeps
+        its exception in its place."""
+        done = iter(self.finish_many([p for p in prepared if isinstance(p, PreparedListing)]))
+        return [p if isinstance(p, Exception) else next(done) for p in prepared]
 
     @staticmethod
     def _decode_misses(listings: Sequence[Listing], cached: dict[str, dict[str, np.ndarray]]) -> dict[int, Exception]:
@@ -423,9 +428,7 @@ class ListingScorer:
             where.append(len(items))
             items.append(_Item(s.listing, vectors, None, list(s.sha256s), s.digest))
         batch = _Batch(source=source, persist=persist, skip_unchanged=skip_unchanged, same_as_stored=False)
-        prepared = self._prepare_items(items, batch, started=t0)
-        done = iter(self.finish_many([p for p in prepared if isinstance(p, PreparedListing)]))
-        outcomes = [p if isinstance(p, Exception) else next(done) for p in prepared]
+        outcomes = self._finish_prepared(self._prepare_items(items, batch, started=t0))
         return [None if w is None else outcomes[w] for w in where]
 
     def _roles(self) -> dict[str, CachedEmbedder]:
@@ -507,12 +510,8 @@ class ListingScorer:
         matches, candidates = self._evidence(found, scan)  # ``found`` is what the answer lists
         seller_confirmed = (confirmed.get(listing.seller.seller_id, 0) if listing.seller is not None else None)
         facts = ListingFacts.of(listing, seller_confirmed)
-        # (Logo templates count only where there are logos: with none, deciding ``closer`` would only
-        # send more listings to keypoint verification.)
-        templates = (self.options.logo_templates
-                     if self.logo_templates is not None and len(self.logo_templates) else "never")
         cascaded = "cascade" in (self.options.logo_search, self.options.ocr if self.ocr is not None else "never",
-                                 templates)
+                                 self._template_mode())
         closer, prelim = (self._worth_a_closer_look(facts, matches, scan, candidates, known) if cascaded
                           else (False, None))
         skipped: dict[SignalName, str] = {}
@@ -540,14 +539,20 @@ class ListingScorer:
             return True
         if it.images is None or not it.images:
             return False
-        templates = (self.logo_templates is not None and len(self.logo_templates) > 0
-                     and self._should_run(self.options.logo_templates, t.closer))
-        if self._should_run(self.options.logo_search, t.closer) or templates:
+        if (self._should_run(self.options.logo_search, t.closer)
+                or self._should_run(self._template_mode(), t.closer)):
             return True
         if self.ocr is None or not self._should_run(self.options.ocr, t.closer):
             return False
         with self._names_lock:
             return not all(im.sha256 in self._ocr_cache for im in it.images)
+
+    def _template_mode(self) -> Mode:
+        """The logo templates' mode where there are logos to look for; "never" without any (with none,
+        deciding ``closer`` for them would only send more listings to keypoint verification)."""
+        if self.logo_templates is None or not len(self.logo_templates):
+            return "never"
+        return self.options.logo_templates
 
     def _complete(self, it: _Item, t: _Triage, known: dict[tuple[str, str | None], BrandContext]) -> ScoreResult:
         """The second half of a listing's assessment: the expensive signals :meth:`_triage` chose, then
