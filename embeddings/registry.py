@@ -99,4 +99,5 @@ def build_text_embedder(models_dir: Path, settings: ModelSettings) -> OnnxTextEm
 
 def build_text_reader(settings: ModelSettings) -> RapidOcrReader:
     """OCR over rapidocr's packaged models; they load on the first ``read`` call, not here."""
-    return RapidOcrReader(intra_op_threads=settings.intra_op_threads, detect_side=settings.ocr_detect_side)
+    return RapidOcrReader(intra_op_threads=settings.ocr_threads, detect_side=settings.ocr_detect_side,
+                          max_lines=settings.ocr_max_lines)

@@ -144,7 +144,7 @@ def _raw_signal_rates(photos: list[bytes], data_dir: Path) -> dict[str, float]:
         return lambda px: index.verify(extractor.extract(px), min_inliers=min_inliers)
 
     def ocr() -> Callable[[np.ndarray], object]:
-        return build_text_reader(settings.models.model_copy(update={"intra_op_threads": 1})).read
+        return build_text_reader(settings.models).read
 
     return {"keypoints": raw_work_rate(keypoints, pixels), "ocr": raw_work_rate(ocr, pixels[:32])}
 

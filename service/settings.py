@@ -49,6 +49,11 @@ class ModelSettings(BaseModel):
     ocr: Literal["cascade", "always", "never"] = "cascade"
     # Text is detected on the photo resized to this longer side (embeddings/ocr.py, scripts/bench_ocr.py).
     ocr_detect_side: int = Field(default=480, ge=64, le=4096)
+    # Lines recognised per photo, those with the largest lettering (0: every line detected).
+    ocr_max_lines: int = Field(default=6, ge=0, le=256)
+    # OCR's ONNX Runtime threads (0: ONNX Runtime's default pool, one spinning thread per core). The
+    # cascade's pool reads photos in parallel already.
+    ocr_threads: int = Field(default=1, ge=0, le=256)
 
 
 class IndexSettings(BaseModel):

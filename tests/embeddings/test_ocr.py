@@ -10,6 +10,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from embeddings.ocr import RapidOcrReader
 from embeddings.preprocess import PreprocessError
+from service.domain.ports import OcrLine
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +82,34 @@ def test_bad_input_is_named(reader: RapidOcrReader) -> None:
         RapidOcrReader(min_confidence=2.0)
     with pytest.raises(ValueError, match="detect_side"):
         RapidOcrReader(detect_side=10)
+
+
+@pytest.fixture(scope="module")
+def lettered_sheet() -> np.ndarray:
+    """Four words on white, one per line, at four sizes: the largest lettering is the second line."""
+    canvas = Image.new("RGB", (640, 400), "white")
+    draw = ImageDraw.Draw(canvas)
+    for y, word, size in ((20, "REPLICA", 30), (80, "TROPICANA", 64), (190, "ORIGINAL", 44), (290, "COPY", 24)):
+        draw.text((30, y), word, fill="black", font=ImageFont.load_default(size=size))
+    return np.asarray(canvas)
+
+
+def _words(lines: list[OcrLine]) -> list[str]:
+    return [line.text.upper().replace(" ", "") for line in lines]
+
+
+@pytest.mark.slow
+def test_only_the_lines_with_the_largest_lettering_are_recognised(lettered_sheet: np.ndarray) -> None:
+    """``max_lines`` keeps the lines whose letters are largest, answered in reading order (top to
+    bottom); 0 recognises every line."""
+    every = _words(RapidOcrReader(max_lines=0).read(lettered_sheet))
+    assert every == ["REPLICA", "TROPICANA", "ORIGINAL", "COPY"]
+    capped = RapidOcrReader(max_lines=2).read(lettered_sheet)
+    assert _words(capped) == ["TROPICANA", "ORIGINAL"]
+    assert capped[0].box[1] < capped[1].box[1] and capped[0].confidence >= 0.8
+    assert _words(RapidOcrReader(max_lines=4).read(lettered_sheet)) == every
+
+
+def test_max_lines_is_validated() -> None:
+    with pytest.raises(ValueError, match="max_lines"):
+        RapidOcrReader(max_lines=-1)

@@ -38,9 +38,10 @@ def test_embedders_implement_the_domain_ports(
 
 
 def test_the_ocr_reader_is_built_without_loading_its_models() -> None:
-    reader = build_text_reader(ModelSettings(intra_op_threads=1))
+    reader = build_text_reader(ModelSettings(ocr_max_lines=3, ocr_detect_side=320))
     assert isinstance(reader, RapidOcrReader)
     assert not reader.loaded
+    assert (reader.max_lines, reader.detect_side, reader.threads) == (3, 320, 1)  # one ONNX Runtime thread
     reader_port: TextReader = reader  # structurally a TextReader (the Protocol is not runtime-checkable)
     assert callable(reader_port.read)
 

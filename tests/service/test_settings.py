@@ -35,6 +35,8 @@ def test_env_prefix_and_nested_groups(monkeypatch: pytest.MonkeyPatch, tmp_path:
     ({"server": {"port": 70000}}, "port"),
     ({"logo_templates": {"min_width": 0.5, "max_width": 0.4}}, "min_width must be below"),
     ({"logo_templates": {"mode": "sometimes"}}, "mode"),
+    ({"models": {"ocr_max_lines": -1}}, "ocr_max_lines"),
+    ({"models": {"ocr_threads": -1}}, "ocr_threads"),
 ])
 def test_invalid_settings_are_refused(overrides: dict[str, object], needle: str) -> None:
     with pytest.raises(ValidationError) as err:
