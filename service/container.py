@@ -109,7 +109,8 @@ class Container:
                 server = self.settings.server
                 self._score_queue = ScoringQueue(self.scorer, workers=server.scoring_threads,
                                                  max_batch=server.max_batch_listings,
-                                                 slow_workers=server.slow_scoring_threads)
+                                                 slow_workers=server.slow_scoring_threads,
+                                                 slow_waiting=server.slow_waiting_listings)
             return self._score_queue
 
     def describe(self) -> dict[str, Any]:

@@ -189,6 +189,11 @@ class ServerSettings(BaseModel):
     # Threads finishing the listings that the cascade sends on to an expensive signal (keypoints, logo
     # templates, OCR), so that the rest of their batch is answered without waiting for them.
     slow_scoring_threads: int = Field(default=2, ge=1, le=64)
+    # Listings that may wait for a free slow thread. Beyond them the scoring threads take no new requests
+    # until one is finished: the older listings are answered first, with the cores to themselves, and an
+    # overload queues requests rather than expensive work. bench_score, every listing verified, c=8:
+    # 0 waiting gave p99 221-236 ms and 32 ms of server CPU a listing; unbounded 282-296 ms and 35 ms.
+    slow_waiting_listings: int = Field(default=0, ge=0, le=4096)
     max_batch_listings: int = Field(default=32, ge=1, le=1024)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Seconds between checks for catalog changes made by other processes (other workers, a CLI import),

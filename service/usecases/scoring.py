@@ -79,6 +79,7 @@ class StoredListing:
 
 
 _KEYPOINTS_NOT_STORED = "the photos' keypoints were not stored: not verified"
+_SETTLED_BY_KEYPOINTS = "keypoint verification already made the listing likely_counterfeit: logo search skipped"
 
 
 @dataclass(slots=True)
@@ -561,6 +562,7 @@ class ListingScorer:
         listing, vectors, images, hashes = it.listing, it.vectors, it.images, it.hashes
         found, scan, matches, candidates, closer = t.found, t.scan, t.matches, t.candidates, t.closer
         skipped = dict(t.skipped)
+        settled: str | None = None  # why the closer look was called off after keypoint verification
         names = self._brand_names()
         # The evidence the preliminary reading read: where nothing the cascade runs below adds to it, the
         # final assessment reports that reading rather than making it again.
@@ -575,9 +577,13 @@ class ListingScorer:
             if verified:
                 found = found + verified
                 matches, candidates = self._evidence(found, scan)
-                # ``closer`` (crops, OCR) stays as the cheap signals decided it: re-deciding it on the
-                # verified product sent 1 s of crop search and OCR after many verified listings (bench_score:
-                # cold p99 at 16 concurrent requests 8.4 s), where the verification is the closer look.
+                # ``closer`` (crops, OCR) is not re-decided upwards on the verified product: that sent 1 s
+                # of crop search and OCR after many verified listings (bench_score: cold p99 at 16
+                # concurrent requests 8.4 s), where the verification is the closer look. Downwards it is:
+                # a listing the verification made likely_counterfeit needs no more evidence for its
+                # verdict, the rule the cheap signals' preliminary reading follows.
+                if closer and self._now_likely(t.facts, matches, scan, candidates, known):
+                    closer, settled = False, _SETTLED_BY_KEYPOINTS
             it.ran["keypoints"] = True
             if unverified and unverified == len(hashes):
                 skipped[SignalName.KEYPOINTS] = _KEYPOINTS_NOT_STORED
@@ -593,12 +599,13 @@ class ListingScorer:
         else:
             it.ran["logo_crops"] = False
             if not any(m.signal is SignalName.LOGO for m in matches):
-                skipped[SignalName.LOGO] = ("no candidate brand or counterfeit wording: logo search in crops "
-                                            "skipped" if self.options.logo_search == "cascade"
+                skipped[SignalName.LOGO] = (settled or "no candidate brand or counterfeit wording: logo search "
+                                            "in crops skipped" if self.options.logo_search == "cascade"
                                             else "logo search in crops is off")
 
         # Logo search by template: a logo's silhouette in its colour, at any size (index/logo_templates.py).
-        found, matches, candidates = self._logo_templates(it, found, matches, candidates, scan, closer, skipped)
+        found, matches, candidates = self._logo_templates(it, found, matches, candidates, scan, closer, skipped,
+                                                          settled)
 
         # OCR: text printed in the photos ("REPLICA", a brand name) — ~0.5 s a photo, so cascaded.
         if images and self.ocr is not None and self._should_run(self.options.ocr, closer):
@@ -627,7 +634,8 @@ class ListingScorer:
 
     def _logo_templates(self, it: _Item, found: list[Match], matches: list[Match],
                         candidates: list[BrandCandidate], scan: TextScan, closer: bool,
-                        skipped: dict[SignalName, str]) -> tuple[list[Match], list[Match], list[BrandCandidate]]:
+                        skipped: dict[SignalName, str], settled: str | None = None,
+                        ) -> tuple[list[Match], list[Match], list[BrandCandidate]]:
         """Template matches of the logos added to ``found`` (and the evidence re-read), where the mode
         says so: "always" every logo; "cascade", when the listing is worth a closer look, every logo of a
         small catalog, else the logos of its candidate brands (every logo when it has none: counterfeit
@@ -645,7 +653,7 @@ class ListingScorer:
             return found, matches, candidates
         if not self._should_run(mode, closer):
             if unsearched:  # (the templates' reason wins over the crops': they are the search that counts)
-                skipped[SignalName.LOGO] = "no candidate brand or counterfeit wording: logo search skipped"
+                skipped[SignalName.LOGO] = settled or "no candidate brand or counterfeit wording: logo search skipped"
             return found, matches, candidates
         if it.images is None:
             if unsearched:
@@ -679,6 +687,17 @@ class ListingScorer:
         contexts = self._contexts(candidates, facts.listing_id, known)
         prelim = assess_risk(facts, matches, scan, contexts, p, candidates=candidates)
         return self.options.cascade_floor <= prelim.risk < prelim.policy.likely_threshold, prelim
+
+    def _now_likely(self, facts: ListingFacts, matches: list[Match], scan: TextScan,
+                    candidates: list[BrandCandidate], known: dict[tuple[str, str | None], BrandContext]) -> bool:
+        """Whether the evidence so far already reads likely_counterfeit: then OCR, crop search and logo
+        templates could add reasons but not change the verdict (they only add evidence, and the riskiest
+        reading is reported), so the cascade spends nothing more on the listing."""
+        if not candidates:
+            return False
+        reading = assess_risk(facts, matches, scan, self._contexts(candidates, facts.listing_id, known), self.params,
+                              candidates=candidates)
+        return reading.risk >= reading.policy.likely_threshold
 
     def _wants_keypoints(self, facts: ListingFacts, found: Sequence[Match], scan: TextScan, closer: bool,
                          known: dict[tuple[str, str | None], BrandContext]) -> bool:

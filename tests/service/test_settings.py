@@ -37,6 +37,7 @@ def test_env_prefix_and_nested_groups(monkeypatch: pytest.MonkeyPatch, tmp_path:
     ({"logo_templates": {"mode": "sometimes"}}, "mode"),
     ({"models": {"ocr_max_lines": -1}}, "ocr_max_lines"),
     ({"models": {"ocr_threads": -1}}, "ocr_threads"),
+    ({"server": {"slow_waiting_listings": -1}}, "slow_waiting_listings"),
 ])
 def test_invalid_settings_are_refused(overrides: dict[str, object], needle: str) -> None:
     with pytest.raises(ValidationError) as err:

@@ -416,6 +416,33 @@ def test_reconcile_removes_references_deleted_by_another_process(container: Cont
     assert gone not in km.index and km.references_id != before
 
 
+def test_a_listing_the_verification_makes_likely_is_not_read_further(
+        rescan_world: World, grocery_dir: Path, tmp_path: Path) -> None:
+    """"Inspired by" in the title and a product like Arla's leave the cheap reading undecided: without
+    keypoints the cascade searches the photo's crops for logos and reads its text. Verified, the product
+    at half its price is already likely_counterfeit, which no more evidence can change: neither runs."""
+    def scored(keypoints: str) -> Any:
+        s = settings(fresh_data_dir(rescan_world, tmp_path / keypoints))
+        s = s.model_copy(update={"scoring": s.scoring.model_copy(update={"logo_search": "cascade"}),
+                                 "models": s.models.model_copy(update={"ocr": "cascade"}),
+                                 "keypoints": s.keypoints.model_copy(update={"mode": keypoints})})
+        c = build_container(s, embedders=rescan_world.embedders)
+        try:
+            listing = _listing("inspired", _on_new_scene(grocery_dir), 0.5)
+            return c.scorer.score(Listing(listing.listing_id, "Arla sour milk, inspired by", price=listing.price,
+                                          images=listing.images))
+        finally:
+            c.close()
+
+    unverified = scored("never")
+    assert unverified.ran["ocr"] is True and unverified.ran["logo_crops"] is True  # undecided: a closer look
+    verified = scored("cascade")
+    assert verified.ran["keypoints"] is True
+    assert any(m.signal is SignalName.KEYPOINTS and m.reference.sku == SKU for m in verified.result.matches)
+    assert verified.result.verdict is Verdict.LIKELY_COUNTERFEIT
+    assert verified.ran["ocr"] is False and verified.ran["logo_crops"] is False
+
+
 class _HeldIndex(FaissKeypointIndex):
     """The real index, whose verifications wait until the test lets them go."""
 
@@ -458,3 +485,43 @@ def test_the_queue_answers_a_listing_without_expensive_signals_before_a_slow_one
     finally:
         held.release.set()
         queue.close()
+
+
+def test_the_queue_takes_no_new_batch_while_every_slow_thread_is_busy(
+        container: Container, grocery_dir: Path) -> None:
+    """With one slow thread and none waiting for it, a listing queued while a verification runs is held
+    back until that listing is answered; with one allowed to wait, it is answered meanwhile."""
+    kp = container.scorer.keypoints
+    assert kp is not None and isinstance(kp.index, FaissKeypointIndex)
+    held = _HeldIndex()
+    for image_id, ref in kp.index._refs.items():
+        held._refs[image_id] = ref
+    kp.index = held
+    rng = np.random.default_rng(2)
+    quick_photo = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    scene = _on_new_scene(grocery_dir)
+    for waiting in (0, 1):
+        photo = np.clip(scene.astype(np.int16) + 4 * waiting, 0, 255).astype(np.uint8)  # not verified before
+        held.release.clear()
+        held.entered.clear()
+        queue = ScoringQueue(container.scorer, workers=1, max_batch=8, slow_workers=1, slow_waiting=waiting)
+        try:
+            slow = queue.submit(_listing(f"held-slow-{waiting}", photo, 0.25))
+            assert held.entered.wait(30)
+            assert queue.slow_backlog == 1
+            quick = queue.submit(_listing(f"held-quick-{waiting}", quick_photo, 0.25))
+            if waiting == 0:
+                with pytest.raises(TimeoutError):
+                    quick.result(timeout=1.0)  # held in the queue, not scored
+                assert not slow.done()
+                held.release.set()
+                assert slow.result(timeout=30).ran["keypoints"] is True
+                assert quick.result(timeout=30).ran["keypoints"] is False
+            else:
+                assert quick.result(timeout=30).ran["keypoints"] is False and not slow.done()
+                held.release.set()
+                assert slow.result(timeout=30).ran["keypoints"] is True
+            assert queue.slow_backlog == 0
+        finally:
+            held.release.set()
+            queue.close()
