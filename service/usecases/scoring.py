@@ -564,9 +564,9 @@ class ListingScorer:
         skipped = dict(t.skipped)
         settled: str | None = None  # why the closer look was called off after keypoint verification
         names = self._brand_names()
-        # The evidence the preliminary reading read: where nothing the cascade runs below adds to it, the
-        # final assessment reports that reading rather than making it again.
-        read = (matches, candidates, scan)
+        # The latest reading and the evidence it read: where nothing the cascade runs below adds to it,
+        # the final assessment reports that reading rather than making it again.
+        read, prior = (matches, candidates, scan), t.prelim
 
         # Keypoint verification: a reference's printed design found in the photo under one geometric
         # transform (a product cut out onto a new scene, another photo of the same packaging).
@@ -581,9 +581,13 @@ class ListingScorer:
                 # of crop search and OCR after many verified listings (bench_score: cold p99 at 16
                 # concurrent requests 8.4 s), where the verification is the closer look. Downwards it is:
                 # a listing the verification made likely_counterfeit needs no more evidence for its
-                # verdict, the rule the cheap signals' preliminary reading follows.
-                if closer and self._now_likely(t.facts, matches, scan, candidates, known):
-                    closer, settled = False, _SETTLED_BY_KEYPOINTS
+                # verdict, the rule the cheap signals' preliminary reading follows (OCR, crop search and
+                # templates only add evidence, and the riskiest reading is reported).
+                if closer and candidates:
+                    prior = self._reading(t.facts, matches, scan, candidates, known)
+                    read = (matches, candidates, scan)
+                    if prior.risk >= prior.policy.likely_threshold:
+                        closer, settled = False, _SETTLED_BY_KEYPOINTS
             it.ran["keypoints"] = True
             if unverified and unverified == len(hashes):
                 skipped[SignalName.KEYPOINTS] = _KEYPOINTS_NOT_STORED
@@ -622,7 +626,7 @@ class ListingScorer:
         contexts = self._contexts(candidates, listing.listing_id, known)
         unchanged = all(a is b for a, b in zip(read, (matches, candidates, scan), strict=True))
         assessment = assess(t.facts, matches, scan, contexts, p, skipped, candidates=candidates,
-                            prior=t.prelim if unchanged else None)
+                            prior=prior if unchanged else None)
         return assessment.to_result(_ordered(found), self.model_versions())
 
     def _evidence(self, found: Sequence[Match], scan: TextScan) -> tuple[list[Match], list[BrandCandidate]]:
@@ -683,21 +687,15 @@ class ListingScorer:
         reading it made (None without a candidate brand)."""
         if not candidates:
             return wants_closer_look(candidates, scan), None
-        p = self.params
-        contexts = self._contexts(candidates, facts.listing_id, known)
-        prelim = assess_risk(facts, matches, scan, contexts, p, candidates=candidates)
+        prelim = self._reading(facts, matches, scan, candidates, known)
         return self.options.cascade_floor <= prelim.risk < prelim.policy.likely_threshold, prelim
 
-    def _now_likely(self, facts: ListingFacts, matches: list[Match], scan: TextScan,
-                    candidates: list[BrandCandidate], known: dict[tuple[str, str | None], BrandContext]) -> bool:
-        """Whether the evidence so far already reads likely_counterfeit: then OCR, crop search and logo
-        templates could add reasons but not change the verdict (they only add evidence, and the riskiest
-        reading is reported), so the cascade spends nothing more on the listing."""
-        if not candidates:
-            return False
-        reading = assess_risk(facts, matches, scan, self._contexts(candidates, facts.listing_id, known), self.params,
-                              candidates=candidates)
-        return reading.risk >= reading.policy.likely_threshold
+    def _reading(self, facts: ListingFacts, matches: list[Match], scan: TextScan,
+                 candidates: list[BrandCandidate], known: dict[tuple[str, str | None], BrandContext]) -> RiskReading:
+        """:func:`assess_risk` of this evidence, with the candidates' brand contexts (read once a batch,
+        ``known``): the cascade's questions, and a reading ``assess`` may report as its ``prior``."""
+        return assess_risk(facts, matches, scan, self._contexts(candidates, facts.listing_id, known), self.params,
+                           candidates=candidates)
 
     def _wants_keypoints(self, facts: ListingFacts, found: Sequence[Match], scan: TextScan, closer: bool,
                          known: dict[tuple[str, str | None], BrandContext]) -> bool:
@@ -729,8 +727,7 @@ class ListingScorer:
         if not verified:
             return False
         matches, candidates = self._evidence([*found, *verified.values()], scan)
-        result = assess_risk(facts, matches, scan, self._contexts(candidates, facts.listing_id, known), p,
-                             candidates=candidates)
+        result = self._reading(facts, matches, scan, candidates, known)
         return result.risk >= result.policy.review_threshold
 
     def _read_text(self, image: ListingImage) -> list[OcrLine]:
