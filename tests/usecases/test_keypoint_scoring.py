@@ -457,17 +457,23 @@ class _HeldIndex(FaissKeypointIndex):
         return super().verify(query, min_inliers=min_inliers)
 
 
-def test_the_queue_answers_a_listing_without_expensive_signals_before_a_slow_one(
-        container: Container, grocery_dir: Path) -> None:
-    """A listing the cascade sends on to keypoint verification is finished apart: one queued with it
-    that needs nothing expensive is answered while the verification still runs (one queue worker, so
-    without the split the second listing would wait for the first's verification)."""
+def _hold_verifications(container: Container) -> _HeldIndex:
+    """The container's keypoint index swapped for a held one with the same references."""
     kp = container.scorer.keypoints
     assert kp is not None and isinstance(kp.index, FaissKeypointIndex)
     held = _HeldIndex()
     for image_id, ref in kp.index._refs.items():  # the same references, copied into the held index
         held._refs[image_id] = ref
     kp.index = held
+    return held
+
+
+def test_the_queue_answers_a_listing_without_expensive_signals_before_a_slow_one(
+        container: Container, grocery_dir: Path) -> None:
+    """A listing the cascade sends on to keypoint verification is finished apart: one queued with it
+    that needs nothing expensive is answered while the verification still runs (one queue worker, so
+    without the split the second listing would wait for the first's verification)."""
+    held = _hold_verifications(container)
     queue = ScoringQueue(container.scorer, workers=1, max_batch=8)
     try:
         slow = queue.submit(_listing("queue-slow", _on_new_scene(grocery_dir), 0.25))
@@ -491,12 +497,7 @@ def test_the_queue_takes_no_new_batch_while_every_slow_thread_is_busy(
         container: Container, grocery_dir: Path) -> None:
     """With one slow thread and none waiting for it, a listing queued while a verification runs is held
     back until that listing is answered; with one allowed to wait, it is answered meanwhile."""
-    kp = container.scorer.keypoints
-    assert kp is not None and isinstance(kp.index, FaissKeypointIndex)
-    held = _HeldIndex()
-    for image_id, ref in kp.index._refs.items():
-        held._refs[image_id] = ref
-    kp.index = held
+    held = _hold_verifications(container)
     rng = np.random.default_rng(2)
     quick_photo = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
     scene = _on_new_scene(grocery_dir)
