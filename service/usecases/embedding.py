@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
 from service.domain.model import ListingImage, Vectors
 from service.domain.ports import EmbeddingCache, ImageEmbedder
+
+K = TypeVar("K")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +77,10 @@ class CachedEmbedder:
 
     def lookup(self, sha256s: Sequence[str]) -> dict[str, np.ndarray]:
         """Cached vectors for the given hashes (LRU, then the store); misses are simply absent."""
+        return lookup_together({0: self}, sha256s)[0]
+
+    def _from_lru(self, sha256s: Sequence[str]) -> tuple[dict[str, np.ndarray], list[str]]:
+        """The hashes' vectors in the in-process LRU, and the hashes it does not have."""
         found: dict[str, np.ndarray] = {}
         missing: list[str] = []
         for sha in dict.fromkeys(sha256s):
@@ -82,12 +89,11 @@ class CachedEmbedder:
                 missing.append(sha)
             else:
                 found[sha] = v
-        if missing and self.store is not None:
-            stored = self.store.get_many(self.model_id, missing)
-            for sha, v in stored.items():
-                self._lru.put(sha, v)
-            found.update(stored)
-        return found
+        return found, missing
+
+    def _remember(self, vectors: dict[str, np.ndarray]) -> None:
+        for sha, v in vectors.items():
+            self._lru.put(sha, v)
 
     # A photo's size, stored beside its embeddings (as a 2-d "vector" under a model id of its own), lets
     # a stored rescan recompute the crop grid of a photo whose pixels it does not have.
@@ -126,17 +132,66 @@ class CachedEmbedder:
         return PendingEmbed(list(images), found, list(todo), work, persist)
 
     def finish(self, pending: PendingEmbed) -> EmbedOutcome:
+        return finish_together({0: (self, pending)})[0]
+
+    def _fresh(self, pending: PendingEmbed) -> dict[str, np.ndarray]:
+        """The model's vectors of the hashes it was handed (waits for them)."""
+        if not pending.todo:
+            return {}
+        assert pending.work is not None
+        fresh = pending.work.result() if isinstance(pending.work, Future) else pending.work
+        return {sha: fresh[i] for i, sha in enumerate(pending.todo)}
+
+    def _outcome(self, pending: PendingEmbed, new: dict[str, np.ndarray]) -> EmbedOutcome:
         images, found = pending.images, pending.found
         if not images:
             return EmbedOutcome(np.zeros((0, self.embedder.dim), np.float32), 0, 0)
-        if pending.todo:
-            assert pending.work is not None
-            fresh = pending.work.result() if isinstance(pending.work, Future) else pending.work
-            new = {sha: fresh[i] for i, sha in enumerate(pending.todo)}
-            if pending.persist and self.store is not None:
-                self.store.put_many(self.model_id, new)
-            for sha, v in new.items():
-                self._lru.put(sha, v)
-            found.update(new)
+        self._remember(new)
+        found.update(new)
         vectors = np.stack([found[im.sha256] for im in images]).astype(np.float32, copy=False)
         return EmbedOutcome(vectors, hits=len(images) - len(pending.todo), misses=len(pending.todo))
+
+
+def lookup_together(embedders: Mapping[K, CachedEmbedder], sha256s: Sequence[str]) -> dict[K, dict[str, np.ndarray]]:
+    """:meth:`CachedEmbedder.lookup` of the same hashes in several embedders, with one read of the store
+    for all of them (the embedders of a service share one): the scoring queue looks up every model's
+    vectors of a batch, and each read was a statement and a transaction of its own."""
+    out: dict[K, dict[str, np.ndarray]] = {}
+    missing: dict[K, list[str]] = {}
+    for key, emb in embedders.items():
+        out[key], missing[key] = emb._from_lru(sha256s)
+    for store, keys in _by_store(embedders, [k for k in missing if missing[k]]):
+        wanted: dict[str, set[str]] = {}
+        for k in keys:
+            wanted.setdefault(embedders[k].model_id, set()).update(missing[k])
+        stored = store.get_models(wanted)
+        for k in keys:
+            of_model = stored.get(embedders[k].model_id, {})
+            got = {sha: of_model[sha] for sha in missing[k] if sha in of_model}
+            embedders[k]._remember(got)
+            out[k].update(got)
+    return out
+
+
+def finish_together(work: Mapping[K, tuple[CachedEmbedder, PendingEmbed]]) -> dict[K, EmbedOutcome]:
+    """:meth:`CachedEmbedder.finish` of several embedders' pending work, the new vectors written to the
+    store in one transaction (rather than one per model)."""
+    new = {k: emb._fresh(pe) for k, (emb, pe) in work.items()}
+    embedders = {k: emb for k, (emb, _) in work.items()}
+    persisted = [k for k, (_, pe) in work.items() if pe.persist and new[k]]
+    for store, keys in _by_store(embedders, persisted):
+        vectors: dict[str, dict[str, np.ndarray]] = {}
+        for k in keys:
+            vectors.setdefault(embedders[k].model_id, {}).update(new[k])
+        store.put_models(vectors)
+    return {k: emb._outcome(pe, new[k]) for k, (emb, pe) in work.items()}
+
+
+def _by_store(embedders: Mapping[K, CachedEmbedder], keys: Sequence[K]) -> list[tuple[EmbeddingCache, list[K]]]:
+    """The keys grouped by their embedder's store (those without one left out)."""
+    groups: dict[int, tuple[EmbeddingCache, list[K]]] = {}
+    for k in keys:
+        store = embedders[k].store
+        if store is not None:
+            groups.setdefault(id(store), (store, []))[1].append(k)
+    return list(groups.values())

@@ -47,7 +47,7 @@ from service.intake.errors import IntakeError
 from service.storage.errors import StorageError
 from service.storage.listings import ListingRepository
 from service.storage.records import ListingRecord, ScoreSource
-from service.usecases.embedding import CachedEmbedder
+from service.usecases.embedding import CachedEmbedder, lookup_together
 from service.usecases.listing_input import ListingImageLoader
 from service.usecases.rescan_io import (
     JsonlJournal,
@@ -654,7 +654,7 @@ class StoredRescanJob:
             if not chunk:
                 return
             shas = list(dict.fromkeys(sha for rec in chunk for sha in rec.image_sha256s))
-            found = {id(emb): emb.lookup(shas) for emb in embedders}
+            found = lookup_together({id(emb): emb for emb in embedders}, shas)
             near = self._near_photos(shas, refs, found) if refs is not None else None
             kept = []
             for rec in chunk:

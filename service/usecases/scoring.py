@@ -50,7 +50,7 @@ from service.domain.pricing import MarketSample
 from service.domain.textmatch import BrandNames, PhotoText, TextScan, scan_text
 from service.storage.errors import InvalidInputError
 from service.storage.listings import ScoreWrite
-from service.usecases.embedding import CachedEmbedder
+from service.usecases.embedding import CachedEmbedder, finish_together, lookup_together
 from service.usecases.keypoints import KeypointMatcher
 from service.usecases.logo_templates import LOGO_TEMPLATE_VERSION, LogoTemplateMatcher
 from service.usecases.matching import CropGrid, ListingVectors, ReferenceMatcher, derived_key
@@ -286,7 +286,7 @@ class ListingScorer:
         listing."""
         roles = self._roles()
         shas = list(dict.fromkeys(im.sha256 for lst in listings for im in lst.images))
-        cached = {name: emb.lookup(shas) for name, emb in roles.items()}  # one lookup per model and batch
+        cached = lookup_together(roles, shas)  # one lookup for every model, a batch
         failed = self._decode_misses(listings, cached)
         ok = [lst for k, lst in enumerate(listings) if k not in failed]
         prepared = iter(self._prepare_decoded(ok, roles, cached, source, persist, skip_unchanged) if ok else [])
@@ -347,7 +347,7 @@ class ListingScorer:
         t0 = time.perf_counter()
         images = [im for lst in listings for im in lst.images]
         pending = {name: emb.start(images, found=cached[name]) for name, emb in roles.items()}
-        got = {name: roles[name].finish(pe) for name, pe in pending.items()}
+        got = finish_together({name: (roles[name], pe) for name, pe in pending.items()})
         embed_ms = (time.perf_counter() - t0) * 1000
         items: list[_Item] = []
         offset = 0
@@ -404,7 +404,7 @@ class ListingScorer:
         t0 = time.perf_counter()
         roles = self._roles()
         shas = list(dict.fromkeys(sha for s in stored for sha in s.sha256s))
-        found = {name: emb.lookup(shas) for name, emb in roles.items()}
+        found = lookup_together(roles, shas)
         complete = [all(sha in f for f in found.values() for sha in s.sha256s) for s in stored]
         # One matrix per model for the whole batch, each listing a slice of it (as score_many's model
         # outputs): stacking each listing's few vectors apart cost more than matching them.

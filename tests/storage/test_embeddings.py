@@ -54,6 +54,27 @@ def test_put_is_an_idempotent_upsert_per_model(storage: Storage) -> None:
     assert store.get_many("effnet@1", []) == {}
 
 
+def test_several_models_are_read_and_written_together(storage: Storage) -> None:
+    store = storage.embeddings
+    a, b = _vectors(3, 8, seed=3), _vectors(2, 16, seed=4)
+    shared = next(iter(a))  # one photo embedded by both models
+    store.put_models({"effnet@1": a, "sscd@1": {**b, shared: np.ones(16, dtype=np.float32)}})
+    assert store.count("effnet@1") == 3 and store.count("sscd@1") == 3
+    got = store.get_models({"effnet@1": [*a, *b], "sscd@1": [shared], "clip@1": list(a)})
+    assert set(got["effnet@1"]) == set(a)  # b's photos are stored for sscd only
+    assert set(got["sscd@1"]) == {shared}  # what was asked of each model, not every row of the photos
+    assert got["clip@1"] == {}
+    assert got["sscd@1"][shared].tobytes() == np.ones(16, dtype=np.float32).tobytes()
+    assert got["effnet@1"][shared].tobytes() == a[shared].tobytes()
+    assert store.get_models({}) == {} and store.get_models({"effnet@1": []}) == {"effnet@1": {}}
+    # One bad vector of either model and nothing of either is written.
+    with pytest.raises(InvalidInputError) as err:
+        store.put_models({"m@1": {sha("ok"): np.ones(4, dtype=np.float32)},
+                          "m@2": {sha("bad"): np.array([1.0, np.inf], dtype=np.float32)}})
+    assert err.value.field == "vectors"
+    assert store.count("m@1") == 0 and store.count("m@2") == 0
+
+
 def test_bad_vectors_are_refused(storage: Storage) -> None:
     store = storage.embeddings
     for bad in (np.ones((2, 4), dtype=np.float32), np.array([1.0, np.nan], dtype=np.float32),
