@@ -245,8 +245,11 @@ class _Statements:
         now = sa.bindparam("p_now", type_=UTCDateTime())
         self.mark_seen = (sa.update(_LISTINGS).where(_LISTINGS.c.listing_id == sa.bindparam("p_lid"))
                           .values(last_seen_at=now, last_scored_at=now))
-        # Many rows, their ids in the order of the parameters (SQLAlchemy's "insertmanyvalues").
-        self.insert_score_many = sa.insert(_SCORES).returning(_SCORES.c.id, sort_by_parameter_order=True)
+        # Many rows in one statement, each answering its id with its listing_pk (the rows of one write
+        # round have distinct listings): the ids are mapped back by listing. (Asking for the ids in the
+        # order of the parameters instead made SQLAlchemy send a statement per row to SQLite, whose
+        # RETURNING promises no order.)
+        self.insert_score_many = sa.insert(_SCORES).returning(_SCORES.c.id, _SCORES.c.listing_pk)
         self.delete_matches_many = sa.delete(_MATCHES).where(
             _MATCHES.c.listing_pk.in_(sa.bindparam("p_listings", expanding=True)))
         self.insert_matches = sa.insert(_MATCHES)
@@ -490,9 +493,10 @@ class ListingRepository:
             if rows:
                 pk_of.update((lid, pk) for pk, lid in conn.execute(stmt, rows))
         pks = [pk_of[p.row["listing_id"]] for p in todo]
-        score_ids: list[int] = list(conn.scalars(st.insert_score_many, [
+        score_of = {pk: sid for sid, pk in conn.execute(st.insert_score_many, [
             {**score, "listing_pk": pk, "scored_at": now, "brand_id": bid}
-            for (score, _), pk, bid in zip(history, pks, flagged, strict=True)]))
+            for (score, _), pk, bid in zip(history, pks, flagged, strict=True)])}
+        score_ids = [score_of[pk] for pk in pks]
         for chunk in chunked(pks):
             conn.execute(st.delete_matches_many, {"p_listings": chunk})
         match_rows = [

@@ -438,6 +438,32 @@ def test_confirmed_counterfeits_of_many_sellers(storage: Storage, two_brands: Re
     assert repo.confirmed_counterfeits_many([]) == {}
 
 
+def test_each_write_of_a_batch_answers_its_own_score(storage: Storage, two_brands: Refs) -> None:
+    """The score ids come back from one multi-row insert in no promised order: each write must still
+    get its own listing's score (and its review item the same one)."""
+    a1, o1 = two_brands["a1"], two_brands["o1"]
+    repo = storage.listings
+    repo.record_scores([ScoreWrite(*listing("B2")[:1], result("B2", Verdict.CLEAR, None, []), "api",
+                                   listing("B2")[1])], scored_at=T0)  # B2 stored first: a lower listing_pk
+    plan = [("B5", Verdict.REVIEW, "alpro", a1, 0.55), ("B2", Verdict.LIKELY_COUNTERFEIT, "oatly", o1, 0.95),
+            ("B9", Verdict.CLEAR, None, None, 0.05), ("B1", Verdict.LIKELY_COUNTERFEIT, "alpro", a1, 0.85),
+            ("B7", Verdict.REVIEW, "oatly", o1, 0.65)]
+    writes = []
+    for lid, verdict, brand, ref, risk in plan:
+        lst, shas = listing(lid)
+        writes.append(ScoreWrite(lst, result(lid, verdict, brand, [match(ref)] if ref else [], risk), "api", shas))
+    got = repo.record_scores(writes, scored_at=T0 + timedelta(minutes=1))
+    for (lid, verdict, brand, _, risk), rec in zip(plan, got, strict=True):
+        assert rec is not None
+        latest = repo.history(lid)[0]
+        assert (latest.id, latest.verdict, latest.risk) == (rec.score_id, verdict, risk)
+        if brand is not None:
+            item = next(i for i in repo.review_queue(brand) if i.listing_id == lid)
+            assert (item.id, item.score_id, item.risk) == (rec.review_item_id, rec.score_id, risk)
+        else:
+            assert rec.review_item_id is None
+
+
 def test_a_listing_twice_in_one_batch_is_written_in_order(storage: Storage, two_brands: Refs) -> None:
     """Two scores of one listing in a batch (two requests at once): both in the history, in order; the
     latest matches and the review item are the second score's."""
