@@ -47,7 +47,7 @@ class EmbeddingStore:
     def get_many(self, model_id: str, sha256s: Iterable[str]) -> dict[str, npt.NDArray[np.float32]]:
         """The stored vectors among ``sha256s`` (missing ones are simply absent). The arrays are
         read-only views of the stored bytes: copy before changing them."""
-        return self.get_models({model_id: sha256s}).get(model_id, {})
+        return self.get_models({model_id: sha256s})[model_id]
 
     def get_models(self, wanted: Mapping[str, Iterable[str]]) -> dict[str, dict[str, npt.NDArray[np.float32]]]:
         """:meth:`get_many` for several models in one read: one statement per 500 hashes for all of them
