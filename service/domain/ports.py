@@ -125,6 +125,19 @@ class KeypointCache(Protocol):
         """Remember verifications of described photos (a photo without stored features is ignored)."""
         ...
 
+    def recall(self, extractor_id: str, references: str | None,
+               sha256s: Iterable[str]) -> tuple[dict[str, list[VerifiedReference]], dict[str, KeypointSet]]:
+        """What a listing's verification needs, in one read: the photos verified against ``references``
+        (none when it is None), and the stored features of the others."""
+        ...
+
+    def put_verified_with(self, extractor_id: str, references: str | None,
+                          features: Mapping[str, KeypointSet],
+                          verified: Mapping[str, Sequence[VerifiedReference]]) -> None:
+        """New features and the verifications made with them (against ``references``; not stored when it
+        is None), stored together: both or neither."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class VerifiedReference:

@@ -60,6 +60,11 @@ class KeypointStore:
         self._select_verified = sa.select(t.c.sha256, t.c.verified).where(
             t.c.extractor_id == sa.bindparam("extractor"), t.c.verified_refs == sa.bindparam("refs"),
             t.c.sha256.in_(sa.bindparam("shas", expanding=True)))
+        # A listing photo's verification made against the current references, or else its features: both
+        # in one read (the blob is read either way: a verification that does not read falls back on it).
+        self._select_recall = sa.select(t.c.sha256, t.c.verified_refs, t.c.verified, t.c.count, t.c.dim,
+                                        t.c.width, t.c.height, t.c.scale, t.c.data).where(
+            t.c.extractor_id == sa.bindparam("extractor"), t.c.sha256.in_(sa.bindparam("shas", expanding=True)))
         self._update_verified = t.update().where(
             t.c.sha256 == sa.bindparam("b_sha"), t.c.extractor_id == sa.bindparam("b_extractor"),
         ).values(verified_refs=sa.bindparam("b_refs"), verified=sa.bindparam("b_verified"))
@@ -89,6 +94,9 @@ class KeypointStore:
 
     def put_many(self, extractor_id: str, features: Mapping[str, KeypointSet]) -> None:
         """Stores the features; an existing (sha256, extractor_id) row is overwritten (idempotent)."""
+        self._write(self._feature_rows(extractor_id, features), [])
+
+    def _feature_rows(self, extractor_id: str, features: Mapping[str, KeypointSet]) -> list[dict[str, Any]]:
         extractor = validate.text(extractor_id, "extractor_id", 128)
         rows = []
         for sha, f in features.items():
@@ -99,11 +107,17 @@ class KeypointStore:
                 raise InvalidInputError(f"keypoints of {sha} need a positive size and scale", "features")
             rows.append({"sha256": sha, "extractor_id": extractor, "count": len(f), "dim": f.descriptors.shape[1],
                          "width": f.width, "height": f.height, "scale": float(f.scale), "data": encode(f)})
-        if not rows:
+        return rows
+
+    def _write(self, features: list[dict[str, Any]], verified: list[dict[str, Any]]) -> None:
+        """Feature rows upserted, then verifications set, in one transaction (rows validated already)."""
+        if not features and not verified:
             return
         with self._db.writing() as conn:
-            for chunk in chunked(rows):
+            for chunk in chunked(features):
                 conn.execute(self._upsert, chunk)
+            for chunk in chunked(verified):
+                conn.execute(self._update_verified, chunk)
 
     def get_verified(self, extractor_id: str, references: str,
                      sha256s: Iterable[str]) -> dict[str, list[VerifiedReference]]:
@@ -121,17 +135,39 @@ class KeypointStore:
                      verified: Mapping[str, Sequence[VerifiedReference]]) -> None:
         """Overwrite the photos' latest verification; a photo without a features row is ignored (there
         is nothing to verify without features, and the row is where a verification lives)."""
+        self._write([], self._verified_rows(extractor_id, references, verified))
+
+    def _verified_rows(self, extractor_id: str, references: str,
+                       verified: Mapping[str, Sequence[VerifiedReference]]) -> list[dict[str, Any]]:
         extractor = validate.text(extractor_id, "extractor_id", 128)
         refs = validate.text(references, "references", 64)
-        rows = [{"b_sha": validate.sha256(sha, "sha256"), "b_extractor": extractor, "b_refs": refs,
+        return [{"b_sha": validate.sha256(sha, "sha256"), "b_extractor": extractor, "b_refs": refs,
                  "b_verified": json.dumps([[v.image_id, v.inliers, None if v.box is None else list(v.box)]
                                            for v in found])}
                 for sha, found in verified.items()]
-        if not rows:
-            return
-        with self._db.writing() as conn:
-            for chunk in chunked(rows):
-                conn.execute(self._update_verified, chunk)
+
+    def recall(self, extractor_id: str, references: str | None,
+               sha256s: Iterable[str]) -> tuple[dict[str, list[VerifiedReference]], dict[str, KeypointSet]]:
+        """:meth:`get_verified` and, for the photos it has no answer for, :meth:`get_many`, in one read."""
+        extractor = validate.text(extractor_id, "extractor_id", 128)
+        verified: dict[str, list[VerifiedReference]] = {}
+        features: dict[str, KeypointSet] = {}
+        for sha, refs, text, count, dim, w, h, scale, data in self._rows(
+                self._select_recall, {"extractor": extractor}, sha256s):
+            got = _read_verified(text) if references is not None and refs == references else None
+            if got is not None:
+                verified[sha] = got
+            elif (f := decode(count, dim, w, h, scale, data)) is not None:
+                features[sha] = f
+        return verified, features
+
+    def put_verified_with(self, extractor_id: str, references: str | None,
+                          features: Mapping[str, KeypointSet],
+                          verified: Mapping[str, Sequence[VerifiedReference]]) -> None:
+        """:meth:`put_many` of ``features`` and :meth:`put_verified` of ``verified`` (skipped when
+        ``references`` is None) in one transaction: both or neither are stored."""
+        rows = self._verified_rows(extractor_id, references, verified) if references is not None else []
+        self._write(self._feature_rows(extractor_id, features), rows)
 
     def count(self, extractor_id: str | None = None) -> int:
         q = sa.select(sa.func.count()).select_from(_TABLE)

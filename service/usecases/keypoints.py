@@ -100,23 +100,30 @@ class KeypointMatcher:
                     todo.setdefault(sha, []).append(i)
         missing = 0
         if todo:
-            for sha, verified in self._stored(list(todo), generation, references).items():
+            # One read for what is stored (verifications, else features) and one write for what is new.
+            stored, features = self.cache.recall(self.extractor_id, references, list(todo))
+            for sha, verified in stored.items():
+                self._remember(sha, verified, generation)
                 for i in todo.pop(sha):
                     hits[i] = verified
-        if todo:
-            found, _ = self._describe(todo, None if images is None else (lambda sha: images[todo[sha][0]].pixels))
+            described: dict[str, KeypointSet] = {}
+            if images is not None:
+                for sha, rows in todo.items():
+                    if sha not in features:
+                        described[sha] = features[sha] = self.extractor.extract(images[rows[0]].pixels)
             fresh: dict[str, list[VerifiedReference]] = {}
             for sha, rows in todo.items():
-                features = found.get(sha)
-                if features is None:
+                if (found := features.get(sha)) is None:
                     missing += len(rows)
                     continue
-                verified = fresh[sha] = list(self.index.verify(features, min_inliers=self.min_inliers))
+                verified = fresh[sha] = list(self.index.verify(found, min_inliers=self.min_inliers))
                 for i in rows:
                     hits[i] = verified
                 self._remember(sha, verified, generation)
-            if fresh and references is not None and self._current(generation):
-                self.cache.put_verified(self.extractor_id, references, fresh)
+            # A verification made while the references changed is not stored (the features are).
+            current = references if references is not None and self._current(generation) else None
+            if described or (fresh and current is not None):
+                self.cache.put_verified_with(self.extractor_id, current, described, fresh)
         return self._matches(hits), missing
 
     def warm(self) -> None:

@@ -101,3 +101,47 @@ def test_an_unreadable_verification_is_a_miss_and_a_bad_hash_is_refused(storage:
     assert store.get_verified("sift@1", "refs-a", [sha("x")]) == {}
     with pytest.raises(InvalidInputError, match="sha256"):
         store.put_verified("sift@1", "refs-a", {"not-a-hash": []})
+
+
+def test_recall_reads_the_current_verifications_and_the_features_of_the_rest(storage: Storage) -> None:
+    cache: KeypointCache = storage.keypoints
+    a, b, never = sha("r-a"), sha("r-b"), sha("r-never")
+    cache.put_many("sift@1", {a: _features(6, 1), b: _features(7, 2)})
+    found = [VerifiedReference(3, 12, (1, 2, 30, 40))]
+    cache.put_verified("sift@1", "refs-a", {a: found})
+    verified, features = cache.recall("sift@1", "refs-a", [a, b, never, b])
+    assert verified == {a: found}
+    assert set(features) == {b} and features[b].descriptors.tobytes() == _features(7, 2).descriptors.tobytes()
+    # Other references, or none (the index is being changed): every photo's features, no verification.
+    for refs in ("refs-b", None):
+        verified, features = cache.recall("sift@1", refs, [a, b])
+        assert verified == {} and {k: len(f) for k, f in features.items()} == {a: 6, b: 7}
+    assert cache.recall("sift@2", "refs-a", [a, b]) == ({}, {})
+    # A verification that does not read is a miss: its photo's features are answered instead.
+    with storage.db.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE photo_keypoints SET verified = 'not json'"))
+    verified, features = cache.recall("sift@1", "refs-a", [a])
+    assert verified == {} and set(features) == {a}
+
+
+def test_put_verified_with_stores_features_and_verifications_together(storage: Storage) -> None:
+    cache: KeypointCache = storage.keypoints
+    old, new = sha("w-old"), sha("w-new")
+    cache.put_many("sift@1", {old: _features(4, 1)})
+    found = [VerifiedReference(5, 9, None)]
+    cache.put_verified_with("sift@1", "refs-a", {new: _features(8, 2)}, {old: [], new: found})
+    assert cache.get_verified("sift@1", "refs-a", [old, new]) == {old: [], new: found}
+    assert len(cache.get_many("sift@1", [new])[new]) == 8
+    # No references (they were changing): the features are stored, the verifications are not.
+    other = sha("w-other")
+    cache.put_verified_with("sift@1", None, {other: _features(3, 3)}, {other: found})
+    assert set(cache.get_many("sift@1", [other])) == {other}
+    assert cache.recall("sift@1", "refs-a", [other])[0] == {}
+    # One bad part stores nothing of the other.
+    nan = KeypointSet(np.full((2, 2), np.nan, np.float32), np.zeros((2, 128), np.uint8), 10, 10)
+    with pytest.raises(InvalidInputError, match="NaN"):
+        cache.put_verified_with("sift@1", "refs-b", {sha("w-nan"): nan}, {old: found})
+    with pytest.raises(InvalidInputError, match="sha256"):
+        cache.put_verified_with("sift@1", "refs-b", {sha("w-fine"): _features(2, 4)}, {"not-a-hash": found})
+    assert cache.get_verified("sift@1", "refs-b", [old]) == {}
+    assert cache.get_many("sift@1", [sha("w-nan"), sha("w-fine")]) == {}

@@ -214,6 +214,14 @@ class _CountingCache:
     def put_verified(self, extractor_id: str, references: str, verified: Any) -> None:
         self.inner.put_verified(extractor_id, references, verified)
 
+    def recall(self, extractor_id: str, references: str | None, sha256s: Any) -> Any:
+        keys = list(sha256s)
+        self.reads.append(keys)
+        return self.inner.recall(extractor_id, references, keys)
+
+    def put_verified_with(self, extractor_id: str, references: str | None, features: Any, verified: Any) -> None:
+        self.inner.put_verified_with(extractor_id, references, features, verified)
+
 
 def test_a_verified_photo_is_remembered_until_the_references_change(
         rescan_world: World, container: Container, grocery_dir: Path) -> None:
@@ -236,6 +244,33 @@ def test_a_verified_photo_is_remembered_until_the_references_change(
                                            price=Money(20.0, "USD"))])
     container.scorer.score(_listing("again-3", photo, 0.25))
     assert len(counting.reads) > n
+
+
+def test_a_new_photo_is_verified_with_one_read_and_one_write_of_the_keypoint_cache(
+        container: Container, grocery_dir: Path) -> None:
+    """A listing photo's stored state (a verification, else features) is read in one statement, and its
+    new features and verification are written in one transaction (they were two reads and two writes)."""
+    km = container.scorer.keypoints
+    assert km is not None
+    km.warm()
+    photo = _image(_on_new_scene(grocery_dir))
+    seen: list[tuple[str, int]] = []  # (statement, the transaction it ran in)
+
+    def note(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if "photo_keypoints" in statement:
+            seen.append((statement.split()[0].upper(), id(conn.get_transaction())))
+
+    engine = container.db.engine
+    sa.event.listen(engine, "before_cursor_execute", note)
+    try:
+        matches, missing = km.verify([photo], [photo.sha256])
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", note)
+    assert missing == 0 and any(m.reference.sku == SKU for m in matches)
+    assert [kind for kind, _ in seen] == ["SELECT", "INSERT", "UPDATE"]
+    assert seen[1][1] == seen[2][1]  # features and verification in the same transaction
+    assert km.references_id is not None
+    assert km.cache.get_verified(km.extractor_id, km.references_id, [photo.sha256])
 
 
 def test_a_photo_without_keypoints_is_described_once_and_verified_as_such(container: Container) -> None:
