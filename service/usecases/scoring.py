@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, cast
 
@@ -349,6 +349,7 @@ class ListingScorer:
         pending = {name: emb.start(images, found=cached[name]) for name, emb in roles.items()}
         got = finish_together({name: (roles[name], pe) for name, pe in pending.items()})
         embed_ms = (time.perf_counter() - t0) * 1000
+        outputs = {name: out.vectors for name, out in got.items()}
         items: list[_Item] = []
         offset = 0
         for lst in listings:
@@ -356,14 +357,7 @@ class ListingScorer:
             rows = slice(offset, offset + n)
             offset += n
             hashes = [im.sha256 for im in lst.images]
-            vectors = ListingVectors(copy=got["copy"].vectors[rows], photos=hashes)
-            if "semantic" in got:
-                vectors.semantic = got["semantic"].vectors[rows]
-            if "logo" in got:
-                vectors.logo = got["logo"].vectors[rows]
-            elif self.logo is self.semantic:
-                vectors.logo = vectors.semantic
-            items.append(_Item(lst, vectors, list(lst.images), hashes))
+            items.append(_Item(lst, self._listing_vectors(outputs, rows, hashes), list(lst.images), hashes))
         # A photo the model ran on counts for the first listing that has it; the rest were hits.
         embedded: list[dict[str, int]] = [{} for _ in listings]
         hits: list[dict[str, int]] = [{} for _ in listings]
@@ -419,18 +413,25 @@ class ListingScorer:
                 continue
             rows = slice(offset, offset + len(s.sha256s))
             offset += len(s.sha256s)
-            vectors = ListingVectors(copy=matrices["copy"][rows], photos=s.sha256s)
-            if "semantic" in matrices:
-                vectors.semantic = matrices["semantic"][rows]
-            if "logo" in matrices:
-                vectors.logo = matrices["logo"][rows]
-            elif self.logo is self.semantic:
-                vectors.logo = vectors.semantic
             where.append(len(items))
-            items.append(_Item(s.listing, vectors, None, list(s.sha256s), s.digest))
+            items.append(_Item(s.listing, self._listing_vectors(matrices, rows, s.sha256s), None,
+                               list(s.sha256s), s.digest))
         batch = _Batch(source=source, persist=persist, skip_unchanged=skip_unchanged, same_as_stored=False)
         outcomes = self._finish_prepared(self._prepare_items(items, batch, started=t0))
         return [None if w is None else outcomes[w] for w in where]
+
+    def _listing_vectors(self, matrices: Mapping[str, Vectors], rows: slice,
+                         photos: Sequence[str]) -> ListingVectors:
+        """One listing's rows of the batch's vectors by role (:meth:`_roles`); the logo role reads the
+        semantic vectors where one model serves both."""
+        vectors = ListingVectors(copy=matrices["copy"][rows], photos=photos)
+        if "semantic" in matrices:
+            vectors.semantic = matrices["semantic"][rows]
+        if "logo" in matrices:
+            vectors.logo = matrices["logo"][rows]
+        elif self.logo is self.semantic:
+            vectors.logo = vectors.semantic
+        return vectors
 
     def _roles(self) -> dict[str, CachedEmbedder]:
         """The distinct models of a score by role (a role served by another role's model is left out)."""
