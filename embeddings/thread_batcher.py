@@ -37,6 +37,12 @@ class ThreadBatcher:
         self._closed = False
         self.batches_run = 0
         self.images_run = 0
+        # Time inside the model calls, written by the model thread alone: wall seconds (how busy the
+        # model is) and that thread's CPU seconds (the model's own work, preprocessing included; exact when
+        # ONNX Runtime runs on the calling thread, i.e. one intra-op thread, the default on two cores).
+        # /metrics exports both; scripts/bench_score.py weighs the server's CPU against the second.
+        self.busy_s = 0.0
+        self.cpu_s = 0.0
         self._thread = threading.Thread(target=self._run, name=f"batch-{embedder.name}", daemon=True)
         self._thread.start()
 
@@ -100,12 +106,16 @@ class ThreadBatcher:
             if taken is None:
                 return
             images = [im for req in taken for im in req[0]]
+            wall, cpu = time.perf_counter(), time.thread_time()
             try:
                 vectors = self.inner.embed(images)
             except BaseException as exc:  # every waiting caller gets the error, the thread lives on
                 for _, fut, _ in taken:
                     fut.set_exception(exc)
                 continue
+            finally:
+                self.busy_s += time.perf_counter() - wall
+                self.cpu_s += time.thread_time() - cpu
             self.batches_run += 1
             self.images_run += len(images)
             start = 0

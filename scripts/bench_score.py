@@ -15,6 +15,12 @@ keypoint verification and OCR are measured here on the same photos, so ``service
 the service with the raw cost of the same work: the embeddings plus the expensive signals as often as
 they ran.
 
+The service/raw ratio is a ratio of rates: it counts against the service both the CPU it spends beyond
+the models and the time the cores stand idle. ``CPU outside models`` isolates the first: the share of
+the server's CPU over the phase that its model threads did not spend (``/metrics``,
+``counterlens_model_cpu_seconds_total``), i.e. HTTP, storage, search and fusion, plus the expensive
+signals where they ran. (One worker's model threads: shown with ``--workers 1`` only.)
+
 Each phase opens with every connection's first request at once, a burst that waits for one model batch
 together; the figures start after ``--warmup`` answered requests (default twice the concurrency), so
 they are of the steady state, like a load tester's warm-up. ``--warmup 0`` counts the burst too.
@@ -149,14 +155,18 @@ def _raw_signal_rates(photos: list[bytes], data_dir: Path) -> dict[str, float]:
     return {"keypoints": raw_work_rate(keypoints, pixels), "ocr": raw_work_rate(ocr, pixels[:32])}
 
 
-def _signals_run(url: str) -> dict[str, float]:
-    """The server's ``counterlens_signals_run_total`` by signal (one worker's, with several)."""
-    out: dict[str, float] = {}
+def _server_counts(url: str) -> tuple[dict[str, float], float]:
+    """From the server's /metrics (one worker's, with several): ``counterlens_signals_run_total`` by
+    signal, and the CPU seconds of its model threads (``counterlens_model_cpu_seconds_total``, summed)."""
+    signals: dict[str, float] = {}
+    model_cpu = 0.0
     for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
         if line.startswith("counterlens_signals_run_total{"):
             name = line.split('signal="', 1)[1].split('"', 1)[0]
-            out[name] = float(line.rsplit(" ", 1)[1])
-    return out
+            signals[name] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("counterlens_model_cpu_seconds_total{"):
+            model_cpu += float(line.rsplit(" ", 1)[1])
+    return signals, model_cpu
 
 
 def main() -> None:
@@ -224,17 +234,24 @@ def main() -> None:
             return req
 
         table = Table("phase", "c", "listings", "listings/s", "p50 ms", "p95 ms", "p99 ms", "errors",
-                      "service/raw", "keypoints / OCR ran", "service/raw work", "server CPU ms", "client CPU ms")
+                      "service/raw", "keypoints / OCR ran", "service/raw work", "server CPU ms",
+                      "CPU outside models", "client CPU ms")
         unmeasured: set[str] = set()
 
         def run(phase: str, c: int, requests: list[bytes]) -> None:
-            ran0 = _signals_run(url)
+            ran0, models0 = _server_counts(url)
             cpu0 = process_tree_cpu_s(proc.pid) if proc is not None else None
             got = post_load(host, port, requests, c, args.time_limit, warmup=warmup(c))
             cpu1 = process_tree_cpu_s(proc.pid) if proc is not None else None
             answered = got.n + got.warmed  # (the server's CPU and the signals are read over the whole phase)
-            ran = {k: (v - ran0.get(k, 0.0)) / max(1, answered) for k, v in _signals_run(url).items()}
+            ran1, models1 = _server_counts(url)
+            ran = {k: (v - ran0.get(k, 0.0)) / max(1, answered) for k, v in ran1.items()}
             server = "-" if cpu0 is None or cpu1 is None or not got.n else f"{(cpu1 - cpu0) / answered * 1000:.1f}"
+            # The share of the server's CPU spent outside its model threads: HTTP, storage, search,
+            # fusion, and the cascade's expensive signals where they ran. One worker's models only.
+            outside = "-"
+            if cpu0 is not None and cpu1 is not None and cpu1 > cpu0 and args.workers == 1:
+                outside = f"{1 - (models1 - models0) / (cpu1 - cpu0):.2f}"
             # The raw cost of this phase's work per listing: a photo through the models, plus keypoint
             # verification and OCR as often as the server ran them (ms on the two cores).
             work = "-"
@@ -246,7 +263,7 @@ def main() -> None:
                           f"{got.percentile_ms(0.95):.0f}", f"{got.percentile_ms(0.99):.0f}", str(got.errors),
                           f"{got.rate / raw:.2f}" if phase == "cold" else "-",
                           f"{ran.get('keypoints', 0.0):.2f} / {ran.get('ocr', 0.0):.2f}", work, server,
-                          f"{got.client_cpu_ms:.2f}")
+                          outside, f"{got.client_cpu_ms:.2f}")
 
         for k, c in enumerate(levels):
             first = sum(sizes[:k])
@@ -258,7 +275,9 @@ def main() -> None:
         console.print("expensive signals: " + ("off (--no-cascade)" if args.no_cascade else
                                                "the server's settings (default: cascade)"))
         console.print("server CPU: user + system time of the server's processes over the phase, per listing "
-                      "(2 cores: 1,000 ms of CPU a second at most per core)")
+                      "(2 cores: 1,000 ms of CPU a second at most per core); CPU outside models: the share of "
+                      "it that the model threads did not spend (HTTP, storage, search, fusion, and the "
+                      "expensive signals where they ran)")
         console.print("warm-up: the first " + ", ".join(f"{warmup(c)} (c={c})" for c in levels) + " answered "
                       "requests of each phase are left out of listings/s and latencies (not of errors); "
                       "--warmup 0 counts them")

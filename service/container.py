@@ -80,6 +80,13 @@ class BrandPolicyLookup:
         return VerdictPolicy(review, likely)
 
 
+@dataclass(frozen=True)
+class ModelTime:
+    busy_s: float  # wall seconds inside model calls
+    cpu_s: float  # CPU seconds of the model's thread inside them
+    images: int
+
+
 @dataclass
 class Container:
     settings: Settings
@@ -121,6 +128,11 @@ class Container:
             "indexes": self.index_sizes(),
             "database": self.db.dialect,
         }
+
+    def model_time(self) -> dict[str, ModelTime]:
+        """Per image model: the time its batcher thread has spent in model calls since start."""
+        return {name: ModelTime(b.busy_s, b.cpu_s, b.images_run) for name, e in self.embedders.items()
+                if isinstance(b := e.embedder, ThreadBatcher)}
 
     def index_sizes(self) -> dict[str, int]:
         return {f"{name}/{kind.value}": index.ntotal for name, kind, index in self.indexes}

@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.errors import ApiError, install_error_handlers
-from service.api.metrics import Metrics
+from service.api.metrics import Metrics, ModelTimeCollector
 from service.settings import Settings
 
 log = logging.getLogger("counterlens.api")
@@ -100,6 +100,8 @@ def create_app(settings: Settings, container_factory: ContainerFactory | None = 
     factory = container_factory
     metrics = Metrics()
     state = AppState(settings, metrics)
+    metrics.registry.register(ModelTimeCollector(lambda: None if state.container is None
+                                                 else state.container.model_time()))
 
     def _build() -> Any:
         container = factory(settings)

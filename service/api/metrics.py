@@ -2,9 +2,41 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+
+class ModelTimes(Protocol):
+    @property
+    def busy_s(self) -> float: ...
+    @property
+    def cpu_s(self) -> float: ...
+
+
+class ModelTimeCollector(Collector):
+    """The image models' time in model calls, read from their batcher threads at each scrape: how busy
+    each model is, and how much of the process's CPU is the models' own work."""
+
+    def __init__(self, read: Callable[[], Mapping[str, ModelTimes] | None]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        busy = CounterMetricFamily("counterlens_model_busy_seconds",
+                                   "Wall seconds a model's thread spent in model calls", labels=["model"])
+        cpu = CounterMetricFamily("counterlens_model_cpu_seconds",
+                                  "CPU seconds of a model's thread in model calls (preprocessing included; "
+                                  "ONNX Runtime's own pool threads are not counted when it has more than one)",
+                                  labels=["model"])
+        for name, t in (self._read() or {}).items():
+            busy.add_metric([name], t.busy_s)
+            cpu.add_metric([name], t.cpu_s)
+        yield busy
+        yield cpu
 
 
 @dataclass

@@ -192,6 +192,14 @@ def test_health_and_metrics(live: LiveServer) -> None:
     crops = [line for line in metrics.splitlines()
              if line.startswith('counterlens_signals_run_total{signal="logo_crops"}')]
     assert crops and float(crops[0].rsplit(" ", 1)[1]) >= 1
+    # Each image model's time in model calls, wall and CPU (a thread's CPU never exceeds its wall time).
+    def model_seconds(metric: str) -> dict[str, float]:
+        prefix = f"counterlens_model_{metric}_seconds_total{{model="
+        return {line.split('"')[1]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                if line.startswith(prefix)}
+    busy, cpu = model_seconds("busy"), model_seconds("cpu")
+    assert set(busy) == set(cpu) == set(ready["models"])
+    assert all(0 < cpu[m] <= busy[m] + 0.01 for m in busy)
     assert live.client.get("/openapi.json").json()["paths"]["/v1/score"]
 
 

@@ -1,0 +1,78 @@
+"""ThreadBatcher: concurrent callers on plain threads share model batches, and the batcher accounts for
+the time its model calls take (wall and CPU), which /metrics exports."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from embeddings.onnx_embedder import OnnxEmbedder
+from embeddings.thread_batcher import ThreadBatcher
+from service.domain.model import RGBImage, Vectors
+from tests.embeddings.conftest import Photo
+
+
+class Waiting:
+    """A real model whose every call first waits ``wait_s`` without using the CPU, as a call to a
+    GPU or another process does."""
+
+    def __init__(self, inner: OnnxEmbedder, wait_s: float) -> None:
+        self.inner, self.wait_s = inner, wait_s
+        self.name, self.model_id, self.dim, self.provider = inner.name, inner.model_id, inner.dim, inner.provider
+
+    def embed(self, images: Sequence[RGBImage]) -> Vectors:
+        time.sleep(self.wait_s)
+        return self.inner.embed(images)
+
+
+def test_concurrent_callers_share_batches_and_get_their_own_rows(
+    tiny_clip: OnnxEmbedder, photos: list[Photo]
+) -> None:
+    requests = [[photos[i % len(photos)].pixels, photos[(i + 1) % len(photos)].pixels] for i in range(6)]
+    batcher = ThreadBatcher(tiny_clip, max_batch=16, max_wait_ms=200)
+    try:
+        results: dict[int, np.ndarray] = {}
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, batcher.embed(requests[i])))
+                   for i in range(len(requests))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        batcher.close()
+    for i, r in enumerate(requests):
+        np.testing.assert_allclose(results[i], tiny_clip.embed(r), atol=2e-5)
+    assert batcher.images_run == 12
+    assert batcher.batches_run < len(requests)
+
+
+def test_model_time_counts_wall_and_cpu_apart(tiny_clip: OnnxEmbedder, photos: list[Photo]) -> None:
+    batcher = ThreadBatcher(Waiting(tiny_clip, wait_s=0.2), max_wait_ms=0)
+    try:
+        assert (batcher.busy_s, batcher.cpu_s) == (0.0, 0.0)
+        started = time.perf_counter()
+        batcher.embed([p.pixels for p in photos[:4]])
+        took = time.perf_counter() - started
+    finally:
+        batcher.close()
+    # The wall time covers the wait and the model; the CPU time only what the thread computed.
+    assert 0.2 <= batcher.busy_s <= took
+    assert 0.0 < batcher.cpu_s < batcher.busy_s - 0.15
+
+
+def test_a_failed_model_call_still_counts_and_the_thread_lives_on(
+    tiny_clip: OnnxEmbedder, photos: list[Photo]
+) -> None:
+    batcher = ThreadBatcher(Waiting(tiny_clip, wait_s=0.05), max_wait_ms=0)
+    try:
+        with pytest.raises(Exception, match="uint8"):
+            batcher.embed([np.zeros((8, 8, 3), np.float32)])  # type: ignore[list-item]
+        assert batcher.busy_s >= 0.05 and batcher.batches_run == 0
+        assert batcher.embed([photos[0].pixels]).shape == (1, tiny_clip.dim)
+        assert batcher.busy_s >= 0.1 and batcher.batches_run == 1
+    finally:
+        batcher.close()
