@@ -23,6 +23,9 @@ class _FakeContainer:
     def index_sizes(self) -> dict[str, int]:
         return {}
 
+    def model_time(self) -> dict[str, Any]:
+        return {}
+
     def close(self) -> None:
         pass
 
