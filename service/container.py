@@ -84,7 +84,6 @@ class BrandPolicyLookup:
 class ModelTime:
     busy_s: float  # wall seconds inside model calls
     cpu_s: float  # CPU seconds of the model's thread inside them
-    images: int
 
 
 @dataclass
@@ -131,7 +130,7 @@ class Container:
 
     def model_time(self) -> dict[str, ModelTime]:
         """Per image model: the time its batcher thread has spent in model calls since start."""
-        return {name: ModelTime(b.busy_s, b.cpu_s, b.images_run) for name, e in self.embedders.items()
+        return {name: ModelTime(b.busy_s, b.cpu_s) for name, e in self.embedders.items()
                 if isinstance(b := e.embedder, ThreadBatcher)}
 
     def index_sizes(self) -> dict[str, int]:
