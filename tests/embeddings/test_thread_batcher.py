@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from embeddings.onnx_embedder import OnnxEmbedder
+from embeddings.preprocess import PreprocessError
 from embeddings.thread_batcher import ThreadBatcher
 from service.domain.model import RGBImage, Vectors
 from tests.embeddings.conftest import Photo
@@ -69,7 +70,7 @@ def test_a_failed_model_call_still_counts_and_the_thread_lives_on(
 ) -> None:
     batcher = ThreadBatcher(Waiting(tiny_clip, wait_s=0.05), max_wait_ms=0)
     try:
-        with pytest.raises(Exception, match="uint8"):
+        with pytest.raises(PreprocessError, match="expected dtype uint8"):
             batcher.embed([np.zeros((8, 8, 3), np.float32)])  # type: ignore[list-item]
         assert batcher.busy_s >= 0.05 and batcher.batches_run == 0
         assert batcher.embed([photos[0].pixels]).shape == (1, tiny_clip.dim)
