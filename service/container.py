@@ -116,7 +116,8 @@ class Container:
                 self._score_queue = ScoringQueue(self.scorer, workers=server.scoring_threads,
                                                  max_batch=server.max_batch_listings,
                                                  slow_workers=server.slow_scoring_threads,
-                                                 slow_waiting=server.slow_waiting_listings)
+                                                 slow_waiting=server.slow_waiting_listings,
+                                                 max_waiting=server.max_waiting_listings)
             return self._score_queue
 
     def describe(self) -> dict[str, Any]:

@@ -38,11 +38,22 @@ class QueueClosedError(RuntimeError):
     """The queue was closed (the service is stopping)."""
 
 
+class QueueFullError(RuntimeError):
+    """As many listings as the queue holds are already waiting: the service is overloaded right now."""
+
+    def __init__(self, waiting: int) -> None:
+        super().__init__(f"{waiting} listings are already waiting to be scored")
+        self.waiting = waiting
+
+
 class ScoringQueue:
     def __init__(self, scorer: ListingScorer, *, workers: int = 2, max_batch: int = 32,
-                 source: str = "api", slow_workers: int = 2, slow_waiting: int = 0) -> None:
+                 source: str = "api", slow_workers: int = 2, slow_waiting: int = 0,
+                 max_waiting: int | None = None) -> None:
         if workers < 1 or max_batch < 1 or slow_workers < 1:
             raise ValueError("workers, max_batch and slow_workers must be >= 1")
+        if max_waiting is not None and max_waiting < 1:
+            raise ValueError(f"max_waiting must be >= 1 or None, got {max_waiting}")
         if slow_waiting < 0:
             raise ValueError(f"slow_waiting must be >= 0, got {slow_waiting}")
         self.scorer = scorer
@@ -50,7 +61,11 @@ class ScoringQueue:
         self.source = source
         # The slow pool's listings (running or waiting for a thread) at which the next batch waits.
         self.max_slow_backlog = slow_workers + slow_waiting
+        self.max_waiting = max_waiting
         self._queue: deque[tuple[Listing, Future[ScoreOutcome]]] = deque()
+        # listing_ids taken by a worker and not yet answered: a later request for one of them waits.
+        self._in_flight: set[str] = set()
+        self.refused = 0
         self._cv = threading.Condition()
         self._closed = False
         self._slow_backlog = 0  # listings handed to the slow pool and not finished yet
@@ -68,26 +83,61 @@ class ScoringQueue:
         with self._cv:
             if self._closed:
                 raise QueueClosedError("the scoring queue is closed")
+            if self.max_waiting is not None and len(self._queue) >= self.max_waiting:
+                self.refused += 1
+                raise QueueFullError(len(self._queue))
             self._queue.append((listing, fut))
             self._cv.notify()
         return fut
 
     def _take(self) -> list[tuple[Listing, Future[ScoreOutcome]]] | None:
         with self._cv:
-            # A full slow pool holds the next batch back: its listings are older and nearer their answer
-            # than the queued ones, and the cores they would share are all there is (see the module doc).
-            while not self._closed and (not self._queue or self._slow_backlog >= self.max_slow_backlog):
+            while True:
+                if self._closed and not self._queue:
+                    return None
+                # A full slow pool holds the next batch back (not once closing: what is queued is scored):
+                # its listings are older and nearer their answer than the queued ones, and the cores they
+                # would share are all there is (see the module doc).
+                if self._takeable() and (self._closed or self._slow_backlog < self.max_slow_backlog):
+                    break
                 self._cv.wait()
-            if not self._queue:
-                return None
+            # Oldest first, one request per listing_id, none whose listing_id is still being scored: those
+            # stay queued, in their order, until it is answered (see the module doc).
             taken: list[tuple[Listing, Future[ScoreOutcome]]] = []
+            left: deque[tuple[Listing, Future[ScoreOutcome]]] = deque()
             while self._queue and len(taken) < self.max_batch:
-                taken.append(self._queue.popleft())
+                item = self._queue.popleft()
+                lid = item[0].listing_id
+                if lid in self._in_flight:
+                    left.append(item)
+                else:
+                    self._in_flight.add(lid)
+                    taken.append(item)
+            self._queue.extendleft(reversed(left))
             return taken
+
+    def _takeable(self) -> bool:
+        """Some queued listing is not waiting for an earlier request of its listing_id (lock held)."""
+        if not self._in_flight:
+            return bool(self._queue)
+        return any(lst.listing_id not in self._in_flight for lst, _ in self._queue)
+
+    def _answered(self, listings: Sequence[Listing]) -> None:
+        """These listings are answered (stored or failed): later requests for their listing_ids may go."""
+        with self._cv:
+            for lst in listings:
+                self._in_flight.discard(lst.listing_id)
+            if self._queue:
+                self._cv.notify_all()
 
     def _run(self) -> None:
         while (taken := self._take()) is not None:
-            live = [(lst, fut) for lst, fut in taken if fut.set_running_or_notify_cancel()]
+            live: list[tuple[Listing, Future[ScoreOutcome]]] = []
+            for lst, fut in taken:
+                if fut.set_running_or_notify_cancel():
+                    live.append((lst, fut))
+                else:
+                    self._answered([lst])  # cancelled while queued
             if not live:
                 continue
             try:
@@ -96,22 +146,29 @@ class ScoringQueue:
                 log.exception("scoring a batch failed")
                 for _, fut in live:
                     fut.set_exception(exc)
+                self._answered([lst for lst, _ in live])
                 continue
             with self._cv:
                 self.batches += 1
                 self.listings += len(live)
             quick: list[tuple[PreparedListing, Future[ScoreOutcome]]] = []
-            for (_, fut), p in zip(live, prepared, strict=True):
+            done: list[Listing] = []
+            for (lst, fut), p in zip(live, prepared, strict=True):
                 if isinstance(p, Exception):
                     fut.set_exception(p)
+                    done.append(lst)
                 elif p.slow:
                     with self._cv:
                         self._slow_backlog += 1
-                    self._slow.submit(self._finish_slow, p, fut)
+                    self._slow.submit(self._finish_slow, lst, p, fut)
                 else:
                     quick.append((p, fut))
-            if quick:
-                self._finish(quick)
+                    done.append(lst)
+            try:
+                if quick:
+                    self._finish(quick)
+            finally:
+                self._answered(done)
 
     @property
     def slow_backlog(self) -> int:
@@ -119,12 +176,13 @@ class ScoringQueue:
         with self._cv:
             return self._slow_backlog
 
-    def _finish_slow(self, prepared: PreparedListing, fut: Future[ScoreOutcome]) -> None:
+    def _finish_slow(self, listing: Listing, prepared: PreparedListing, fut: Future[ScoreOutcome]) -> None:
         try:
             self._finish([(prepared, fut)])
         finally:
             with self._cv:
                 self._slow_backlog -= 1
+                self._in_flight.discard(listing.listing_id)
                 self._cv.notify_all()
 
     def _finish(self, pairs: Sequence[tuple[PreparedListing, Future[ScoreOutcome]]]) -> None:

@@ -221,3 +221,48 @@ def test_a_photo_whose_body_does_not_decode_is_refused_by_field(live: LiveServer
     first, second = batch.json()["results"]
     assert first["error"]["field"] == "listings[0].images[0].base64" and first["result"] is None
     assert second["error"] is None and second["result"]["brand"] == "arla"
+
+
+def test_an_overloaded_service_refuses_with_503_and_retry_after(live: LiveServer) -> None:
+    """A scoring queue that holds one waiting listing (one scoring thread), hit by 16 requests at once:
+    those that find it full are answered 503 ``overloaded`` with a Retry-After and nothing of them is
+    stored; every other one is scored and stored."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from service.usecases.score_queue import ScoringQueue
+
+    c = live.container
+    c.score_queue()  # the app's own, started
+    small = ScoringQueue(c.scorer, workers=1, max_waiting=1)
+    with c._score_queue_lock:
+        saved, c._score_queue = c._score_queue, small
+    rng = np.random.default_rng(7)
+    bodies = [{"listing_id": f"burst-{i}", "title": "Poster", "price": {"amount": 5.0},
+               "images": [{"base64": base64.b64encode(
+                   jpeg_bytes(rng.integers(0, 256, (200, 200, 3), dtype=np.uint8))).decode()}]}
+              for i in range(16)]
+    start = threading.Barrier(16)
+
+    def post(body: dict[str, Any]) -> httpx.Response:
+        with httpx.Client(base_url=live.url, timeout=60) as client:
+            start.wait(10)
+            return client.post("/v1/score", json=body)
+
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(post, bodies))
+    finally:
+        with c._score_queue_lock:
+            c._score_queue = saved
+        small.close()
+    refused = [b["listing_id"] for b, r in zip(bodies, answers, strict=True) if r.status_code == 503]
+    scored = [b["listing_id"] for b, r in zip(bodies, answers, strict=True) if r.status_code == 200]
+    assert refused and scored and len(refused) + len(scored) == 16, [r.status_code for r in answers]
+    for r in answers:
+        if r.status_code == 503:
+            assert r.headers["retry-after"] == "1"
+            assert r.json()["error"]["code"] == "overloaded"
+    assert all(live.client.get(f"/v1/listings/{lid}").status_code == 404 for lid in refused)
+    assert all(live.client.get(f"/v1/listings/{lid}").status_code == 200 for lid in scored)

@@ -22,7 +22,7 @@ from service.container import Container, build_container
 from service.domain.model import KeypointSet, Listing, ListingImage, Money, ReferenceKind, SignalName, Verdict
 from service.usecases.catalog import ReferenceUpload
 from service.usecases.keypoints import KeypointMatcher
-from service.usecases.score_queue import ScoringQueue
+from service.usecases.score_queue import QueueFullError, ScoringQueue
 from service.usecases.scoring import StoredListing
 from tests.conftest import jpeg_bytes
 from tests.usecases.rescan_world import REFERENCE_PRICE, World, fresh_data_dir, settings
@@ -561,3 +561,58 @@ def test_the_queue_takes_no_new_batch_while_every_slow_thread_is_busy(
         finally:
             held.release.set()
             queue.close()
+
+
+def test_a_later_request_for_the_same_listing_is_scored_and_stored_after_the_earlier_one(
+        container: Container, grocery_dir: Path) -> None:
+    """A re-submitted listing (here at its full price, with a photo the cascade does not look closer at)
+    waits while its earlier request is still being verified, so the later request's score is stored last
+    and is the listing's latest; another listing is answered meanwhile."""
+    held = _hold_verifications(container)
+    queue = ScoringQueue(container.scorer, workers=2, max_batch=8)
+    rng = np.random.default_rng(3)
+    try:
+        first = queue.submit(_listing("resubmitted", _on_new_scene(grocery_dir), 0.25))
+        assert held.entered.wait(30)
+        again = queue.submit(_listing("resubmitted", rng.integers(0, 256, (240, 320, 3), dtype=np.uint8), 1.0))
+        other = queue.submit(_listing("someone-else", rng.integers(0, 256, (240, 320, 3), dtype=np.uint8), 1.0))
+        assert other.result(timeout=30).written
+        with pytest.raises(TimeoutError):
+            again.result(timeout=1.0)  # waits for the first, not scored yet
+        assert not first.done()
+        held.release.set()
+        assert first.result(timeout=30).ran["keypoints"] is True
+        later = again.result(timeout=30)
+        assert later.ran["keypoints"] is False
+        history = container.listings.history("resubmitted")  # newest first
+        assert [h.verdict for h in history] == [later.result.verdict, Verdict.LIKELY_COUNTERFEIT]
+        stored = container.listings.get_listing("resubmitted")
+        assert stored is not None and stored.price == Money(REFERENCE_PRICE, "USD")
+        assert stored.latest_verdict is later.result.verdict
+    finally:
+        held.release.set()
+        queue.close()
+
+
+def test_a_full_queue_refuses_at_once_and_keeps_what_it_holds(container: Container, grocery_dir: Path) -> None:
+    """With the slow pool busy (one thread, none waiting) the workers take nothing; one listing may wait
+    (``max_waiting=1``), the next is refused with QueueFullError, and the waiting one is scored once the
+    slow one is answered."""
+    held = _hold_verifications(container)
+    rng = np.random.default_rng(4)
+    queue = ScoringQueue(container.scorer, workers=1, max_batch=8, slow_workers=1, max_waiting=1)
+    try:
+        slow = queue.submit(_listing("full-slow", _on_new_scene(grocery_dir), 0.25))
+        assert held.entered.wait(30)
+        waiting = queue.submit(_listing("full-waiting", rng.integers(0, 256, (240, 320, 3), dtype=np.uint8), 1.0))
+        with pytest.raises(QueueFullError):
+            queue.submit(_listing("full-refused", rng.integers(0, 256, (240, 320, 3), dtype=np.uint8), 1.0))
+        assert queue.refused == 1
+        held.release.set()
+        assert slow.result(timeout=30).written and waiting.result(timeout=30).written
+        assert container.listings.get_listing("full-refused") is None
+    finally:
+        held.release.set()
+        queue.close()
+    with pytest.raises(ValueError, match="max_waiting"):
+        ScoringQueue(container.scorer, max_waiting=0)

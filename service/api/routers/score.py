@@ -16,6 +16,7 @@ from service.domain.model import Listing, Money, SellerInfo
 from service.domain.pricing import UnknownCurrencyError
 from service.intake.errors import IntakeError
 from service.usecases.listing_input import ImageSource, ListingImageLoader
+from service.usecases.score_queue import QueueFullError
 
 router = APIRouter(prefix="/v1", tags=["score"])
 
@@ -50,6 +51,9 @@ async def _score_one(request: Request, body: ListingIn, sources: list[ImageSourc
     try:
         # Scored together with the requests arriving meanwhile (service.usecases.score_queue).
         outcome = await asyncio.wrap_future(c.score_queue().submit(listing))
+    except QueueFullError as exc:  # overloaded: refused at once, nothing stored; the caller retries
+        raise ApiError(503, "overloaded", f"the service is overloaded ({exc}); retry later", None,
+                       headers={"Retry-After": "1"}) from None
     except UnknownCurrencyError as exc:
         raise ApiError(422, "unknown_currency", str(exc), "price.currency") from None
     except IntakeError as exc:  # a photo whose header passed but whose body does not decode
