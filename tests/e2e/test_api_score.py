@@ -266,3 +266,17 @@ def test_an_overloaded_service_refuses_with_503_and_retry_after(live: LiveServer
             assert r.json()["error"]["code"] == "overloaded"
     assert all(live.client.get(f"/v1/listings/{lid}").status_code == 404 for lid in refused)
     assert all(live.client.get(f"/v1/listings/{lid}").status_code == 200 for lid in scored)
+
+
+@pytest.mark.parametrize("raw", [b'{"listing_id": "broken"', b"\xff\xfe{}", b""])
+def test_a_body_that_is_not_json_is_a_400_and_stores_nothing(live: LiveServer, raw: bytes) -> None:
+    r = live.client.post("/v1/score", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json", r.text
+    assert live.client.get("/v1/listings/broken").status_code == 404
+
+
+def test_a_multipart_listing_field_that_is_not_json_is_a_400_naming_it(live: LiveServer) -> None:
+    r = live.client.post("/v1/score", data={"listing": "{nope"},
+                         files=[("images", ("a.jpg", jpeg_bytes(np.zeros((8, 8, 3), np.uint8)), "image/jpeg"))])
+    assert r.status_code == 400 and r.json()["error"] == {
+        "code": "invalid_json", "message": "the 'listing' field is not valid JSON", "field": "listing"}
