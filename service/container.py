@@ -42,7 +42,7 @@ from service.usecases.listing_input import ListingImageLoader
 from service.usecases.logo_templates import LogoTemplateMatcher
 from service.usecases.matching import MatchingConfig, ModelRoles, ReferenceMatcher
 from service.usecases.rescan import RunRescan, StoredRescanScheduler, rescan_in_this_process
-from service.usecases.score_queue import ScoringQueue
+from service.usecases.score_queue import QueueStats, ScoringQueue
 from service.usecases.scoring import ListingScorer, ScorerOptions
 
 log = logging.getLogger("counterlens.container")
@@ -133,6 +133,11 @@ class Container:
         """Per image model: the time its batcher thread has spent in model calls since start."""
         return {name: ModelTime(b.busy_s, b.cpu_s) for name, e in self.embedders.items()
                 if isinstance(b := e.embedder, ThreadBatcher)}
+
+    def queue_stats(self) -> QueueStats | None:
+        """The API's scoring queue's counters and state; None before its first request."""
+        with self._score_queue_lock:
+            return None if self._score_queue is None else self._score_queue.stats()
 
     def index_sizes(self) -> dict[str, int]:
         return {f"{name}/{kind.value}": index.ntotal for name, kind, index in self.indexes}

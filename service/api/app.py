@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.errors import ApiError, install_error_handlers
-from service.api.metrics import Metrics, ModelTimeCollector
+from service.api.metrics import Metrics, ModelTimeCollector, ScoreQueueCollector
 from service.settings import Settings
 
 log = logging.getLogger("counterlens.api")
@@ -102,6 +102,8 @@ def create_app(settings: Settings, container_factory: ContainerFactory | None = 
     state = AppState(settings, metrics)
     metrics.registry.register(ModelTimeCollector(lambda: None if state.container is None
                                                  else state.container.model_time()))
+    metrics.registry.register(ScoreQueueCollector(lambda: None if state.container is None
+                                                  else state.container.queue_stats()))
 
     def _build() -> Any:
         container = factory(settings)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 
@@ -37,6 +37,43 @@ class ModelTimeCollector(Collector):
             cpu.add_metric([name], t.cpu_s)
         yield busy
         yield cpu
+
+
+class QueueCounts(Protocol):
+    @property
+    def batches(self) -> int: ...
+    @property
+    def listings(self) -> int: ...
+    @property
+    def refused(self) -> int: ...
+    @property
+    def waiting(self) -> int: ...
+    @property
+    def slow_backlog(self) -> int: ...
+
+
+class ScoreQueueCollector(Collector):
+    """The scoring queue's counters and depth, read at each scrape: how large the model batches are
+    (listings / batches), how many requests wait, and how many an overload refused."""
+
+    def __init__(self, read: Callable[[], QueueCounts | None]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        q = self._read()
+        if q is None:  # not started: no request scored yet
+            return
+        yield CounterMetricFamily("counterlens_score_batches", "Batches the scoring queue prepared together",
+                                  value=q.batches)
+        yield CounterMetricFamily("counterlens_score_batched_listings", "Listings in those batches",
+                                  value=q.listings)
+        yield CounterMetricFamily("counterlens_score_refused", "Score requests refused with 503: the queue was full",
+                                  value=q.refused)
+        yield GaugeMetricFamily("counterlens_score_queue_waiting", "Listings waiting in the scoring queue",
+                                value=q.waiting)
+        yield GaugeMetricFamily("counterlens_score_slow_backlog",
+                                "Listings in the slow pool (an expensive signal running or waiting)",
+                                value=q.slow_backlog)
 
 
 @dataclass

@@ -27,6 +27,7 @@ import threading
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 from service.domain.model import Listing
 from service.usecases.scoring import ListingScorer, PreparedListing, ScoreOutcome
@@ -36,6 +37,17 @@ log = logging.getLogger("counterlens.score_queue")
 
 class QueueClosedError(RuntimeError):
     """The queue was closed (the service is stopping)."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """Counters since the queue started, and its state now (for ``/metrics``)."""
+
+    batches: int  # batches the workers prepared
+    listings: int  # listings in them
+    refused: int  # requests refused because the queue was full
+    waiting: int  # listings in the queue now
+    slow_backlog: int  # listings in the slow pool now (running or waiting for a thread)
 
 
 class QueueFullError(RuntimeError):
@@ -169,6 +181,10 @@ class ScoringQueue:
                     self._finish(quick)
             finally:
                 self._answered(done)
+
+    def stats(self) -> QueueStats:
+        with self._cv:
+            return QueueStats(self.batches, self.listings, self.refused, len(self._queue), self._slow_backlog)
 
     @property
     def slow_backlog(self) -> int:

@@ -200,6 +200,12 @@ def test_health_and_metrics(live: LiveServer) -> None:
     busy, cpu = model_seconds("busy"), model_seconds("cpu")
     assert set(busy) == set(cpu) == set(ready["models"])
     assert all(0 < cpu[m] <= busy[m] + 0.01 for m in busy)
+    # The scoring queue: batches and the listings in them, nothing waiting or refused between requests.
+    queue = {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines()
+             if line.startswith("counterlens_score_")}
+    assert 1 <= queue["counterlens_score_batches_total"] <= queue["counterlens_score_batched_listings_total"]
+    assert queue["counterlens_score_queue_waiting"] == 0 and queue["counterlens_score_refused_total"] == 0
+    assert queue["counterlens_score_slow_backlog"] == 0
     assert live.client.get("/openapi.json").json()["paths"]["/v1/score"]
 
 
@@ -253,6 +259,7 @@ def test_an_overloaded_service_refuses_with_503_and_retry_after(live: LiveServer
     try:
         with ThreadPoolExecutor(16) as pool:
             answers = list(pool.map(post, bodies))
+        metrics = live.client.get("/metrics").text  # read while the small queue is the app's
     finally:
         with c._score_queue_lock:
             c._score_queue = saved
@@ -260,6 +267,7 @@ def test_an_overloaded_service_refuses_with_503_and_retry_after(live: LiveServer
     refused = [b["listing_id"] for b, r in zip(bodies, answers, strict=True) if r.status_code == 503]
     scored = [b["listing_id"] for b, r in zip(bodies, answers, strict=True) if r.status_code == 200]
     assert refused and scored and len(refused) + len(scored) == 16, [r.status_code for r in answers]
+    assert f"counterlens_score_refused_total {float(len(refused))}" in metrics
     for r in answers:
         if r.status_code == 503:
             assert r.headers["retry-after"] == "1"

@@ -26,6 +26,9 @@ class _FakeContainer:
     def model_time(self) -> dict[str, Any]:
         return {}
 
+    def queue_stats(self) -> None:
+        return None
+
     def close(self) -> None:
         pass
 
