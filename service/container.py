@@ -136,8 +136,10 @@ class Container:
 
     def queue_stats(self) -> QueueStats | None:
         """The API's scoring queue's counters and state; None before its first request."""
-        with self._score_queue_lock:
-            return None if self._score_queue is None else self._score_queue.stats()
+        # Not under _score_queue_lock, which close() holds while the queue drains: a scrape on the event
+        # loop must not wait for that. (Reading the attribute is atomic.)
+        queue = self._score_queue
+        return None if queue is None else queue.stats()
 
     def index_sizes(self) -> dict[str, int]:
         return {f"{name}/{kind.value}": index.ntotal for name, kind, index in self.indexes}

@@ -18,6 +18,17 @@ one), the workers take no new batch. The pool's listings arrived earlier and are
 left to share the two cores with new batches they took longer, and under overload the expensive work
 queued up without limit. Held back, the requests wait in the queue instead and make a bigger batch
 (bench_score, every listing verified, c=8: p99 221-236 ms against 282-296 unbounded).
+
+A listing_id is scored by one request at a time, in the order its requests reached the queue (their
+photos checked): a request for a listing whose earlier request is still being scored waits in the queue
+until that one is stored. Without this, a re-submitted listing (a new price, say) answered by the cheap
+path could be stored before its earlier request that went on to the slow pool, which would then land
+last and pass for the listing's latest score. (Worker processes each have their own queue: two processes
+scoring the same listing_id at the same moment still store in the order they finish.)
+
+The queue is bounded too (``max_waiting``): a request that finds that many listings already waiting is
+refused at once with :class:`QueueFullError` (the API answers 503 with a Retry-After), so an overload
+costs the callers a retry instead of every request a growing wait.
 """
 
 from __future__ import annotations
@@ -144,43 +155,42 @@ class ScoringQueue:
 
     def _run(self) -> None:
         while (taken := self._take()) is not None:
-            live: list[tuple[Listing, Future[ScoreOutcome]]] = []
-            for lst, fut in taken:
-                if fut.set_running_or_notify_cancel():
-                    live.append((lst, fut))
-                else:
-                    self._answered([lst])  # cancelled while queued
-            if not live:
-                continue
+            handed: set[int] = set()  # positions in ``taken`` handed to the slow pool, which releases them
             try:
-                prepared = self.scorer.prepare_many([lst for lst, _ in live], source=self.source)
+                self._score(taken, handed)
             except BaseException as exc:  # the batch as a whole failed: every caller hears why
                 log.exception("scoring a batch failed")
-                for _, fut in live:
-                    fut.set_exception(exc)
-                self._answered([lst for lst, _ in live])
-                continue
-            with self._cv:
-                self.batches += 1
-                self.listings += len(live)
-            quick: list[tuple[PreparedListing, Future[ScoreOutcome]]] = []
-            done: list[Listing] = []
-            for (lst, fut), p in zip(live, prepared, strict=True):
-                if isinstance(p, Exception):
-                    fut.set_exception(p)
-                    done.append(lst)
-                elif p.slow:
-                    with self._cv:
-                        self._slow_backlog += 1
-                    self._slow.submit(self._finish_slow, lst, p, fut)
-                else:
-                    quick.append((p, fut))
-                    done.append(lst)
-            try:
-                if quick:
-                    self._finish(quick)
+                for i, (_, fut) in enumerate(taken):
+                    if i not in handed and not fut.done():
+                        fut.set_exception(exc)
             finally:
-                self._answered(done)
+                # Whatever happened, the worker lives on and no listing_id stays blocked.
+                self._answered([lst for i, (lst, _) in enumerate(taken) if i not in handed])
+
+    def _score(self, taken: Sequence[tuple[Listing, Future[ScoreOutcome]]], handed: set[int]) -> None:
+        live = [(i, lst, fut) for i, (lst, fut) in enumerate(taken) if fut.set_running_or_notify_cancel()]
+        if not live:  # all cancelled while queued
+            return
+        prepared = self.scorer.prepare_many([lst for _, lst, _ in live], source=self.source)
+        with self._cv:
+            self.batches += 1
+            self.listings += len(live)
+        quick: list[tuple[PreparedListing, Future[ScoreOutcome]]] = []
+        for (i, lst, fut), p in zip(live, prepared, strict=True):
+            if isinstance(p, Exception):
+                fut.set_exception(p)
+            elif p.slow:
+                with self._cv:
+                    self._slow_backlog += 1
+                handed.add(i)
+                try:
+                    self._slow.submit(self._finish_slow, lst, p, fut)
+                except RuntimeError:  # the pool is shut down (closing after a long wait): finish it here
+                    self._finish_slow(lst, p, fut)
+            else:
+                quick.append((p, fut))
+        if quick:
+            self._finish(quick)
 
     def stats(self) -> QueueStats:
         with self._cv:

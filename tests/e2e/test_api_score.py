@@ -288,3 +288,15 @@ def test_a_multipart_listing_field_that_is_not_json_is_a_400_naming_it(live: Liv
                          files=[("images", ("a.jpg", jpeg_bytes(np.zeros((8, 8, 3), np.uint8)), "image/jpeg"))])
     assert r.status_code == 400 and r.json()["error"] == {
         "code": "invalid_json", "message": "the 'listing' field is not valid JSON", "field": "listing"}
+
+
+def test_json_that_only_pythons_parser_reads_is_validated_as_before(live: LiveServer) -> None:
+    """A UTF-8 BOM and a lone surrogate escape (a string cut inside an emoji) are read as JSON and
+    validated field by field: a 422 naming the field, not a 400 for the whole body."""
+    bom = live.client.post("/v1/score", content=b'\xef\xbb\xbf{"title": "no id"}',
+                           headers={"content-type": "application/json"})
+    assert bom.status_code == 422 and bom.json()["error"]["field"] == "listing_id", bom.text
+    cut = live.client.post("/v1/score", content=b'{"listing_id": "cut", "title": "Mug \\ud83d"}',
+                           headers={"content-type": "application/json"})
+    assert cut.status_code == 422 and cut.json()["error"]["field"] == "title", cut.text
+    assert live.client.get("/v1/listings/cut").status_code == 404

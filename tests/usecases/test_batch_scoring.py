@@ -193,3 +193,30 @@ def test_a_cached_photo_is_not_decoded_again(rescan_world: World, container: Con
 
     assert isinstance(got[1], IntakeError) and got[1].code.value == "decode_failed"
     assert container.listings.get_listing("lazy-3") is None
+
+
+def test_a_batch_that_fails_as_a_whole_fails_its_callers_and_the_queue_goes_on(
+        rescan_world: World, container: Container, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error out of the scorer itself (not a listing's own failure) reaches every caller of the batch;
+    the worker lives on, and the listing_id is free again: the next request for it is scored."""
+    listing = _listings(rescan_world)[0]
+    real = container.scorer.prepare_many
+    calls = 0
+
+    def fails_once(*args: object, **kwargs: object) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("scorer broke")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(container.scorer, "prepare_many", fails_once)
+    queue = ScoringQueue(container.scorer, workers=1, max_batch=8)
+    try:
+        with pytest.raises(RuntimeError, match="scorer broke"):
+            queue.submit(listing).result(timeout=60)
+        again = queue.submit(listing).result(timeout=60)
+        assert again.result.verdict is not None and again.written
+        assert queue.stats().batches == 1  # the failed batch is not counted
+    finally:
+        queue.close()

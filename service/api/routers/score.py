@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import json
+from typing import Any, NoReturn
 
 import anyio
 from fastapi import APIRouter, Request
@@ -107,12 +108,25 @@ def _validate_json(model: Any, raw: str | bytes, what: str, field: str | None = 
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
-        errors = exc.errors()
-        if errors and errors[0]["type"] == "json_invalid":
-            raise ApiError(400, "invalid_json", f"{what} is not valid JSON", field) from None
-        from fastapi.exceptions import RequestValidationError
+        if not any(e["type"] == "json_invalid" for e in exc.errors()):
+            _raise_invalid(exc)
+    # What pydantic's parser refuses, Python's may still read: a UTF-8 BOM or a UTF-16 body, a lone
+    # surrogate escape (a string cut inside an emoji), deep nesting. Those bodies get the answers they
+    # always got: validated as a dict (a 422 naming the field), or a 400 where no parser reads them.
+    try:
+        payload = json.loads(raw)
+    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, an integer too long
+        raise ApiError(400, "invalid_json", f"{what} is not valid JSON", field) from None
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        _raise_invalid(exc)
 
-        raise RequestValidationError(errors) from None
+
+def _raise_invalid(exc: ValidationError) -> NoReturn:
+    from fastapi.exceptions import RequestValidationError
+
+    raise RequestValidationError(exc.errors()) from None
 
 
 def _parse_listing(raw: str) -> ListingIn:
