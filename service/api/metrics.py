@@ -10,6 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from service.usecases.score_queue import QueueStats
+
 
 class ModelTimes(Protocol):
     @property
@@ -39,24 +41,11 @@ class ModelTimeCollector(Collector):
         yield cpu
 
 
-class QueueCounts(Protocol):
-    @property
-    def batches(self) -> int: ...
-    @property
-    def listings(self) -> int: ...
-    @property
-    def refused(self) -> int: ...
-    @property
-    def waiting(self) -> int: ...
-    @property
-    def slow_backlog(self) -> int: ...
-
-
 class ScoreQueueCollector(Collector):
     """The scoring queue's counters and depth, read at each scrape: how large the model batches are
     (listings / batches), how many requests wait, and how many an overload refused."""
 
-    def __init__(self, read: Callable[[], QueueCounts | None]) -> None:
+    def __init__(self, read: Callable[[], QueueStats | None]) -> None:
         self._read = read
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
