@@ -6,6 +6,12 @@ everything waiting (up to ``max_batch`` images, or until the oldest has waited `
 as one batch and hands each caller its rows. One model thread also means one ONNX Runtime call at a
 time, which is what its intra-op thread pool wants on a small machine.
 
+A request may also hand over photos not decoded yet (:meth:`ThreadBatcher.submit_sources`: anything
+with a ``pixels`` property, such as a :class:`~service.domain.model.ListingImage`): the model thread
+decodes them when it takes the request, outside the timed model call, and a photo that fails to decode
+fails its own request only. A request whose future was cancelled before the model thread took it is
+dropped unrun.
+
 (:class:`embeddings.batcher.MicroBatcher` is the same idea for callers on an event loop.)
 """
 
@@ -16,11 +22,22 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
+from typing import Protocol
 
 import numpy as np
 
 from service.domain.model import RGBImage, Vectors
 from service.domain.ports import ImageEmbedder
+
+
+class PixelSource(Protocol):
+    """A photo whose pixels may not be decoded yet (``pixels`` decodes, or raises why it cannot)."""
+
+    @property
+    def pixels(self) -> RGBImage: ...
+
+
+_Request = tuple[list[RGBImage | PixelSource], Future[Vectors], float]
 
 
 class ThreadBatcher:
@@ -32,7 +49,7 @@ class ThreadBatcher:
         self.inner = embedder
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
-        self._queue: deque[tuple[list[RGBImage], Future[Vectors], float]] = deque()
+        self._queue: deque[_Request] = deque()
         self._cv = threading.Condition()
         self._closed = False
         self.batches_run = 0
@@ -68,6 +85,13 @@ class ThreadBatcher:
     def submit(self, images: Sequence[RGBImage]) -> Future[Vectors]:
         """Queue the images and return at once; the future gets their vectors (row i: images[i]). Lets
         one caller keep two models busy at the same time."""
+        return self.submit_sources(images)
+
+    def submit_sources(self, images: Sequence[RGBImage | PixelSource]) -> Future[Vectors]:
+        """:meth:`submit` of photos that may still have to be decoded (a ``pixels`` property): the model
+        thread decodes them when it takes the request. A photo that cannot be decoded fails this
+        request's future with its error, and no other request. Cancelling the future before the model
+        thread takes the request (``Future.cancel``) withdraws it."""
         fut: Future[Vectors] = Future()
         if not images:
             fut.set_result(np.zeros((0, self.dim), np.float32))
@@ -79,7 +103,7 @@ class ThreadBatcher:
             self._cv.notify()
         return fut
 
-    def _take(self) -> list[tuple[list[RGBImage], Future[Vectors], float]] | None:
+    def _take(self) -> list[_Request] | None:
         with self._cv:
             while not self._queue and not self._closed:
                 self._cv.wait()
@@ -92,25 +116,31 @@ class ThreadBatcher:
                 if left <= 0:
                     break
                 self._cv.wait(left)
-            taken = [self._queue.popleft()]
-            n = len(taken[0][0])
-            while self._queue and n + len(self._queue[0][0]) <= self.max_batch:
+            # The oldest request always goes (however many images it has), then what fits beside it. A
+            # cancelled one is dropped; the rest are marked running, so they can no longer be cancelled.
+            taken: list[_Request] = []
+            n = 0
+            while self._queue and (not taken or n + len(self._queue[0][0]) <= self.max_batch):
                 req = self._queue.popleft()
-                n += len(req[0])
-                taken.append(req)
+                if req[1].set_running_or_notify_cancel():
+                    n += len(req[0])
+                    taken.append(req)
             return taken
 
     def _run(self) -> None:
         while True:
-            taken = self._take()
-            if taken is None:
+            got = self._take()
+            if got is None:
                 return
-            images = [im for req in taken for im in req[0]]
+            taken = self._decoded(got)
+            if not taken:
+                continue
+            images = [im for req in taken for im in req[1]]
             wall, cpu = time.perf_counter(), time.thread_time()
             try:
                 vectors = self.inner.embed(images)
             except BaseException as exc:  # every waiting caller gets the error, the thread lives on
-                for _, fut, _ in taken:
+                for fut, _ in taken:
                     fut.set_exception(exc)
                 continue
             finally:
@@ -119,9 +149,21 @@ class ThreadBatcher:
             self.batches_run += 1
             self.images_run += len(images)
             start = 0
-            for req_images, fut, _ in taken:
+            for fut, req_images in taken:
                 fut.set_result(vectors[start:start + len(req_images)])
                 start += len(req_images)
+
+    @staticmethod
+    def _decoded(taken: list[_Request]) -> list[tuple[Future[Vectors], list[RGBImage]]]:
+        """Each request with its photos' pixels (decoded here where they were not yet); a request whose
+        photo fails to decode is answered with that error and left out of the batch."""
+        out: list[tuple[Future[Vectors], list[RGBImage]]] = []
+        for images, fut, _ in taken:
+            try:
+                out.append((fut, [im if isinstance(im, np.ndarray) else im.pixels for im in images]))
+            except Exception as exc:
+                fut.set_exception(exc)
+        return out
 
     def close(self) -> None:
         with self._cv:

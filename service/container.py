@@ -84,6 +84,8 @@ class BrandPolicyLookup:
 class ModelTime:
     busy_s: float  # wall seconds inside model calls
     cpu_s: float  # CPU seconds of the model's thread inside them
+    prefetched: int = 0  # photos handed to it as their request was queued (CachedEmbedder.prefetch)
+    withdrawn: int = 0  # of those, withdrawn unrun because the store had them
 
 
 @dataclass
@@ -117,7 +119,8 @@ class Container:
                                                  max_batch=server.max_batch_listings,
                                                  slow_workers=server.slow_scoring_threads,
                                                  slow_waiting=server.slow_waiting_listings,
-                                                 max_waiting=server.max_waiting_listings)
+                                                 max_waiting=server.max_waiting_listings,
+                                                 prefetch=server.prefetch_embeddings)
             return self._score_queue
 
     def describe(self) -> dict[str, Any]:
@@ -131,7 +134,7 @@ class Container:
 
     def model_time(self) -> dict[str, ModelTime]:
         """Per image model: the time its batcher thread has spent in model calls since start."""
-        return {name: ModelTime(b.busy_s, b.cpu_s) for name, e in self.embedders.items()
+        return {name: ModelTime(b.busy_s, b.cpu_s, e.prefetched, e.withdrawn) for name, e in self.embedders.items()
                 if isinstance(b := e.embedder, ThreadBatcher)}
 
     def queue_stats(self) -> QueueStats | None:

@@ -18,6 +18,10 @@ class ModelTimes(Protocol):
     def busy_s(self) -> float: ...
     @property
     def cpu_s(self) -> float: ...
+    @property
+    def prefetched(self) -> int: ...
+    @property
+    def withdrawn(self) -> int: ...
 
 
 class ModelTimeCollector(Collector):
@@ -34,11 +38,17 @@ class ModelTimeCollector(Collector):
                                   "CPU seconds of a model's thread in model calls (preprocessing included; "
                                   "ONNX Runtime's own pool threads are not counted when it has more than one)",
                                   labels=["model"])
+        prefetched = CounterMetricFamily("counterlens_model_prefetched_photos",
+                                         "Photos handed to a model as their request was queued", labels=["model"])
+        withdrawn = CounterMetricFamily("counterlens_model_withdrawn_photos",
+                                        "Prefetched photos withdrawn unrun because the embedding store had "
+                                        "them (another process embedded them)", labels=["model"])
         for name, t in (self._read() or {}).items():
             busy.add_metric([name], t.busy_s)
             cpu.add_metric([name], t.cpu_s)
-        yield busy
-        yield cpu
+            prefetched.add_metric([name], t.prefetched)
+            withdrawn.add_metric([name], t.withdrawn)
+        yield from (busy, cpu, prefetched, withdrawn)
 
 
 class ScoreQueueCollector(Collector):

@@ -26,6 +26,11 @@ path could be stored before its earlier request that went on to the slow pool, w
 last and pass for the listing's latest score. (Worker processes each have their own queue: two processes
 scoring the same listing_id at the same moment still store in the order they finish.)
 
+The models start on a request's new photos as it is queued (``prefetch``: see
+:meth:`~service.usecases.scoring.ListingScorer.prefetch`), not when a worker takes its batch: at 8
+concurrent requests the workers were often both busy matching and storing while the models stood idle
+with requests waiting.
+
 The queue is bounded too (``max_waiting``): a request that finds that many listings already waiting is
 refused at once with :class:`QueueFullError` (the API answers 503 with a Retry-After), so an overload
 costs the callers a retry instead of every request a growing wait.
@@ -72,7 +77,7 @@ class QueueFullError(RuntimeError):
 class ScoringQueue:
     def __init__(self, scorer: ListingScorer, *, workers: int = 2, max_batch: int = 32,
                  source: str = "api", slow_workers: int = 2, slow_waiting: int = 0,
-                 max_waiting: int | None = None) -> None:
+                 max_waiting: int | None = None, prefetch: bool = True) -> None:
         if workers < 1 or max_batch < 1 or slow_workers < 1:
             raise ValueError("workers, max_batch and slow_workers must be >= 1")
         if max_waiting is not None and max_waiting < 1:
@@ -85,6 +90,7 @@ class ScoringQueue:
         # The slow pool's listings (running or waiting for a thread) at which the next batch waits.
         self.max_slow_backlog = slow_workers + slow_waiting
         self.max_waiting = max_waiting
+        self.prefetch = prefetch
         self._queue: deque[tuple[Listing, Future[ScoreOutcome]]] = deque()
         # listing_ids taken by a worker and not yet answered: a later request for one of them waits.
         self._in_flight: set[str] = set()
@@ -111,6 +117,11 @@ class ScoringQueue:
                 raise QueueFullError(len(self._queue))
             self._queue.append((listing, fut))
             self._cv.notify()
+        if self.prefetch:
+            try:
+                self.scorer.prefetch(listing)
+            except Exception:  # only a head start: the worker embeds what it did not start
+                log.exception("starting the models early failed")
         return fut
 
     def _take(self) -> list[tuple[Listing, Future[ScoreOutcome]]] | None:

@@ -292,6 +292,14 @@ class ListingScorer:
         prepared = iter(self._prepare_decoded(ok, roles, cached, source, persist, skip_unchanged) if ok else [])
         return [failed[k] if k in failed else next(prepared) for k in range(len(listings))]
 
+    def prefetch(self, listing: Listing) -> None:
+        """Start every model on the listing's photos that no model has cached or under way, without
+        waiting (:meth:`CachedEmbedder.prefetch`): the scoring queue calls this as it queues the listing,
+        so the models work while the listing waits for a scoring thread. Cheap: no store read, no
+        decoding on the caller's thread."""
+        for emb in self._roles().values():
+            emb.prefetch(listing.images)
+
     def finish_many(self, prepared: Sequence[PreparedListing]) -> list[ScoreOutcome | Exception]:
         """The second half of :meth:`score_many`: the expensive signals the cascade chose, the final
         assessment, and the scores stored (one transaction per batch they were prepared in). Answers

@@ -193,13 +193,18 @@ def test_health_and_metrics(live: LiveServer) -> None:
              if line.startswith('counterlens_signals_run_total{signal="logo_crops"}')]
     assert crops and float(crops[0].rsplit(" ", 1)[1]) >= 1
     # Each image model's time in model calls, wall and CPU (a thread's CPU never exceeds its wall time).
-    def model_seconds(metric: str) -> dict[str, float]:
-        prefix = f"counterlens_model_{metric}_seconds_total{{model="
+    def model_counter(metric: str) -> dict[str, float]:
+        prefix = f"counterlens_model_{metric}_total{{model="
         return {line.split('"')[1]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
                 if line.startswith(prefix)}
-    busy, cpu = model_seconds("busy"), model_seconds("cpu")
+    busy, cpu = model_counter("busy_seconds"), model_counter("cpu_seconds")
     assert set(busy) == set(cpu) == set(ready["models"])
     assert all(0 < cpu[m] <= busy[m] + 0.01 for m in busy)
+    # The new photos of the requests so far reached the models as they were queued; none was stored
+    # by another process, so none was withdrawn.
+    prefetched, withdrawn = model_counter("prefetched_photos"), model_counter("withdrawn_photos")
+    assert set(prefetched) == set(withdrawn) == set(ready["models"])
+    assert all(prefetched[m] >= 1 and withdrawn[m] == 0 for m in prefetched)
     # The scoring queue: batches and the listings in them, nothing waiting or refused between requests.
     queue = {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines()
              if line.startswith("counterlens_score_")}

@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,8 @@ from PIL import Image
 from embeddings.onnx_embedder import OnnxEmbedder
 from embeddings.registry import build_image_embedder, build_text_embedder
 from embeddings.text_embedder import OnnxTextEmbedder
+from service.domain.model import RGBImage, Vectors
+from service.domain.ports import ImageEmbedder
 from service.settings import ModelSettings
 
 # A tiny ViT CLIP: real open_clip architecture code, small enough to export in about a second.
@@ -32,6 +36,20 @@ class Photo:
     path: Path
     label: str
     pixels: np.ndarray
+
+
+class Gated:
+    """A real model whose calls wait until the test opens the gate: a model busy with earlier work, so
+    that what is submitted meanwhile queues in its batcher."""
+
+    def __init__(self, inner: ImageEmbedder) -> None:
+        self.inner, self.gate, self.entered = inner, threading.Event(), threading.Event()
+        self.name, self.model_id, self.dim, self.provider = inner.name, inner.model_id, inner.dim, inner.provider
+
+    def embed(self, images: Sequence[RGBImage]) -> Vectors:
+        self.entered.set()
+        assert self.gate.wait(10)
+        return self.inner.embed(images)
 
 
 def load_rgb(path: Path) -> np.ndarray:

@@ -14,7 +14,7 @@ from embeddings.onnx_embedder import OnnxEmbedder
 from embeddings.preprocess import PreprocessError
 from embeddings.thread_batcher import ThreadBatcher
 from service.domain.model import RGBImage, Vectors
-from tests.embeddings.conftest import Photo
+from tests.embeddings.conftest import Gated, Photo
 
 
 class Waiting:
@@ -77,3 +77,62 @@ def test_a_failed_model_call_still_counts_and_the_thread_lives_on(
         assert batcher.busy_s >= 0.1 and batcher.batches_run == 1
     finally:
         batcher.close()
+
+
+class Lazy:
+    """A photo decoded on first use, by whichever thread asks (as a listing photo from intake)."""
+
+    def __init__(self, pixels: np.ndarray | None, error: str = "") -> None:
+        self._pixels, self.error, self.decoded_in = pixels, error, ""
+
+    @property
+    def pixels(self) -> RGBImage:
+        self.decoded_in = threading.current_thread().name
+        if self._pixels is None:
+            raise ValueError(self.error)
+        return self._pixels
+
+
+def test_sources_are_decoded_by_the_model_thread_and_a_bad_one_fails_alone(
+    tiny_clip: OnnxEmbedder, photos: list[Photo]
+) -> None:
+    gated = Gated(tiny_clip)
+    batcher = ThreadBatcher(gated, max_batch=16, max_wait_ms=0)
+    try:
+        first = batcher.submit([photos[0].pixels])  # keeps the model busy while the next ones queue
+        assert gated.entered.wait(5)
+        good, bad = Lazy(photos[1].pixels), Lazy(None, "cannot decode the JPEG image")
+        ok = batcher.submit_sources([good, Lazy(photos[2].pixels)])
+        failed = batcher.submit_sources([bad])
+        gated.gate.set()
+        first.result(10)
+        rows = ok.result(10)
+        with pytest.raises(ValueError, match="cannot decode the JPEG image"):
+            failed.result(10)
+    finally:
+        batcher.close()
+    np.testing.assert_allclose(rows, tiny_clip.embed([photos[1].pixels, photos[2].pixels]), atol=2e-5)
+    assert good.decoded_in == bad.decoded_in == f"batch-{tiny_clip.name}"
+    # The two good photos ran in one batch beside the bad request, which never reached the model.
+    assert (batcher.batches_run, batcher.images_run) == (2, 3)
+
+
+def test_a_request_cancelled_before_the_model_takes_it_is_dropped(
+    tiny_clip: OnnxEmbedder, photos: list[Photo]
+) -> None:
+    gated = Gated(tiny_clip)
+    batcher = ThreadBatcher(gated, max_wait_ms=0)
+    try:
+        first = batcher.submit([photos[0].pixels])
+        assert gated.entered.wait(5)
+        withdrawn = batcher.submit([photos[1].pixels])
+        kept = batcher.submit([photos[2].pixels])
+        assert withdrawn.cancel()
+        gated.gate.set()
+        first.result(10)
+        assert kept.result(10).shape == (1, tiny_clip.dim)
+        assert not first.cancel()  # done: too late
+    finally:
+        batcher.close()
+    assert withdrawn.cancelled()
+    assert batcher.images_run == 2

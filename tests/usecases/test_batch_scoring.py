@@ -4,15 +4,19 @@ leaves unchanged listings unwritten; :class:`ScoringQueue` scores concurrent req
 
 from __future__ import annotations
 
+import io
 import threading
+import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from embeddings.thread_batcher import ThreadBatcher
 from service.container import Container, build_container
 from service.domain.model import Listing, ListingImage, Money, SellerInfo
 from service.domain.pricing import UnknownCurrencyError
+from service.intake.errors import IntakeError
 from service.storage.listings import result_json
 from service.usecases.score_queue import QueueClosedError, ScoringQueue
 from service.usecases.scoring import ScoreOutcome, StoredListing
@@ -220,3 +224,69 @@ def test_a_batch_that_fails_as_a_whole_fails_its_callers_and_the_queue_goes_on(
         assert queue.stats().batches == 1  # the failed batch is not counted
     finally:
         queue.close()
+
+
+def test_the_queue_starts_the_models_on_a_listing_as_it_is_queued(
+        rescan_world: World, container: Container, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``prefetch`` the models take a queued listing's new photos while the worker is still busy
+    with an earlier batch; each photo runs through each model once, and its cached vectors are the
+    model's. A photo that cannot be decoded (now in a model thread) fails its own listing only."""
+    loader = container.images.loader
+    roles = container.scorer._roles()
+    batchers = {name: emb.embedder for name, emb in roles.items() if isinstance(emb.embedder, ThreadBatcher)}
+    assert set(batchers) == set(roles)
+
+    def jpeg(pixels: np.ndarray, quality: int) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, "JPEG", quality=quality)
+        return buf.getvalue()
+
+    # Six listings whose photos are new to the cache (re-encoded), decoded on first use.
+    bodies = [jpeg(lst.images[0].pixels, 83 + k) for k, lst in enumerate(_listings(rescan_world)[:6])]
+    early = [Listing(f"early-{k}", "grocery", price=Money(10.0, "USD"),
+                     images=(loader.probe_bytes(body).listing_image(),)) for k, body in enumerate(bodies)]
+    held = threading.Event()
+    real = container.scorer.prepare_many
+    taken: list[int] = []
+
+    def slow_first(batch: list[Listing], **kwargs: object) -> object:
+        taken.append(len(batch))
+        if len(taken) == 1:
+            assert held.wait(30)  # the worker is busy: the others queue behind this batch
+        return real(batch, **kwargs)  # type: ignore[arg-type]
+
+    def ran() -> dict[str, int]:
+        return {n: b.images_run - before[n] for n, b in batchers.items()}
+
+    monkeypatch.setattr(container.scorer, "prepare_many", slow_first)
+    before = {n: b.images_run for n, b in batchers.items()}
+    queue = ScoringQueue(container.scorer, workers=1, max_batch=8)
+    try:
+        first = queue.submit(early[0])
+        deadline = time.monotonic() + 30
+        while not taken:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        rest = [queue.submit(lst) for lst in early[1:]]
+        while ran() != {n: len(early) for n in batchers}:  # the models run them while the worker waits
+            assert time.monotonic() < deadline, ran()
+            time.sleep(0.01)
+        assert taken == [1]
+        held.set()
+        outs = [first.result(60), *(f.result(60) for f in rest)]
+        assert ran() == {n: len(early) for n in batchers}  # and the worker ran none of them again
+        # A listing whose photo's body is broken fails alone; the queue goes on.
+        broken = Listing("broken", "x", price=Money(5.0, "USD"),
+                         images=(loader.probe_bytes(bodies[0][: len(bodies[0]) // 3]).listing_image(),))
+        with pytest.raises(IntakeError, match="decode"):
+            queue.submit(broken).result(60)
+        assert queue.submit(early[1]).result(60).written
+    finally:
+        held.set()
+        queue.close()
+    assert all(o.written for o in outs)
+    for name, emb in roles.items():
+        model = batchers[name].inner
+        cached = emb.lookup([lst.images[0].sha256 for lst in early])
+        direct = model.embed([lst.images[0].pixels for lst in early])
+        np.testing.assert_allclose(np.stack([cached[lst.images[0].sha256] for lst in early]), direct, atol=1e-5)

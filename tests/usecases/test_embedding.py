@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +15,12 @@ import pytest
 import sqlalchemy as sa
 from PIL import Image
 
+from embeddings.thread_batcher import ThreadBatcher
 from service.domain.model import ListingImage
+from service.domain.ports import ImageEmbedder
 from service.storage import Storage
 from service.usecases.embedding import CachedEmbedder, finish_together, lookup_together
+from tests.embeddings.conftest import Gated
 
 
 @pytest.fixture
@@ -88,3 +93,104 @@ def test_unpersisted_work_is_not_stored(storage: Storage, photos: list[ListingIm
     assert out.vectors.shape == (3, emb.embedder.dim) and out.misses == 3
     assert storage.embeddings.count() == 0
     assert emb.finish(emb.start(photos)).hits == 3  # the LRU kept them all the same
+
+
+@pytest.fixture
+def effnet(shared_models: tuple[Path, dict[str, Any]]) -> ImageEmbedder:
+    model: ImageEmbedder = shared_models[1]["effnet"]
+    return model
+
+
+@dataclass
+class Held:
+    """A cached embedder whose model is held busy until the test opens ``gated.gate``."""
+
+    gated: Gated
+    batcher: ThreadBatcher
+    emb: CachedEmbedder
+
+
+@pytest.fixture
+def held(storage: Storage, effnet: ImageEmbedder) -> Iterator[Held]:
+    gated = Gated(effnet)
+    batcher = ThreadBatcher(gated, max_wait_ms=0)
+    yield Held(gated, batcher, CachedEmbedder(batcher, storage.embeddings))
+    gated.gate.set()
+    batcher.close()
+
+
+def _lazy(photos: list[ListingImage]) -> list[ListingImage]:
+    """The photos as intake hands them over: decoded on first use."""
+    return [ListingImage(im.sha256, decode=partial(getattr, im, "pixels")) for im in photos]
+
+
+def test_a_prefetched_photo_is_run_once_and_its_listing_waits_for_that_run(
+        storage: Storage, photos: list[ListingImage], effnet: ImageEmbedder) -> None:
+    batcher = ThreadBatcher(effnet, max_wait_ms=0)
+    emb = CachedEmbedder(batcher, storage.embeddings)
+    try:
+        lazy = _lazy(photos)
+        assert emb.prefetch(lazy) == 3
+        assert emb.prefetch(lazy) == 0  # under way (or done): not started again
+        found = lookup_together({0: emb}, [im.sha256 for im in lazy])[0]
+        out = emb.finish(emb.start(lazy, found=found))
+        assert emb.prefetch(lazy) == 0  # in the LRU now
+    finally:
+        batcher.close()
+    np.testing.assert_allclose(out.vectors, effnet.embed([im.pixels for im in photos]), atol=1e-5)
+    assert (out.hits, out.misses) == (0, 3)
+    assert batcher.images_run == 3  # the prefetch's run, borrowed; not a second one
+    assert storage.embeddings.count(effnet.model_id) == 3  # the listing's batch wrote what it borrowed
+    assert emb.prefetched == 3 and emb.withdrawn == 0
+
+
+def test_two_batches_with_the_same_new_photo_share_one_run(held: Held, photos: list[ListingImage]) -> None:
+    emb = held.emb
+    busy = emb.start([photos[2]], found={})
+    assert held.gated.entered.wait(5)
+    first = emb.start([photos[0]], found={})
+    second = emb.start([photos[0], photos[1]], found={})  # photos[0] is queued: borrowed
+    held.gated.gate.set()
+    a, b = emb.finish(first), emb.finish(second)
+    emb.finish(busy)
+    assert a.vectors[0].tobytes() == b.vectors[0].tobytes()
+    assert held.batcher.images_run == 3  # photos[2], then [0] and [1] once each
+
+
+def test_a_prefetched_photo_the_store_has_is_withdrawn_from_a_busy_model(
+        held: Held, storage: Storage, photos: list[ListingImage], effnet: ImageEmbedder) -> None:
+    # Another worker process embedded and stored the first two photos.
+    other = CachedEmbedder(effnet, storage.embeddings)
+    other.finish(other.start(photos[:2]))
+    emb = held.emb
+    assert emb.prefetch([photos[2]]) == 1  # keeps the model busy
+    assert held.gated.entered.wait(5)
+    lazy = _lazy(photos[:2])
+    assert emb.prefetch(lazy) == 2
+    found = lookup_together({0: emb}, [im.sha256 for im in lazy])[0]
+    assert set(found) == {im.sha256 for im in lazy}
+    pending = emb.start(lazy, found=found)
+    held.gated.gate.set()
+    out = emb.finish(pending)
+    emb.finish(emb.start([photos[2]], found={}))  # waits for the photo that kept the model busy
+    assert (out.hits, out.misses) == (2, 0) and emb.withdrawn == 2
+    assert held.batcher.images_run == 1  # only the photo the store did not have
+    assert not any(im.decoded for im in lazy)  # withdrawn before any thread decoded them
+    np.testing.assert_allclose(out.vectors, effnet.embed([im.pixels for im in photos[:2]]), atol=1e-5)
+
+
+def test_borrowed_work_withdrawn_by_another_batch_is_redone(
+        held: Held, photos: list[ListingImage], effnet: ImageEmbedder) -> None:
+    emb = held.emb
+    busy = emb.start([photos[2]], found={})
+    assert held.gated.entered.wait(5)
+    assert emb.prefetch([photos[0]]) == 1
+    borrower = emb.start([photos[0]], found={})  # this batch's lookup missed: it borrows the prefetch
+    # A later batch's lookup found the photo stored (another process wrote it meanwhile): withdrawn.
+    emb.start([photos[0]], found={photos[0].sha256: np.zeros(effnet.dim, np.float32)})
+    assert emb.withdrawn == 1
+    held.gated.gate.set()
+    out = emb.finish(borrower)
+    emb.finish(busy)
+    np.testing.assert_allclose(out.vectors, effnet.embed([photos[0].pixels]), atol=1e-5)
+    assert held.batcher.images_run == 2  # photos[2], and photos[0] redone by its borrower
