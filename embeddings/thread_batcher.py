@@ -120,11 +120,14 @@ class ThreadBatcher:
             # cancelled one is dropped; the rest are marked running, so they can no longer be cancelled.
             taken: list[_Request] = []
             n = 0
-            while self._queue and (not taken or n + len(self._queue[0][0]) <= self.max_batch):
-                req = self._queue.popleft()
-                if req[1].set_running_or_notify_cancel():
-                    n += len(req[0])
-                    taken.append(req)
+            while self._queue:
+                images, fut, _ = self._queue[0]
+                if not fut.cancelled() and taken and n + len(images) > self.max_batch:
+                    break
+                self._queue.popleft()
+                if fut.set_running_or_notify_cancel():
+                    n += len(images)
+                    taken.append((images, fut, 0.0))
             return taken
 
     def _run(self) -> None:
@@ -161,7 +164,7 @@ class ThreadBatcher:
         for images, fut, _ in taken:
             try:
                 out.append((fut, [im if isinstance(im, np.ndarray) else im.pixels for im in images]))
-            except Exception as exc:
+            except BaseException as exc:  # the caller hears it; the model thread lives on
                 fut.set_exception(exc)
         return out
 

@@ -11,10 +11,11 @@ waits for that work instead of starting it again (two listings sent at once with
 The scoring queue starts the models early: :meth:`CachedEmbedder.prefetch` hands a request's new photos
 (those in neither the LRU nor the in-flight table) to the models the moment the request is queued, on
 the caller's thread and without the store, so the models need not wait for a scoring thread to become
-free (bench_score, c=8: ~3 % more listings/s). The scoring thread then looks the batch up as before;
-a prefetched photo the store turns out to have is withdrawn from the model if it has not started
-(``Future.cancel``), so a photo another worker process embedded is read, not computed again, whenever
-the model is busy.
+free (bench_score, c=8: ~3 % more listings/s). The batch that later takes the listing claims what the
+prefetch computed, writes it to the store and counts it as its own model run. Its store lookup still
+comes first: a prefetched photo the store turns out to have, and that no batch has borrowed, is
+withdrawn from the model if it has not started (``Future.cancel``), so a photo another worker process
+embedded is read, not computed again, whenever the model is busy.
 """
 
 from __future__ import annotations
@@ -48,6 +49,16 @@ class _Work:
     result: Future[Vectors] | Vectors
     row: int
     borrowed: bool  # started by someone else (a prefetch, another batch): redone here if it fails
+
+
+@dataclass(slots=True)
+class _Flight:
+    """A photo being computed: row ``row`` of the model call ``result``."""
+
+    result: Future[Vectors]
+    row: int
+    prefetched: bool  # started by a prefetch, not by a batch that needs it
+    claimed: bool = False  # a batch borrowed it: its vector goes to that batch, which stores it
 
 
 @dataclass(slots=True)
@@ -91,9 +102,13 @@ class CachedEmbedder:
         self.embedder = embedder
         self.store = store
         self._lru = _Lru(lru_size)
-        # Vectors being computed, by hash: a model call's future and the photo's row in it. An entry
-        # leaves when its call is done (the vector then in the LRU), failed or cancelled.
-        self._in_flight: dict[str, tuple[Future[Vectors], int]] = {}
+        # Vectors being computed, by hash. An entry leaves when its call is done (the vector then in the
+        # LRU), failed or cancelled.
+        self._in_flight: dict[str, _Flight] = {}
+        # Vectors a prefetch computed that no batch has claimed yet: the batch that takes the photo writes
+        # them to the store. Bounded: a listing that never reached a worker leaves its vectors here.
+        self._unstored: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._unstored_max = 4096
         self._in_flight_lock = threading.Lock()
         self.prefetched = 0  # photos handed to the model by prefetch
         self.withdrawn = 0  # of those, withdrawn because the store had them
@@ -142,23 +157,28 @@ class CachedEmbedder:
     def prefetch(self, images: Sequence[ListingImage]) -> int:
         """Hand the photos that are neither in the LRU nor already being computed to the model, without
         waiting and without reading the store (cheap enough for an event loop); answers how many. Only
-        where the model queues work itself (a :class:`~embeddings.thread_batcher.ThreadBatcher`): the
-        model thread decodes the photos. Each photo is a request of its own, so that one that fails to
-        decode, or that :meth:`start` withdraws, touches no other."""
+        where the model queues work itself (a :class:`~embeddings.thread_batcher.ThreadBatcher`) and the
+        LRU is on: the model thread decodes the photos. Each photo is a request of its own, so that one
+        that fails to decode, or that :meth:`start` withdraws, touches no other.
+
+        What it costs: a photo the store has but this process has not seen (embedded by another worker
+        process, or before a restart) is computed anyway when the model is idle; when the model is
+        busy, :meth:`start` withdraws it before it runs."""
         submit = getattr(self.embedder, "submit_sources", None)
-        if submit is None:
+        if submit is None or self._lru.capacity <= 0:
             return 0
         started = 0
         for im in {im.sha256: im for im in images}.values():
             if self._lru.get(im.sha256) is not None:
                 continue
             with self._in_flight_lock:
-                if im.sha256 in self._in_flight:
+                # Looked at again under the lock: a run that just finished is in the LRU or unclaimed.
+                if im.sha256 in self._in_flight or im.sha256 in self._unstored or self._lru.get(im.sha256) is not None:
                     continue
                 fut: Future[Vectors] = submit([im])
-                self._in_flight[im.sha256] = (fut, 0)
+                self._in_flight[im.sha256] = _Flight(fut, 0, prefetched=True)
                 self.prefetched += 1
-            fut.add_done_callback(self._settle([im.sha256]))
+            fut.add_done_callback(self._settle([im.sha256], prefetched=True))
             started += 1
         return started
 
@@ -169,9 +189,10 @@ class CachedEmbedder:
         Starting every model before finishing any runs them side by side. ``found``: what the caller
         already looked up (:meth:`lookup` of these images), so they are not looked up again.
 
-        A miss already being computed (prefetched, or started by another batch) is waited for rather
-        than started again; a photo in ``found`` that a prefetch handed to the model is withdrawn from
-        it where the model has not started on it yet."""
+        A photo a prefetch computed is claimed (written to the store by this batch, and counted as its
+        miss), or borrowed while still under way; another batch's run of a photo is waited for rather
+        than started again. A photo in ``found`` that only a prefetch wanted is withdrawn from the model
+        where the model has not started on it yet."""
         # A copy of the caller's: finish adds to it.
         found = dict(found) if found is not None else self.lookup([im.sha256 for im in images])
         work: dict[str, _Work] = {}
@@ -180,18 +201,26 @@ class CachedEmbedder:
             sha = im.sha256
             if sha in work or sha in new:
                 continue
+            withdraw: _Flight | None = None
             with self._in_flight_lock:
-                running = self._in_flight.get(sha)
-            if sha in found:
-                if running is not None and running[0].cancel():
-                    with self._in_flight_lock:
-                        self.withdrawn += 1
+                done = self._unstored.pop(sha, None) if persist else None
+                flight = self._in_flight.get(sha)
+                if done is None and flight is not None:
+                    if sha in found:
+                        if flight.prefetched and not flight.claimed:
+                            withdraw = self._in_flight.pop(sha)
+                    elif persist:
+                        flight.claimed = True  # its vector comes to this batch, not to ``_unstored``
+            if done is not None:
+                found.pop(sha, None)
+                work[sha] = _Work(done[None, :], 0, borrowed=False)
+            elif withdraw is not None:
+                self._withdraw(sha, withdraw)
+            elif sha in found:
                 continue
-            if running is not None:
-                work[sha] = _Work(running[0], running[1], borrowed=True)
-                continue
-            v = self._lru.get(sha)  # done since the caller looked (its in-flight entry gone)
-            if v is not None:
+            elif flight is not None:
+                work[sha] = _Work(flight.result, flight.row, borrowed=True)
+            elif (v := self._lru.get(sha)) is not None:  # done since the caller looked (no longer in flight)
                 found[sha] = v
             else:
                 new[sha] = im
@@ -202,24 +231,42 @@ class CachedEmbedder:
             if isinstance(result, Future):
                 with self._in_flight_lock:
                     for row, sha in enumerate(new):
-                        self._in_flight.setdefault(sha, (result, row))
-                result.add_done_callback(self._settle(list(new)))
+                        self._in_flight.setdefault(sha, _Flight(result, row, prefetched=False))
+                result.add_done_callback(self._settle(list(new), prefetched=False))
             for row, sha in enumerate(new):
                 work[sha] = _Work(result, row, borrowed=False)
         return PendingEmbed(list(images), found, list(work), work, persist)
 
-    def _settle(self, shas: list[str]) -> Callable[[Future[Vectors]], None]:
+    def _withdraw(self, sha: str, flight: _Flight) -> None:
+        """Cancel a prefetch nobody else waits for (its entry already taken out of the table)."""
+        if flight.result.cancel():
+            with self._in_flight_lock:
+                self.withdrawn += 1
+            return
+        with self._in_flight_lock:  # already running: back in the table until it is done
+            if not flight.result.done():
+                self._in_flight.setdefault(sha, flight)
+
+    def _settle(self, shas: list[str], *, prefetched: bool) -> Callable[[Future[Vectors]], None]:
         """The done-callback of a model call for ``shas`` (their rows in order): the vectors go into the
-        LRU before their in-flight entries go, so a reader finds them in one or the other."""
+        LRU, and a prefetch's that no batch claimed into ``_unstored`` (the next batch to take the photo
+        writes them to the store), before their in-flight entries go, so a reader finds them in one or the
+        other."""
         def settled(fut: Future[Vectors]) -> None:
-            if not fut.cancelled() and fut.exception() is None:
-                vectors = fut.result()
+            vectors = fut.result() if not fut.cancelled() and fut.exception() is None else None
+            if vectors is not None:
                 for row, sha in enumerate(shas):
                     self._lru.put(sha, vectors[row])
             with self._in_flight_lock:
-                for sha in shas:
-                    if (got := self._in_flight.get(sha)) is not None and got[0] is fut:
-                        del self._in_flight[sha]
+                for row, sha in enumerate(shas):
+                    got = self._in_flight.get(sha)
+                    if got is None or got.result is not fut:
+                        continue
+                    del self._in_flight[sha]
+                    if vectors is not None and prefetched and not got.claimed:
+                        self._unstored[sha] = vectors[row]
+                        while len(self._unstored) > self._unstored_max:
+                            self._unstored.popitem(last=False)  # an abandoned request's: LRU only
         return settled
 
     def finish(self, pending: PendingEmbed) -> EmbedOutcome:

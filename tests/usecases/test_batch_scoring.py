@@ -229,8 +229,8 @@ def test_a_batch_that_fails_as_a_whole_fails_its_callers_and_the_queue_goes_on(
 def test_the_queue_starts_the_models_on_a_listing_as_it_is_queued(
         rescan_world: World, container: Container, monkeypatch: pytest.MonkeyPatch) -> None:
     """With ``prefetch`` the models take a queued listing's new photos while the worker is still busy
-    with an earlier batch; each photo runs through each model once, and its cached vectors are the
-    model's. A photo that cannot be decoded (now in a model thread) fails its own listing only."""
+    with an earlier batch; each photo runs through each model once, and its vectors, stored and
+    cached, are the model's. A photo that cannot be decoded (now in a model thread) fails its own listing only."""
     loader = container.images.loader
     roles = container.scorer._roles()
     batchers = {name: emb.embedder for name, emb in roles.items() if isinstance(emb.embedder, ThreadBatcher)}
@@ -285,8 +285,10 @@ def test_the_queue_starts_the_models_on_a_listing_as_it_is_queued(
         held.set()
         queue.close()
     assert all(o.written for o in outs)
+    shas = [lst.images[0].sha256 for lst in early]
     for name, emb in roles.items():
+        assert emb.store is not None and set(emb.store.get_many(emb.model_id, shas)) == set(shas)  # stored
         model = batchers[name].inner
-        cached = emb.lookup([lst.images[0].sha256 for lst in early])
+        cached = emb.lookup(shas)
         direct = model.embed([lst.images[0].pixels for lst in early])
         np.testing.assert_allclose(np.stack([cached[lst.images[0].sha256] for lst in early]), direct, atol=1e-5)

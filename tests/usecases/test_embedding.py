@@ -4,6 +4,7 @@ looked up and written together, on a real SQLite store and the real default mode
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -124,7 +125,7 @@ def _lazy(photos: list[ListingImage]) -> list[ListingImage]:
     return [ListingImage(im.sha256, decode=partial(getattr, im, "pixels")) for im in photos]
 
 
-def test_a_prefetched_photo_is_run_once_and_its_listing_waits_for_that_run(
+def test_a_prefetch_done_before_its_batch_looks_is_claimed_stored_and_counted_once(
         storage: Storage, photos: list[ListingImage], effnet: ImageEmbedder) -> None:
     batcher = ThreadBatcher(effnet, max_wait_ms=0)
     emb = CachedEmbedder(batcher, storage.embeddings)
@@ -132,16 +133,37 @@ def test_a_prefetched_photo_is_run_once_and_its_listing_waits_for_that_run(
         lazy = _lazy(photos)
         assert emb.prefetch(lazy) == 3
         assert emb.prefetch(lazy) == 0  # under way (or done): not started again
-        found = lookup_together({0: emb}, [im.sha256 for im in lazy])[0]
+        deadline = time.monotonic() + 30
+        while batcher.images_run < 3:  # the model is done before the worker looks the batch up
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        shas = [im.sha256 for im in lazy]
+        found = lookup_together({0: emb}, shas)[0]
+        assert set(found) == set(shas)  # the LRU has them...
         out = emb.finish(emb.start(lazy, found=found))
-        assert emb.prefetch(lazy) == 0  # in the LRU now
+        again = emb.finish(emb.start(lazy, found=lookup_together({0: emb}, shas)[0]))
     finally:
         batcher.close()
     np.testing.assert_allclose(out.vectors, effnet.embed([im.pixels for im in photos]), atol=1e-5)
-    assert (out.hits, out.misses) == (0, 3)
-    assert batcher.images_run == 3  # the prefetch's run, borrowed; not a second one
-    assert storage.embeddings.count(effnet.model_id) == 3  # the listing's batch wrote what it borrowed
-    assert emb.prefetched == 3 and emb.withdrawn == 0
+    # ... but the batch that took them counts them as its misses and writes them to the store, once.
+    assert (out.hits, out.misses) == (0, 3) and (again.hits, again.misses) == (3, 0)
+    assert storage.embeddings.count(effnet.model_id) == 3
+    assert batcher.images_run == 3 and emb.prefetched == 3 and emb.withdrawn == 0
+
+
+def test_a_prefetch_under_way_is_borrowed_by_its_batch_and_stored(
+        held: Held, storage: Storage, photos: list[ListingImage], effnet: ImageEmbedder) -> None:
+    emb = held.emb
+    assert emb.prefetch([photos[2]]) == 1  # keeps the model busy
+    assert held.gated.entered.wait(5)
+    assert emb.prefetch(photos[:2]) == 2
+    pending = emb.start(photos[:2], found={})
+    held.gated.gate.set()
+    out = emb.finish(pending)
+    later = emb.finish(emb.start([photos[2]], found={}))  # the first prefetch, claimed after it was done
+    assert (out.hits, out.misses) == (0, 2) and (later.hits, later.misses) == (0, 1)
+    assert held.batcher.images_run == 3 and storage.embeddings.count(effnet.model_id) == 3
+    np.testing.assert_allclose(out.vectors, effnet.embed([im.pixels for im in photos[:2]]), atol=1e-5)
 
 
 def test_two_batches_with_the_same_new_photo_share_one_run(held: Held, photos: list[ListingImage]) -> None:
@@ -179,18 +201,48 @@ def test_a_prefetched_photo_the_store_has_is_withdrawn_from_a_busy_model(
     np.testing.assert_allclose(out.vectors, effnet.embed([im.pixels for im in photos[:2]]), atol=1e-5)
 
 
-def test_borrowed_work_withdrawn_by_another_batch_is_redone(
+def test_borrowed_work_that_failed_is_redone_by_its_borrower(
         held: Held, photos: list[ListingImage], effnet: ImageEmbedder) -> None:
+    """A prefetch can fail where the borrower's own attempt would not (a decode that fails once, in the
+    model thread): the batch that borrowed it computes the photo itself."""
+    attempts = 0
+
+    def flaky() -> np.ndarray:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            raise OSError("image file is truncated")
+        return photos[0].pixels
+
+    photo = ListingImage(photos[0].sha256, decode=flaky)
     emb = held.emb
     busy = emb.start([photos[2]], found={})
     assert held.gated.entered.wait(5)
-    assert emb.prefetch([photos[0]]) == 1
-    borrower = emb.start([photos[0]], found={})  # this batch's lookup missed: it borrows the prefetch
-    # A later batch's lookup found the photo stored (another process wrote it meanwhile): withdrawn.
-    emb.start([photos[0]], found={photos[0].sha256: np.zeros(effnet.dim, np.float32)})
-    assert emb.withdrawn == 1
+    assert emb.prefetch([photo]) == 1
+    borrower = emb.start([photo], found={})  # this batch's lookup missed: it borrows the prefetch
     held.gated.gate.set()
     out = emb.finish(borrower)
     emb.finish(busy)
     np.testing.assert_allclose(out.vectors, effnet.embed([photos[0].pixels]), atol=1e-5)
-    assert held.batcher.images_run == 2  # photos[2], and photos[0] redone by its borrower
+    assert attempts == 2 and held.batcher.images_run == 2  # photos[2], and photos[0] redone by its borrower
+
+
+def test_a_batch_never_withdraws_another_batchs_own_run(
+        held: Held, photos: list[ListingImage], effnet: ImageEmbedder) -> None:
+    """Only a prefetch nobody has borrowed is withdrawn: a batch's own model call, or a prefetch another
+    batch waits for, runs even when a later batch finds the photo stored; two such batches withdraw a
+    prefetch once."""
+    emb = held.emb
+    busy = emb.start([photos[2]], found={})
+    assert held.gated.entered.wait(5)
+    own = emb.start([photos[0]], found={})  # this batch's own run of photos[0], queued
+    stored = {im.sha256: np.zeros(effnet.dim, np.float32) for im in photos}
+    emb.start([photos[0]], found=stored)  # a later batch that found it stored
+    assert emb.prefetch([photos[1]]) == 1
+    emb.start([photos[1]], found=stored)
+    emb.start([photos[1]], found=stored)
+    held.gated.gate.set()
+    out = emb.finish(own)
+    emb.finish(busy)
+    np.testing.assert_allclose(out.vectors, effnet.embed([photos[0].pixels]), atol=1e-5)
+    assert emb.withdrawn == 1 and held.batcher.images_run == 2  # photos[2] and photos[0]; not photos[1]
