@@ -5,7 +5,9 @@ the catalog) unless ``--url`` names one. For each concurrency it sends a bounded
 listings (bounded in time too) and prints listings/s, p50/p95/p99 latency and errors, for photos the
 service has never seen (cold: every model runs) and for photos it has seen (cached: the embedding cache
 answers). The raw embedding throughput of the same models is measured in this run, in this process, on
-the same photos, so the ratio service/raw says what HTTP, storage, search and fusion cost.
+the same photos, so the ratio service/raw says what HTTP, storage, search and fusion cost. It is
+measured before the load and again after it, and the higher figure is used (it moves by up to 10 %
+between minutes on a shared VM; the higher one makes the ratio the stricter).
 
 The listings are grocery in-store photos of catalog products; ``--suspect-share`` of them are priced at a
 quarter of their product's reference price (the rest at it). Those are the ones the cascade verifies by
@@ -47,7 +49,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
-from loadgen import post_load, post_request, process_tree_cpu_s  # the script's folder is on sys.path
+from loadgen import LoadResult, post_load, post_request, process_tree_cpu_s  # the script's folder is on sys.path
 from PIL import Image, ImageEnhance
 from rich.console import Console
 from rich.table import Table
@@ -221,7 +223,8 @@ def main() -> None:
         sizes = [args.n + warmup(c) for c in levels]
         photos = _photos(sum(sizes), args.seed)
         console.print("measuring raw model throughput (same photos, this process)...")
-        raw = _raw_throughput(photos[: min(256, len(photos))], tmp / "data", batch=16)
+        raw_photos = photos[: min(256, len(photos))]
+        raw_before = _raw_throughput(raw_photos, tmp / "data", batch=16)
         signal_rates = {} if args.no_cascade else _raw_signal_rates(photos[: min(64, len(photos))], tmp / "data")
         picker = random.Random(args.seed)
         suspect = [picker.random() < args.suspect_share for _ in photos]
@@ -238,6 +241,8 @@ def main() -> None:
                       "CPU outside models", "client CPU ms")
         unmeasured: set[str] = set()
 
+        rows: list[tuple[str, int, LoadResult, dict[str, float], str, str]] = []
+
         def run(phase: str, c: int, requests: list[bytes]) -> None:
             ran0, models0 = _server_counts(url)
             cpu0 = process_tree_cpu_s(proc.pid) if proc is not None else None
@@ -252,6 +257,20 @@ def main() -> None:
             outside = "-"
             if cpu0 is not None and cpu1 is not None and cpu1 > cpu0 and args.workers == 1:
                 outside = f"{1 - (models1 - models0) / (cpu1 - cpu0):.2f}"
+            rows.append((phase, c, got, ran, server, outside))
+
+        for k, c in enumerate(levels):
+            first = sum(sizes[:k])
+            chunk = photos[first:first + sizes[k]]
+            run("cold", c, [request(first + i, p) for i, p in enumerate(chunk)])
+            # The same photos again, under new listing ids: every embedding comes from the cache.
+            run("cached", c, [request(10**6 + first + i, p) for i, p in enumerate(chunk)])
+        # The raw figure moves by up to 10 % between minutes on a shared VM: measured again after the load,
+        # and the higher of the two is the one the service is held to.
+        console.print("measuring raw model throughput again...")
+        raw_after = _raw_throughput(raw_photos, tmp / "data", batch=16)
+        raw = max(raw_before, raw_after)
+        for phase, c, got, ran, server, outside in rows:
             # The raw cost of this phase's work per listing: a photo through the models, plus keypoint
             # verification and OCR as often as the server ran them (ms on the two cores).
             work = "-"
@@ -264,13 +283,6 @@ def main() -> None:
                           f"{got.rate / raw:.2f}" if phase == "cold" else "-",
                           f"{ran.get('keypoints', 0.0):.2f} / {ran.get('ocr', 0.0):.2f}", work, server,
                           outside, f"{got.client_cpu_ms:.2f}")
-
-        for k, c in enumerate(levels):
-            first = sum(sizes[:k])
-            chunk = photos[first:first + sizes[k]]
-            run("cold", c, [request(first + i, p) for i, p in enumerate(chunk)])
-            # The same photos again, under new listing ids: every embedding comes from the cache.
-            run("cached", c, [request(10**6 + first + i, p) for i, p in enumerate(chunk)])
         console.print(table)
         console.print("expensive signals: " + ("off (--no-cascade)" if args.no_cascade else
                                                "the server's settings (default: cascade)"))
@@ -281,7 +293,8 @@ def main() -> None:
         console.print("warm-up: the first " + ", ".join(f"{warmup(c)} (c={c})" for c in levels) + " answered "
                       "requests of each phase are left out of listings/s and latencies (not of errors); "
                       "--warmup 0 counts them")
-        console.print(f"raw model throughput (all roles side by side, batch 16): {raw:.1f} photos/s; machine: "
+        console.print(f"raw model throughput (all roles side by side, batch 16): {raw:.1f} photos/s, the higher of "
+                      f"{raw_before:.1f} before the load and {raw_after:.1f} after it; machine: "
                       f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
         if signal_rates:
             console.print("raw expensive signals (2 threads): " + ", ".join(
