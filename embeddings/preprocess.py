@@ -133,29 +133,28 @@ class PreprocessConfig(BaseModel):
         return (batch, 3, h, w) if self.layout == "NCHW" else (batch, h, w, 3)
 
     def resize_one(self, image: RGBImage) -> npt.NDArray[np.uint8]:
-        """Resize/crop one validated image to ``size``; returns (h, w, 3) uint8."""
+        """Resize/crop one validated image to ``size``; returns (h, w, 3) uint8, possibly a view of ``image``
+        (the caller copies it into the batch)."""
         target_h, target_w = self.size
-        if self.resize_mode == "squash" and self._enlarges(image, target_w, target_h):
-            return _enlarge(image, target_w, target_h)
-        pil = Image.fromarray(np.ascontiguousarray(image))
-        resample = _PIL_FILTERS[self.interpolation]
+        h, w = image.shape[:2]
         if self.resize_mode == "squash":
-            if pil.size != (target_w, target_h):
-                pil = pil.resize((target_w, target_h), resample)
-            return np.asarray(pil, dtype=np.uint8)
-        assert self.resize_shortest is not None  # guaranteed by the validator
-        w, h = pil.size
-        new_w, new_h = _shortest_side_size(w, h, self.resize_shortest, target_w, target_h)
+            new_w, new_h = target_w, target_h
+        else:
+            assert self.resize_shortest is not None  # guaranteed by the validator
+            new_w, new_h = _shortest_side_size(w, h, self.resize_shortest, target_w, target_h)
         if self._enlarges(image, new_w, new_h):
-            pil = Image.fromarray(_enlarge(image, new_w, new_h))
+            resized = _enlarge(image, new_w, new_h)
         elif (new_w, new_h) != (w, h):
-            pil = pil.resize((new_w, new_h), resample)
+            pil = Image.fromarray(np.ascontiguousarray(image))
+            resized = np.asarray(pil.resize((new_w, new_h), _PIL_FILTERS[self.interpolation]), dtype=np.uint8)
+        else:
+            resized = image
+        if self.resize_mode == "squash":
+            return resized
         # torchvision's CenterCrop: offsets rounded half-to-even, as Python's round() does.
         top = round((new_h - target_h) / 2.0)
         left = round((new_w - target_w) / 2.0)
-        pil = pil.crop((left, top, left + target_w, top + target_h))
-        return np.asarray(pil, dtype=np.uint8)
-
+        return resized[top:top + target_h, left:left + target_w]
 
     def _enlarges(self, image: RGBImage, new_w: int, new_h: int) -> bool:
         """A bilinear resize to (new_w, new_h) that enlarges the image in one side at least and shrinks

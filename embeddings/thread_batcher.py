@@ -124,10 +124,10 @@ class ThreadBatcher:
                 images, fut, _ = self._queue[0]
                 if not fut.cancelled() and taken and n + len(images) > self.max_batch:
                     break
-                self._queue.popleft()
+                req = self._queue.popleft()
                 if fut.set_running_or_notify_cancel():
                     n += len(images)
-                    taken.append((images, fut, 0.0))
+                    taken.append(req)
             return taken
 
     def _run(self) -> None:

@@ -36,7 +36,7 @@ from service.storage.listings import ListingRepository
 from service.usecases.catalog import CatalogChange, CatalogService
 from service.usecases.catalog_cache import CachedCatalog
 from service.usecases.catalog_watch import CatalogWatcher
-from service.usecases.embedding import CachedEmbedder
+from service.usecases.embedding import CachedEmbedder, ModelTime
 from service.usecases.keypoints import KeypointMatcher
 from service.usecases.listing_input import ListingImageLoader
 from service.usecases.logo_templates import LogoTemplateMatcher
@@ -78,14 +78,6 @@ class BrandPolicyLookup:
                                                                                b.review_threshold or 0.0)
         review = b.review_threshold if b.review_threshold is not None else min(default.review_threshold, likely)
         return VerdictPolicy(review, likely)
-
-
-@dataclass(frozen=True)
-class ModelTime:
-    busy_s: float  # wall seconds inside model calls
-    cpu_s: float  # CPU seconds of the model's thread inside them
-    prefetched: int = 0  # photos handed to it as their request was queued (CachedEmbedder.prefetch)
-    withdrawn: int = 0  # of those, withdrawn unrun because the store had them
 
 
 @dataclass

@@ -4,31 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from service.usecases.embedding import ModelTime
 from service.usecases.score_queue import QueueStats
-
-
-class ModelTimes(Protocol):
-    @property
-    def busy_s(self) -> float: ...
-    @property
-    def cpu_s(self) -> float: ...
-    @property
-    def prefetched(self) -> int: ...
-    @property
-    def withdrawn(self) -> int: ...
 
 
 class ModelTimeCollector(Collector):
     """The image models' time in model calls, read from their batcher threads at each scrape: how busy
     each model is, and how much of the process's CPU is the models' own work."""
 
-    def __init__(self, read: Callable[[], Mapping[str, ModelTimes] | None]) -> None:
+    def __init__(self, read: Callable[[], Mapping[str, ModelTime] | None]) -> None:
         self._read = read
 
     def collect(self) -> Iterator[CounterMetricFamily]:

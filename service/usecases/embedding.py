@@ -36,6 +36,16 @@ K = TypeVar("K")
 
 
 @dataclass(frozen=True, slots=True)
+class ModelTime:
+    """What one image model's batcher thread and cache report (``/metrics``)."""
+
+    busy_s: float  # wall seconds inside model calls
+    cpu_s: float  # CPU seconds of the model's thread inside them
+    prefetched: int = 0  # photos handed to it as their request was queued (CachedEmbedder.prefetch)
+    withdrawn: int = 0  # of those, withdrawn unrun because the store had them
+
+
+@dataclass(frozen=True, slots=True)
 class EmbedOutcome:
     vectors: Vectors  # (n, d), row i belongs to images[i]
     hits: int
@@ -67,9 +77,13 @@ class PendingEmbed:
 
     images: list[ListingImage]
     found: dict[str, np.ndarray]
-    todo: list[str]  # hashes the model computes (new vectors, written to the store)
-    work: dict[str, _Work] = field(default_factory=dict)  # of each hash in ``todo``
+    work: dict[str, _Work] = field(default_factory=dict)  # the hashes the model computes, and where from
     persist: bool = True
+
+    @property
+    def todo(self) -> list[str]:
+        """The hashes the model computes for this call: new vectors, written to the store."""
+        return list(self.work)
 
 
 class _Lru:
@@ -169,10 +183,8 @@ class CachedEmbedder:
             return 0
         started = 0
         for im in {im.sha256: im for im in images}.values():
-            if self._lru.get(im.sha256) is not None:
-                continue
             with self._in_flight_lock:
-                # Looked at again under the lock: a run that just finished is in the LRU or unclaimed.
+                # Under the lock: a run that just finished is in the LRU or unclaimed, never in neither.
                 if im.sha256 in self._in_flight or im.sha256 in self._unstored or self._lru.get(im.sha256) is not None:
                     continue
                 fut: Future[Vectors] = submit([im])
@@ -235,7 +247,7 @@ class CachedEmbedder:
                 result.add_done_callback(self._settle(list(new), prefetched=False))
             for row, sha in enumerate(new):
                 work[sha] = _Work(result, row, borrowed=False)
-        return PendingEmbed(list(images), found, list(work), work, persist)
+        return PendingEmbed(list(images), found, work, persist)
 
     def _withdraw(self, sha: str, flight: _Flight) -> None:
         """Cancel a prefetch nobody else waits for (its entry already taken out of the table)."""
