@@ -38,11 +38,24 @@ def test_env_prefix_and_nested_groups(monkeypatch: pytest.MonkeyPatch, tmp_path:
     ({"models": {"ocr_max_lines": -1}}, "ocr_max_lines"),
     ({"models": {"ocr_threads": -1}}, "ocr_threads"),
     ({"server": {"slow_waiting_listings": -1}}, "slow_waiting_listings"),
+    ({"models": {"batch_wait_ms": -1}}, "batch_wait_ms"),
+    ({"models": {"batch_wait_ms": "soon"}}, "batch_wait_ms"),
 ])
 def test_invalid_settings_are_refused(overrides: dict[str, object], needle: str) -> None:
     with pytest.raises(ValidationError) as err:
         Settings(**overrides)  # type: ignore[arg-type]
     assert needle in str(err.value)
+
+
+def test_batch_wait_is_none_on_the_cpu_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """"auto" (the default): a model on the CPU runs what is queued at once, one on a GPU waits 2 ms for
+    company; a number set in the environment holds for both."""
+    s = Settings()
+    assert s.models.batch_wait_ms == "auto"
+    assert (s.models.wait_ms_for("cpu"), s.models.wait_ms_for("cuda")) == (0.0, 2.0)
+    monkeypatch.setenv("COUNTERLENS_MODELS__BATCH_WAIT_MS", "3.5")
+    s = Settings()
+    assert (s.models.wait_ms_for("cpu"), s.models.wait_ms_for("cuda")) == (3.5, 3.5)
 
 
 def test_cli_exits_2_naming_the_variable(tmp_path: Path) -> None:

@@ -292,3 +292,13 @@ def test_the_queue_starts_the_models_on_a_listing_as_it_is_queued(
         cached = emb.lookup(shas)
         direct = model.embed([lst.images[0].pixels for lst in early])
         np.testing.assert_allclose(np.stack([cached[lst.images[0].sha256] for lst in early]), direct, atol=1e-5)
+
+
+def test_models_on_the_cpu_do_not_wait_for_company(container: Container) -> None:
+    """``models.batch_wait_ms`` "auto": each CPU model's batcher runs what is queued at once (a batch
+    costs no less a photo than single photos there); the wait is the provider's."""
+    batchers = [e.embedder for e in container.embedders.values() if isinstance(e.embedder, ThreadBatcher)]
+    assert batchers
+    for b in batchers:
+        assert b.inner.provider == "cpu"
+        assert b.max_wait == 0.0
