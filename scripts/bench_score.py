@@ -6,8 +6,9 @@ listings (bounded in time too) and prints listings/s, p50/p95/p99 latency and er
 service has never seen (cold: every model runs) and for photos it has seen (cached: the embedding cache
 answers). The raw embedding throughput of the same models is measured in this run, in this process, on
 the same photos, so the ratio service/raw says what HTTP, storage, search and fusion cost. It is
-measured before the load and again after it, and the higher figure is used (it moves by up to 10 %
-between minutes on a shared VM; the higher one makes the ratio the stricter).
+measured at batches of 1, 4 and 16 photos, before the load and again after it, and the highest figure
+is used (it moves by up to 10 % between minutes on a shared VM, and on a small CPU single photos go
+faster than batches; the highest makes the ratio the strictest).
 
 The listings are grocery in-store photos of catalog products; ``--suspect-share`` of them are priced at a
 quarter of their product's reference price (the rest at it). Those are the ones the cascade verifies by
@@ -115,10 +116,14 @@ def _start_server(data_dir: Path, models_from: Path | None, extra_env: dict[str,
     raise SystemExit("the server did not become ready")
 
 
-def _raw_throughput(photos: list[bytes], data_dir: Path, batch: int) -> float:
-    """Photos/s the models alone manage on these photos: every configured role, side by side as the
-    service runs them (scripts/benchlib.py), batches of ``batch``."""
-    from benchlib import raw_model_rate
+RAW_BATCHES = (1, 4, 16)
+
+
+def _raw_throughput(photos: list[bytes], data_dir: Path) -> dict[int, float]:
+    """Photos/s the models alone manage on these photos at each batch size of ``RAW_BATCHES``: every
+    configured role, side by side as the service runs them (scripts/benchlib.py). The service is held
+    to the best of them."""
+    from benchlib import raw_model_rates
 
     from service.container import build_embedders
     from service.settings import Settings
@@ -126,7 +131,12 @@ def _raw_throughput(photos: list[bytes], data_dir: Path, batch: int) -> float:
     settings = Settings(data_dir=data_dir)
     embedders, _ = build_embedders(settings)
     pixels = [np.asarray(Image.open(io.BytesIO(p)).convert("RGB")) for p in photos]
-    return float(raw_model_rate(list(embedders.values()), pixels, batch))
+    rates: dict[int, float] = raw_model_rates(list(embedders.values()), pixels, RAW_BATCHES)
+    return rates
+
+
+def _rates(rates: dict[int, float]) -> str:
+    return ", ".join(f"{v:.1f} (batch {b})" for b, v in rates.items())
 
 
 def _raw_signal_rates(photos: list[bytes], data_dir: Path) -> dict[str, float]:
@@ -224,7 +234,7 @@ def main() -> None:
         photos = _photos(sum(sizes), args.seed)
         console.print("measuring raw model throughput (same photos, this process)...")
         raw_photos = photos[: min(256, len(photos))]
-        raw_before = _raw_throughput(raw_photos, tmp / "data", batch=16)
+        raw_before = _raw_throughput(raw_photos, tmp / "data")
         signal_rates = {} if args.no_cascade else _raw_signal_rates(photos[: min(64, len(photos))], tmp / "data")
         picker = random.Random(args.seed)
         suspect = [picker.random() < args.suspect_share for _ in photos]
@@ -266,10 +276,10 @@ def main() -> None:
             # The same photos again, under new listing ids: every embedding comes from the cache.
             run("cached", c, [request(10**6 + first + i, p) for i, p in enumerate(chunk)])
         # The raw figure moves by up to 10 % between minutes on a shared VM: measured again after the load,
-        # and the higher of the two is the one the service is held to.
+        # and the highest reading (of either time, any batch size) is the one the service is held to.
         console.print("measuring raw model throughput again...")
-        raw_after = _raw_throughput(raw_photos, tmp / "data", batch=16)
-        raw = max(raw_before, raw_after)
+        raw_after = _raw_throughput(raw_photos, tmp / "data")
+        raw = max(*raw_before.values(), *raw_after.values())
         for phase, c, got, ran, server, outside in rows:
             # The raw cost of this phase's work per listing: a photo through the models, plus keypoint
             # verification and OCR as often as the server ran them (ms on the two cores).
@@ -293,8 +303,8 @@ def main() -> None:
         console.print("warm-up: the first " + ", ".join(f"{warmup(c)} (c={c})" for c in levels) + " answered "
                       "requests of each phase are left out of listings/s and latencies (not of errors); "
                       "--warmup 0 counts them")
-        console.print(f"raw model throughput (all roles side by side, batch 16): {raw:.1f} photos/s, the higher of "
-                      f"{raw_before:.1f} before the load and {raw_after:.1f} after it; machine: "
+        console.print(f"raw model throughput (all roles side by side): {raw:.1f} photos/s, the highest of "
+                      f"{_rates(raw_before)} before the load and {_rates(raw_after)} after it; machine: "
                       f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
         if signal_rates:
             console.print("raw expensive signals (2 threads): " + ", ".join(
