@@ -44,11 +44,18 @@ def load_settings(**overrides: object) -> Settings:
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        lines = []
+        # A union setting (a number or "auto") fails once per member, each under a tag of the member's
+        # type ("float", "literal['auto']"): one line per variable, its members' messages joined.
+        found: dict[str, list[str]] = {}
         for e in exc.errors():
-            loc = "__".join(str(p) for p in e["loc"]).upper()
-            lines.append(f"COUNTERLENS_{loc}: {e['msg']}")
-        fail("invalid settings:\n  " + "\n  ".join(lines))
+            loc = "__".join(str(p) for p in e["loc"] if not _union_tag(p)).upper()
+            found.setdefault(loc, []).append(e["msg"])
+        fail("invalid settings:\n  " + "\n  ".join(f"COUNTERLENS_{loc}: {' or '.join(msgs)}"
+                                                     for loc, msgs in found.items()))
+
+
+def _union_tag(part: object) -> bool:
+    return isinstance(part, str) and (part in {"float", "int", "str", "bool"} or "[" in part)
 
 
 @app.command()

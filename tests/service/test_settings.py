@@ -66,6 +66,17 @@ def test_cli_exits_2_naming_the_variable(tmp_path: Path) -> None:
     assert "COUNTERLENS_INTAKE__MAX_IMAGES" in r.stderr
 
 
+def test_cli_names_a_union_setting_once(tmp_path: Path) -> None:
+    """A setting that is a number or "auto" fails as one variable, not once per member type."""
+    env = dict(os.environ, COUNTERLENS_DATA_DIR=str(tmp_path), COUNTERLENS_MODELS__BATCH_WAIT_MS="soon")
+    r = subprocess.run([str(REPO_ROOT / ".venv" / "bin" / "counterlens"), "serve"], env=env, text=True,
+                       capture_output=True, timeout=60)
+    assert r.returncode == 2
+    err = " ".join(r.stderr.split())
+    assert "COUNTERLENS_MODELS__BATCH_WAIT_MS: Input should be a valid number" in err
+    assert "or Input should be 'auto'" in err and "__FLOAT" not in err
+
+
 def test_a_brand_override_falls_back_to_the_configured_policy(tmp_path: Path) -> None:
     from service.container import BrandPolicyLookup, scoring_params
     from service.storage.catalog import CatalogRepository
