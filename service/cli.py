@@ -45,7 +45,7 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         # A union setting (a number or "auto") fails once per member, each under a tag of the member's
-        # type ("float", "literal['auto']"): one line per variable, its members' messages joined.
+        # type ("constrained-float", "literal['auto']"): one line per variable, its members' messages joined.
         found: dict[str, list[str]] = {}
         for e in exc.errors():
             loc = "__".join(str(p) for p in e["loc"] if not _union_tag(p)).upper()
@@ -55,7 +55,8 @@ def load_settings(**overrides: object) -> Settings:
 
 
 def _union_tag(part: object) -> bool:
-    return isinstance(part, str) and (part in {"float", "int", "str", "bool"} or "[" in part)
+    # (Settings' own names are identifiers: no tag is one, none of them has "-" or "[".)
+    return isinstance(part, str) and (part in {"float", "int", "str", "bool"} or "[" in part or "-" in part)
 
 
 @app.command()

@@ -8,7 +8,7 @@ for example ``COUNTERLENS_DATA_DIR=/srv/cl`` or ``COUNTERLENS_SCORING__REVIEW_TH
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import platformdirs
 from pydantic import BaseModel, Field, field_validator, model_validator
@@ -50,14 +50,7 @@ class ModelSettings(BaseModel):
     # than single photos (effnet 4.4 ms a photo alone, 5.6 in batches of 16; docs/performance.md), so
     # waiting only idles the core: 8.7 against 10.4 ms median latency at one request at a time. Batches
     # still form by themselves under load (what queued while the model ran goes together).
-    batch_wait_ms: float | Literal["auto"] = "auto"
-
-    @field_validator("batch_wait_ms")
-    @classmethod
-    def _wait_in_range(cls, v: float | str) -> float | str:
-        if isinstance(v, float) and not 0 <= v <= 100:
-            raise ValueError("batch_wait_ms must be 'auto' or within [0, 100]")
-        return v
+    batch_wait_ms: Annotated[float, Field(ge=0, le=100)] | Literal["auto"] = "auto"
 
     def wait_ms_for(self, provider: str) -> float:
         """The batch wait of a model running on ``provider`` (``cpu`` or ``cuda``)."""
