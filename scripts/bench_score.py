@@ -119,20 +119,23 @@ def _start_server(data_dir: Path, models_from: Path | None, extra_env: dict[str,
 RAW_BATCHES = (1, 4, 16)
 
 
-def _raw_throughput(photos: list[bytes], data_dir: Path) -> dict[int, float]:
-    """Photos/s the models alone manage on these photos at each batch size of ``RAW_BATCHES``: every
-    configured role, side by side as the service runs them (scripts/benchlib.py). The service is held
-    to the best of them."""
+def _raw_meter(photos: list[bytes], data_dir: Path) -> Callable[[], dict[int, float]]:
+    """A measurement, to be taken now and again later, of the photos/s the models alone manage on these
+    photos at each batch size of ``RAW_BATCHES``: every configured role, side by side as the service runs
+    them (scripts/benchlib.py). The models are loaded and the photos decoded once, here. The service is
+    held to the best figure."""
     from benchlib import raw_model_rates
 
     from service.container import build_embedders
     from service.settings import Settings
 
-    settings = Settings(data_dir=data_dir)
-    embedders, _ = build_embedders(settings)
+    embedders, _ = build_embedders(Settings(data_dir=data_dir))
     pixels = [np.asarray(Image.open(io.BytesIO(p)).convert("RGB")) for p in photos]
-    rates: dict[int, float] = raw_model_rates(list(embedders.values()), pixels, RAW_BATCHES)
-    return rates
+
+    def measure() -> dict[int, float]:
+        rates: dict[int, float] = raw_model_rates(list(embedders.values()), pixels, RAW_BATCHES)
+        return rates
+    return measure
 
 
 def _rates(rates: dict[int, float]) -> str:
@@ -233,8 +236,8 @@ def main() -> None:
         sizes = [args.n + warmup(c) for c in levels]
         photos = _photos(sum(sizes), args.seed)
         console.print("measuring raw model throughput (same photos, this process)...")
-        raw_photos = photos[: min(256, len(photos))]
-        raw_before = _raw_throughput(raw_photos, tmp / "data")
+        raw_rates = _raw_meter(photos[: min(256, len(photos))], tmp / "data")
+        raw_before = raw_rates()
         signal_rates = {} if args.no_cascade else _raw_signal_rates(photos[: min(64, len(photos))], tmp / "data")
         picker = random.Random(args.seed)
         suspect = [picker.random() < args.suspect_share for _ in photos]
@@ -278,7 +281,7 @@ def main() -> None:
         # The raw figure moves by up to 10 % between minutes on a shared VM: measured again after the load,
         # and the highest reading (of either time, any batch size) is the one the service is held to.
         console.print("measuring raw model throughput again...")
-        raw_after = _raw_throughput(raw_photos, tmp / "data")
+        raw_after = raw_rates()
         raw = max(*raw_before.values(), *raw_after.values())
         for phase, c, got, ran, server, outside in rows:
             # The raw cost of this phase's work per listing: a photo through the models, plus keypoint
