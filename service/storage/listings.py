@@ -45,6 +45,7 @@ from service.storage.db import Database
 from service.storage.errors import InvalidInputError, NotFoundError
 from service.storage.models import (
     Brand,
+    ListingMarket,
     ListingMatch,
     ListingScore,
     ReferenceImage,
@@ -67,6 +68,7 @@ from service.storage.records import (
 _LISTINGS = cast(sa.Table, ListingRow.__table__)
 _SCORES = cast(sa.Table, ListingScore.__table__)
 _MATCHES = cast(sa.Table, ListingMatch.__table__)
+_MARKETS = cast(sa.Table, ListingMarket.__table__)
 _REVIEWS = cast(sa.Table, ReviewItem.__table__)
 _REOPENABLE = (ReviewStatus.OPEN.value, ReviewStatus.CLEARED.value)
 # Columns a score from fresh platform data updates; a --stored rescan only updates the latest_* ones.
@@ -164,6 +166,24 @@ def _history_rows(p: _Prepared) -> _HistoryRows:
     return score, matches
 
 
+def _market_of(matches: Sequence[tuple[str, dict[str, Any]]]) -> list[tuple[str, str]]:
+    """The (brand, sku) markets a listing is in, from its stored matches (:func:`_history_rows`): the skus
+    that one of its photos shows best, the photo's top copy or lookalike match (ties all count). Its weaker
+    matches name other products (up to five lookalikes a photo), and counting them put a listing's price
+    into the markets of products it is not: a listing at its own reference price was then "6 deviations
+    below the market" of a dearer product (docs/quality.md, run-to-run variation)."""
+    best: dict[tuple[str, int], float] = {}
+    for _, m in matches:
+        key = (m["signal"], m["image_index"])
+        best[key] = max(best.get(key, m["similarity"]), m["similarity"])
+    out: dict[tuple[str, str], None] = {}
+    for brand, m in matches:
+        if (m["signal"] in ("copy", "lookalike") and m["sku"] is not None
+                and m["similarity"] >= best[(m["signal"], m["image_index"])]):
+            out[(brand, m["sku"])] = None
+    return list(out)
+
+
 def _money(amount: float | None, currency: str | None) -> Money | None:
     return None if amount is None or currency is None else Money(float(amount), currency)
 
@@ -230,12 +250,12 @@ class _Statements:
     def __init__(self, dialect: str) -> None:
         listing = dialect_insert(dialect, _LISTINGS)
 
-        # Many listing rows in one statement (SQLAlchemy's "insertmanyvalues"), each answering its id
-        # (in no particular order: the ids are mapped back by listing_id).
+        # Many listing rows in one statement (SQLAlchemy's "insertmanyvalues"), each answering its id and
+        # its last_seen_at as stored now (in no particular order: mapped back by listing_id).
         def upsert_listing_many(columns: Sequence[str]) -> sa.Executable:
             return listing.on_conflict_do_update(index_elements=["listing_id"],
                                                  set_={c: listing.excluded[c] for c in columns}).returning(
-                _LISTINGS.c.id, _LISTINGS.c.listing_id)
+                _LISTINGS.c.id, _LISTINGS.c.listing_id, _LISTINGS.c.last_seen_at)
 
         self.upsert_listing_many = upsert_listing_many(_LATEST_COLUMNS + _CONTENT_COLUMNS)
         self.upsert_listing_latest_many = upsert_listing_many(_LATEST_COLUMNS)
@@ -245,6 +265,11 @@ class _Statements:
         now = sa.bindparam("p_now", type_=UTCDateTime())
         self.mark_seen = (sa.update(_LISTINGS).where(_LISTINGS.c.listing_id == sa.bindparam("p_lid"))
                           .values(last_seen_at=now, last_scored_at=now))
+        self.mark_seen_markets = (
+            sa.update(_MARKETS)
+            .where(_MARKETS.c.listing_pk == sa.select(_LISTINGS.c.id)
+                   .where(_LISTINGS.c.listing_id == sa.bindparam("p_lid")).scalar_subquery())
+            .values(last_seen_at=now))
         # Many rows in one statement, each answering its id with its listing_pk (the rows of one write
         # round have distinct listings): the ids are mapped back by listing. (Asking for the ids in the
         # order of the parameters instead made SQLAlchemy send a statement per row to SQLite, whose
@@ -253,6 +278,9 @@ class _Statements:
         self.delete_matches_many = sa.delete(_MATCHES).where(
             _MATCHES.c.listing_pk.in_(sa.bindparam("p_listings", expanding=True)))
         self.insert_matches = sa.insert(_MATCHES)
+        self.delete_markets_many = sa.delete(_MARKETS).where(
+            _MARKETS.c.listing_pk.in_(sa.bindparam("p_listings", expanding=True)))
+        self.insert_markets = sa.insert(_MARKETS)
         review = dialect_insert(dialect, _REVIEWS)
         self.upsert_review = review.on_conflict_do_update(
             index_elements=["brand_id", "listing_pk"],
@@ -276,23 +304,13 @@ class _Statements:
         confirmed = (sa.select(_REVIEWS.c.id)
                      .where(_REVIEWS.c.listing_pk == _LISTINGS.c.id, _REVIEWS.c.brand_id == brand,
                             _REVIEWS.c.status == ReviewStatus.CONFIRMED.value).exists())
-        # A listing is in a sku's market where the sku is what one of its photos shows best: the photo's
-        # top copy or lookalike match. Its weaker matches name other products (up to five lookalikes a
-        # photo), and counting them put a listing's price into the markets of products it is not; a
-        # listing at its own reference price was then "6 deviations below the market" of a dearer
-        # product (docs/quality.md, run-to-run variation).
-        rival = _MATCHES.alias("rival")
-        best_of_photo = (sa.select(sa.func.max(rival.c.similarity))
-                         .where(rival.c.listing_pk == _MATCHES.c.listing_pk, rival.c.signal == _MATCHES.c.signal,
-                                rival.c.image_index == _MATCHES.c.image_index)
-                         .scalar_subquery())
-        matched = (sa.select(_MATCHES.c.listing_pk)
-                   .where(_MATCHES.c.brand_id == brand, _MATCHES.c.sku == sa.bindparam("p_sku"),
-                          _MATCHES.c.signal.in_(("copy", "lookalike")),
-                          _MATCHES.c.similarity >= best_of_photo))
+        # The sku's market, newest first (listing_markets: written with the matches, see
+        # ``_market_rows``): one index walked from its newest end, stopping at the limit.
         prices = (sa.select(_LISTINGS.c.listing_id, _LISTINGS.c.price, _LISTINGS.c.currency)
-                  .where(_LISTINGS.c.id.in_(matched), _LISTINGS.c.price.is_not(None), ~confirmed)
-                  .order_by(_LISTINGS.c.last_seen_at.desc(), _LISTINGS.c.id.desc())
+                  .select_from(_MARKETS.join(_LISTINGS, _LISTINGS.c.id == _MARKETS.c.listing_pk))
+                  .where(_MARKETS.c.brand_id == brand, _MARKETS.c.sku == sa.bindparam("p_sku"),
+                         _LISTINGS.c.price.is_not(None), ~confirmed)
+                  .order_by(_MARKETS.c.last_seen_at.desc(), _MARKETS.c.listing_pk.desc())
                   # A literal LIMIT: with a parameter, PostgreSQL's generic plan (psycopg prepares
                   # repeated statements) assumes a small limit and walks every listing by date.
                   .limit(sa.bindparam("p_limit", type_=sa.Integer(), literal_execute=True)))
@@ -468,7 +486,9 @@ class ListingRepository:
             rounds[r].append(i)
         with self._db.writing() as conn:
             if only_seen:
-                conn.execute(self._sql.mark_seen, [{"p_lid": lid, "p_now": now} for lid in only_seen])
+                seen_rows = [{"p_lid": lid, "p_now": now} for lid in only_seen]
+                conn.execute(self._sql.mark_seen, seen_rows)
+                conn.execute(self._sql.mark_seen_markets, seen_rows)
             bids = self._resolve_brands(conn, set().union(*(p.slugs for p in todo)))
             live: set[int] | None = None
             if check_refs:
@@ -486,13 +506,13 @@ class ListingRepository:
         """Write listings with distinct listing_ids (see :meth:`_write`)."""
         st = self._sql
         flagged = [bids.get(p.result.brand) if p.result.brand is not None else None for p in todo]
-        pk_of: dict[str, int] = {}
+        pk_of: dict[str, tuple[int, datetime]] = {}  # listing_id -> (pk, last_seen_at as stored)
         for stored, stmt in ((True, st.upsert_listing_latest_many), (False, st.upsert_listing_many)):
             rows = [{**p.row, "latest_brand_id": bid} for p, bid in zip(todo, flagged, strict=True)
                     if (p.source is ScoreSource.STORED_RESCAN) == stored]
             if rows:
-                pk_of.update((lid, pk) for pk, lid in conn.execute(stmt, rows))
-        pks = [pk_of[p.row["listing_id"]] for p in todo]
+                pk_of.update((lid, (pk, seen)) for pk, lid, seen in conn.execute(stmt, rows))
+        pks = [pk_of[p.row["listing_id"]][0] for p in todo]
         score_of = {pk: sid for sid, pk in conn.execute(st.insert_score_many, [
             {**score, "listing_pk": pk, "scored_at": now, "brand_id": bid}
             for (score, _), pk, bid in zip(history, pks, flagged, strict=True)])}
@@ -506,6 +526,14 @@ class ListingRepository:
             for (_, matches), pk in zip(history, pks, strict=True) for brand, m in matches]
         if match_rows:
             conn.execute(st.insert_matches, match_rows)
+        for chunk in chunked(pks):
+            conn.execute(st.delete_markets_many, {"p_listings": chunk})
+        market_rows = [{"listing_pk": pk, "brand_id": bids[brand], "sku": sku,
+                        "last_seen_at": pk_of[p.row["listing_id"]][1]}
+                       for p, (_, matches), pk in zip(todo, history, pks, strict=True)
+                       for brand, sku in _market_of(matches)]
+        if market_rows:
+            conn.execute(st.insert_markets, market_rows)
         # Flagged listings open (or refresh) their brand's review item: one statement for the batch, then
         # one read of which items now carry the batch's scores (a statement per listing was a round trip
         # each on PostgreSQL, and most of a batch's writes when every listing is flagged).

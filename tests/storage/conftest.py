@@ -21,8 +21,8 @@ from service.storage import CatalogRepository, ReferenceRecord, Storage, migrate
 
 PG_ENV = "COUNTERLENS_TEST_POSTGRES_URL"
 # Deleting in this order respects every foreign key; faster than a fresh schema per test.
-TABLES = ("review_items", "listing_matches", "listing_scores", "listings", "embeddings", "photo_keypoints",
-          "reference_images", "authorized_sellers", "products", "brands")
+TABLES = ("review_items", "listing_matches", "listing_markets", "listing_scores", "listings", "embeddings",
+          "photo_keypoints", "reference_images", "authorized_sellers", "products", "brands")
 
 
 def _admin_url() -> str:

@@ -174,6 +174,33 @@ def test_market_prices(storage: Storage, two_brands: Refs) -> None:
     assert history.market_prices("alpro", "soy-milk") == [Money(7.0, "EUR"), Money(2.0, "EUR")]
 
 
+def test_market_order_follows_when_the_platform_last_sent_each_listing(storage: Storage, two_brands: Refs) -> None:
+    """The sample is the newest listings of the market by ``last_seen_at``, however the listing was last
+    written: a new score, a file rescan that finds it unchanged (only marked seen), or a stored rescan
+    (which rewrites its matches but did not hear from the platform, so leaves its place)."""
+    a1 = two_brands["a1"]
+    repo = storage.listings
+
+    def write(lid: str, price: float, at: int, source: ScoreSource = ScoreSource.API, **kw: bool) -> None:
+        lst, shas = listing(lid, price=price)
+        res = result(lid, Verdict.REVIEW, "alpro", [match(a1, 0.9)])
+        repo.record_scores([ScoreWrite(lst, res, source, shas)], scored_at=T0 + timedelta(minutes=at), **kw)
+
+    for i, lid in enumerate(("L1", "L2", "L3")):
+        write(lid, float(i + 1), i)
+    assert [lid for lid, _ in repo.market_sample("alpro", "soy-milk")] == ["L3", "L2", "L1"]
+    # A file rescan sends L1 again, unchanged: only marked seen, and now the newest of its market.
+    write("L1", 1.0, 10, ScoreSource.RESCAN, same_as_stored=True)
+    assert len(repo.history("L1")) == 1  # (no history row: it was only marked seen)
+    assert [lid for lid, _ in repo.market_sample("alpro", "soy-milk")] == ["L1", "L3", "L2"]
+    # A stored rescan of L2 rewrites its matches at minute 20 but leaves its place.
+    write("L2", 2.0, 20, ScoreSource.STORED_RESCAN)
+    assert [lid for lid, _ in repo.market_sample("alpro", "soy-milk")] == ["L1", "L3", "L2"]
+    # A new score from the platform moves it.
+    write("L2", 2.5, 30)
+    assert repo.market_sample("alpro", "soy-milk", limit=2) == [("L2", Money(2.5, "EUR")), ("L1", Money(1.0, "EUR"))]
+
+
 def test_confirmed_counterfeits(storage: Storage, two_brands: Refs) -> None:
     a1, o1 = two_brands["a1"], two_brands["o1"]
     repo = storage.listings
