@@ -305,7 +305,7 @@ class _Statements:
                      .where(_REVIEWS.c.listing_pk == _LISTINGS.c.id, _REVIEWS.c.brand_id == brand,
                             _REVIEWS.c.status == ReviewStatus.CONFIRMED.value).exists())
         # The sku's market, newest first (listing_markets: written with the matches, see
-        # ``_market_rows``): one index walked from its newest end, stopping at the limit.
+        # ``_market_of``): one index walked from its newest end, stopping at the limit.
         prices = (sa.select(_LISTINGS.c.listing_id, _LISTINGS.c.price, _LISTINGS.c.currency)
                   .select_from(_MARKETS.join(_LISTINGS, _LISTINGS.c.id == _MARKETS.c.listing_pk))
                   .where(_MARKETS.c.brand_id == brand, _MARKETS.c.sku == sa.bindparam("p_sku"),
@@ -513,12 +513,14 @@ class ListingRepository:
             if rows:
                 pk_of.update((lid, (pk, seen)) for pk, lid, seen in conn.execute(stmt, rows))
         pks = [pk_of[p.row["listing_id"]][0] for p in todo]
+        seen_at = [pk_of[p.row["listing_id"]][1] for p in todo]
         score_of = {pk: sid for sid, pk in conn.execute(st.insert_score_many, [
             {**score, "listing_pk": pk, "scored_at": now, "brand_id": bid}
             for (score, _), pk, bid in zip(history, pks, flagged, strict=True)])}
         score_ids = [score_of[pk] for pk in pks]
         for chunk in chunked(pks):
             conn.execute(st.delete_matches_many, {"p_listings": chunk})
+            conn.execute(st.delete_markets_many, {"p_listings": chunk})
         match_rows = [
             {**m, "listing_pk": pk, "brand_id": bids[brand],
              "reference_image_id": (m["reference_image_id"] if live is None or m["reference_image_id"] in live
@@ -526,11 +528,8 @@ class ListingRepository:
             for (_, matches), pk in zip(history, pks, strict=True) for brand, m in matches]
         if match_rows:
             conn.execute(st.insert_matches, match_rows)
-        for chunk in chunked(pks):
-            conn.execute(st.delete_markets_many, {"p_listings": chunk})
-        market_rows = [{"listing_pk": pk, "brand_id": bids[brand], "sku": sku,
-                        "last_seen_at": pk_of[p.row["listing_id"]][1]}
-                       for p, (_, matches), pk in zip(todo, history, pks, strict=True)
+        market_rows = [{"listing_pk": pk, "brand_id": bids[brand], "sku": sku, "last_seen_at": seen}
+                       for (_, matches), pk, seen in zip(history, pks, seen_at, strict=True)
                        for brand, sku in _market_of(matches)]
         if market_rows:
             conn.execute(st.insert_markets, market_rows)
