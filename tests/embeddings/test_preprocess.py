@@ -66,6 +66,20 @@ def test_shortest_crop_matches_torchvision_on_real_photos(photos: list[Photo]) -
     np.testing.assert_allclose(ours.astype(np.float32), theirs, atol=1e-5)
 
 
+def test_both_layouts_hold_the_same_normalised_values(photos: list[Photo]) -> None:
+    # Per-channel statistics, so a channel written with another channel's scale would show.
+    cfg = EFFNET_PREPROCESS.model_copy(update={"mean": (0.48, 0.46, 0.41), "std": (0.27, 0.26, 0.28)})
+    pixels = [p.pixels for p in photos[:3]]
+    nchw = preprocess_batch(cfg, pixels)
+    nhwc = preprocess_batch(cfg.model_copy(update={"layout": "NHWC"}), pixels)
+    assert nhwc.shape == (3, 224, 224, 3)
+    np.testing.assert_array_equal(nhwc, nchw.transpose(0, 2, 3, 1))
+    # The values are (pixel / 255 - mean) / std, channel by channel.
+    crop = cfg.resize_one(pixels[0]).astype(np.float64) / 255.0
+    expected = (crop - np.asarray(cfg.mean)) / np.asarray(cfg.std)
+    np.testing.assert_allclose(nhwc[0], expected, atol=1e-5)
+
+
 def test_squash_gives_raw_uint8_nhwc_for_models_that_normalise_in_graph(photos: list[Photo]) -> None:
     out = preprocess_batch(SSCD_PREPROCESS, [p.pixels for p in photos[:3]])
     assert out.dtype == np.uint8
