@@ -7,8 +7,10 @@
 #   docker build -t counterlens .
 #   docker run -p 8000:8000 -v counterlens-data:/data counterlens
 #
-# GPU: build with --build-arg ORT_PACKAGE=onnxruntime-gpu and run with --gpus all and
-# COUNTERLENS_MODELS__PROVIDER=cuda.
+# GPU: build with --build-arg ORT_PACKAGE="onnxruntime-gpu[cuda,cudnn]" (ONNX Runtime for CUDA 13, with the
+# CUDA and cuDNN libraries as pip packages, which the service preloads; NVIDIA driver 580 or newer) and run
+# with --gpus all and COUNTERLENS_MODELS__PROVIDER=cuda. scripts/check_gpu.py (from a checkout) compares
+# each model's vectors and speed on the CPU and on CUDA; docs/performance.md, "On a GPU", has its figures.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS export

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -54,6 +55,34 @@ def select_providers(requested: str) -> list[str]:
     raise ValueError(f"models.provider must be 'cpu', 'cuda' or 'auto', not {requested!r}")
 
 
+_cuda_libraries_loaded = False
+_cuda_libraries_lock = threading.Lock()
+
+
+def load_cuda_libraries() -> None:
+    """Load the CUDA and cuDNN libraries of the ``nvidia-*`` pip packages (what ``pip install
+    "onnxruntime-gpu[cuda,cudnn]"`` puts beside onnxruntime) before the first CUDA session, once per process.
+
+    ONNX Runtime's CUDA provider looks for them on the system's library path only, and where it does not
+    find them it runs the model on the CPU without a word (:func:`open_session` then refuses). Measured on
+    an H100 with the system's CUDA and cuDNN hidden and the libraries only as pip packages: a plain session
+    fell back to the CPU, and ``OnnxEmbedder(provider="cuda")`` refused without this preload and ran both
+    models on CUDA with it. ``onnxruntime.preload_dlls`` (1.21+) does the finding; on an older onnxruntime
+    nothing is done here, and system libraries (an ``nvidia/cuda`` image) are found as before."""
+    global _cuda_libraries_loaded
+    with _cuda_libraries_lock:
+        if _cuda_libraries_loaded:
+            return
+        _cuda_libraries_loaded = True
+        preload = getattr(ort, "preload_dlls", None)
+        if preload is None:
+            return
+        try:
+            preload(cuda=True, cudnn=True, msvc=False)
+        except Exception as exc:  # only a help: the session start below says what is missing
+            log.warning("could not preload the CUDA libraries of the nvidia pip packages: %s", exc)
+
+
 def provider_short_name(ep: str) -> str:
     """``CUDAExecutionProvider`` -> ``cuda``: the vocabulary of settings.models.provider."""
     return ep.removesuffix("ExecutionProvider").lower()
@@ -93,6 +122,8 @@ def open_session(
     if not model_path.is_file():
         raise FileNotFoundError(f"ONNX model not found: {model_path}")
     options = make_session_options(intra_op_threads, optimization)
+    if CUDA_EP in providers:
+        load_cuda_libraries()
     session = ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
     active = session.get_providers()
     if provider == "cuda" and CUDA_EP not in active:

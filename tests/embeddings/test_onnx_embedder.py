@@ -44,6 +44,32 @@ def test_cuda_is_used_when_asked_for_and_refused_clearly_when_absent() -> None:
         assert select_providers("auto") == [CPU_EP]
 
 
+def test_the_cuda_libraries_of_the_pip_packages_are_preloaded_once(monkeypatch: pytest.MonkeyPatch,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    # What onnxruntime.preload_dlls does with real libraries was checked on a GPU (docs/performance.md,
+    # "On a GPU"); here: called once a process, before the first CUDA session, and never fatal.
+    import embeddings.onnx_embedder as module
+
+    calls: list[dict[str, bool]] = []
+
+    def preload(**kwargs: bool) -> None:
+        calls.append(kwargs)
+        raise OSError("libcublasLt.so.13: cannot open shared object file")
+
+    monkeypatch.setattr(ort, "preload_dlls", preload, raising=False)
+    monkeypatch.setattr(module, "_cuda_libraries_loaded", False)
+    with caplog.at_level("WARNING", logger=module.__name__):
+        module.load_cuda_libraries()
+        module.load_cuda_libraries()
+    assert calls == [{"cuda": True, "cudnn": True, "msvc": False}]
+    assert "could not preload the CUDA libraries" in caplog.text
+    # An onnxruntime without preload_dlls (before 1.21) is left to find system libraries.
+    monkeypatch.delattr(ort, "preload_dlls")
+    monkeypatch.setattr(module, "_cuda_libraries_loaded", False)
+    module.load_cuda_libraries()
+    assert len(calls) == 1
+
+
 def test_unknown_provider_names_are_rejected() -> None:
     with pytest.raises(ValueError, match="'cpu', 'cuda' or 'auto'"):
         select_providers("tpu")
