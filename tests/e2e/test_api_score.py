@@ -6,6 +6,7 @@ import base64
 import http.server
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -178,7 +179,11 @@ def test_scores_are_stored_with_history_and_review_queue(live: LiveServer, groce
     assert not any(item.listing_id == "hist" for item in live.container.listings.review_queue("alpro"))
 
 
-def test_health_and_metrics(live: LiveServer) -> None:
+def test_health_and_metrics(live: LiveServer, grocery_dir: Path) -> None:
+    # A photo no other test sends, so this test's counters hold when it runs alone (``-k``) or first.
+    photo = jpeg_bytes(load(grocery_dir / "catalogue" / "Tropicana-Apple-Juice.jpg")[::-1], quality=80)
+    _score(live, {"listing_id": "metrics-own", "title": "juice", "price": {"amount": 3.0},
+                  "seller": {"id": "s-metrics"}}, [photo])
     ready = live.client.get("/readyz").json()
     assert ready["status"] == "ready"
     assert {m["provider"] for m in ready["models"].values()} == {"cpu"}
@@ -234,6 +239,32 @@ def test_a_photo_whose_body_does_not_decode_is_refused_by_field(live: LiveServer
     assert second["error"] is None and second["result"]["brand"] == "arla"
 
 
+@contextmanager
+def _small_queue(live: LiveServer) -> Iterator[None]:
+    """The app's scoring queue replaced, meanwhile, by one that holds one waiting listing (one thread)."""
+    from service.usecases.score_queue import ScoringQueue
+
+    c = live.container
+    c.score_queue()  # the app's own, started
+    small = ScoringQueue(c.scorer, workers=1, max_waiting=1)
+    with c._score_queue_lock:
+        saved, c._score_queue = c._score_queue, small
+    try:
+        yield
+    finally:
+        with c._score_queue_lock:
+            c._score_queue = saved
+        small.close()
+
+
+def _random_photo_bodies(prefix: str, n: int, seed: int) -> list[dict[str, Any]]:
+    rng = np.random.default_rng(seed)
+    return [{"listing_id": f"{prefix}-{i}", "title": "Poster", "price": {"amount": 5.0},
+             "images": [{"base64": base64.b64encode(
+                 jpeg_bytes(rng.integers(0, 256, (200, 200, 3), dtype=np.uint8))).decode()}]}
+            for i in range(n)]
+
+
 def test_an_overloaded_service_refuses_with_503_and_retry_after(live: LiveServer) -> None:
     """A scoring queue that holds one waiting listing (one scoring thread), hit by 16 requests at once:
     those that find it full are answered 503 ``overloaded`` with a Retry-After and nothing of them is
@@ -242,18 +273,7 @@ def test_an_overloaded_service_refuses_with_503_and_retry_after(live: LiveServer
 
     import httpx
 
-    from service.usecases.score_queue import ScoringQueue
-
-    c = live.container
-    c.score_queue()  # the app's own, started
-    small = ScoringQueue(c.scorer, workers=1, max_waiting=1)
-    with c._score_queue_lock:
-        saved, c._score_queue = c._score_queue, small
-    rng = np.random.default_rng(7)
-    bodies = [{"listing_id": f"burst-{i}", "title": "Poster", "price": {"amount": 5.0},
-               "images": [{"base64": base64.b64encode(
-                   jpeg_bytes(rng.integers(0, 256, (200, 200, 3), dtype=np.uint8))).decode()}]}
-              for i in range(16)]
+    bodies = _random_photo_bodies("burst", 16, 7)
     start = threading.Barrier(16)
 
     def post(body: dict[str, Any]) -> httpx.Response:
@@ -261,14 +281,9 @@ def test_an_overloaded_service_refuses_with_503_and_retry_after(live: LiveServer
             start.wait(10)
             return client.post("/v1/score", json=body)
 
-    try:
-        with ThreadPoolExecutor(16) as pool:
-            answers = list(pool.map(post, bodies))
+    with _small_queue(live), ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(post, bodies))
         metrics = live.client.get("/metrics").text  # read while the small queue is the app's
-    finally:
-        with c._score_queue_lock:
-            c._score_queue = saved
-        small.close()
     refused = [b["listing_id"] for b, r in zip(bodies, answers, strict=True) if r.status_code == 503]
     scored = [b["listing_id"] for b, r in zip(bodies, answers, strict=True) if r.status_code == 200]
     assert refused and scored and len(refused) + len(scored) == 16, [r.status_code for r in answers]
@@ -278,6 +293,25 @@ def test_an_overloaded_service_refuses_with_503_and_retry_after(live: LiveServer
             assert r.headers["retry-after"] == "1"
             assert r.json()["error"]["code"] == "overloaded"
     assert all(live.client.get(f"/v1/listings/{lid}").status_code == 404 for lid in refused)
+    assert all(live.client.get(f"/v1/listings/{lid}").status_code == 200 for lid in scored)
+
+
+def test_a_batch_into_an_overloaded_service_says_which_items_to_send_again_and_when(live: LiveServer) -> None:
+    """A batch's listings are queued together: into a queue that holds one waiting listing, the ones
+    that find it full come back as items with error ``overloaded`` and ``retry_after_s`` (what a single
+    request's 503 says in its Retry-After); the batch itself is a 200 and its other items are scored."""
+    bodies = _random_photo_bodies("batch-burst", 12, 8)
+    with _small_queue(live):
+        r = live.client.post("/v1/score/batch", json={"listings": bodies})
+    assert r.status_code == 200, r.text
+    items = {item["listing_id"]: item for item in r.json()["results"]}
+    assert set(items) == {b["listing_id"] for b in bodies}
+    refused = [lid for lid, item in items.items() if item["error"] is not None]
+    scored = [lid for lid, item in items.items() if item["result"] is not None]
+    assert refused and scored and len(refused) + len(scored) == 12
+    for lid in refused:
+        assert items[lid]["error"]["code"] == "overloaded" and items[lid]["error"]["retry_after_s"] == 1
+        assert live.client.get(f"/v1/listings/{lid}").status_code == 404
     assert all(live.client.get(f"/v1/listings/{lid}").status_code == 200 for lid in scored)
 
 

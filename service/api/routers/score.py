@@ -145,8 +145,11 @@ async def score_batch(request: Request, body: BatchIn) -> BatchOut:
         except ApiError as exc:
             if exc.code == "not_ready":
                 raise
-            results[i] = BatchItemOut(listing_id=item.listing_id,
-                                      error={"code": exc.code, "message": exc.message, "field": exc.field})
+            error: dict[str, Any] = {"code": exc.code, "message": exc.message, "field": exc.field}
+            retry = (exc.headers or {}).get("Retry-After")
+            if retry is not None:  # overloaded: the item says when to send it again, as a 503 would
+                error["retry_after_s"] = int(retry)
+            results[i] = BatchItemOut(listing_id=item.listing_id, error=error)
 
     async with anyio.create_task_group() as tg:
         for i, item in enumerate(body.listings):
