@@ -116,15 +116,12 @@ def _start_server(data_dir: Path, models_from: Path | None, extra_env: dict[str,
     raise SystemExit("the server did not become ready")
 
 
-RAW_BATCHES = (1, 4, 16)
-
-
 def _raw_meter(photos: list[bytes], data_dir: Path) -> Callable[[], dict[int, float]]:
     """A measurement, to be taken now and again later, of the photos/s the models alone manage on these
     photos at each batch size of ``RAW_BATCHES``: every configured role, side by side as the service runs
     them (scripts/benchlib.py). The models are loaded and the photos decoded once, here. The service is
     held to the best figure."""
-    from benchlib import raw_model_rates
+    from benchlib import RAW_BATCHES, raw_model_rates
 
     from service.container import build_embedders
     from service.settings import Settings
