@@ -305,13 +305,12 @@ def main() -> None:
         console.print("warm-up: the first " + ", ".join(f"{warmup(c)} (c={c})" for c in levels) + " answered "
                       "requests of each phase are left out of listings/s and latencies (not of errors); "
                       "--warmup 0 counts them")
-        # p99 of n latencies is the (n - int(0.99 n))-th slowest (LoadResult.percentile_ms): with the cascade
-        # the ~1 % of listings that also go through OCR are about that many, so a p99 of a few hundred
-        # listings reads one of them.
-        shortest = min(r[2].n for r in rows) if rows else 0
-        if shortest and shortest < 1000:
-            console.print(f"[yellow]p99 of {shortest} listings is their {shortest - int(0.99 * shortest)}-th slowest: "
-                          "--n 1000 or more for a p99 that does not rest on a handful of listings[/yellow]")
+        # p99 of n latencies is about their n/100-th slowest: with the cascade the ~1 % of listings that
+        # also go through OCR are about that many, so a p99 of a few hundred listings reads one of them.
+        fewest = min((r[2] for r in rows if r[2].n), key=lambda got: got.n, default=None)
+        if fewest is not None and fewest.n < 1000:
+            console.print(f"[yellow]p99 of {fewest.n} listings is the number {fewest.slowest_rank(0.99)} from the "
+                          "slowest: --n 1000 or more for a p99 that does not rest on a handful of listings[/yellow]")
         console.print(f"raw model throughput (all roles side by side): {raw:.1f} photos/s, the highest of "
                       f"{_rates(raw_before)} before the load and {_rates(raw_after)} after it; machine: "
                       f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")

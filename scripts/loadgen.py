@@ -38,9 +38,17 @@ class LoadResult:
     def rate(self) -> float:
         return self.n / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
+    def _index(self, q: float) -> int:
+        """Where the ``q`` quantile sits among the latencies sorted fastest first."""
+        return min(self.n - 1, int(q * self.n))
+
     def percentile_ms(self, q: float) -> float:
         lat = sorted(self.latencies_s)
-        return lat[min(len(lat) - 1, int(q * len(lat)))] * 1000 if lat else float("nan")
+        return lat[self._index(q)] * 1000 if lat else float("nan")
+
+    def slowest_rank(self, q: float) -> int:
+        """Which slowest latency :meth:`percentile_ms` answers for ``q`` (1: the slowest; p99 of 300: 3)."""
+        return self.n - self._index(q) if self.n else 0
 
     @property
     def client_cpu_ms(self) -> float:

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from scripts.loadgen import post_load, post_request
+from scripts.loadgen import LoadResult, post_load, post_request
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -77,3 +77,11 @@ def test_bad_concurrency_is_refused() -> None:
         post_load("127.0.0.1", 1, [], concurrency=0)
     with pytest.raises(ValueError, match="warmup"):
         post_load("127.0.0.1", 1, [], concurrency=1, warmup=-1)
+
+
+def test_a_percentile_names_the_slowest_latency_it_reads() -> None:
+    got = LoadResult(latencies_s=[i / 1000 for i in range(1, 301)])  # 1 .. 300 ms
+    assert got.slowest_rank(0.99) == 3 and got.percentile_ms(0.99) == 298.0
+    assert got.slowest_rank(0.5) == 150 and got.percentile_ms(0.5) == 151.0
+    assert LoadResult(latencies_s=[0.005]).slowest_rank(0.99) == 1
+    assert LoadResult().slowest_rank(0.99) == 0
