@@ -252,6 +252,11 @@ class OnnxEmbedder:
         return self._config.dim
 
     @property
+    def source_side(self) -> int:
+        """The shorter side a photo needs for this model (:attr:`PreprocessConfig.source_side`)."""
+        return self._config.source_side
+
+    @property
     def provider(self) -> str:
         """The execution provider actually running the model (``cpu``, ``cuda``, ...)."""
         return self._provider

@@ -132,6 +132,16 @@ class PreprocessConfig(BaseModel):
         h, w = self.size
         return (batch, 3, h, w) if self.layout == "NCHW" else (batch, h, w, 3)
 
+    @property
+    def source_side(self) -> int:
+        """The shorter side a photo needs for this preprocessing to only shrink it: a photo decoded at a
+        smaller scale (JPEG's 1/2, 1/4, 1/8) but not below this loses nothing the model would have seen
+        beyond resampling noise (see ``service.intake.images.decode_image``)."""
+        if self.resize_mode == "squash":
+            return max(self.size)
+        assert self.resize_shortest is not None  # guaranteed by the validator
+        return self.resize_shortest
+
     def resize_one(self, image: RGBImage) -> npt.NDArray[np.uint8]:
         """Resize/crop one validated image to ``size``; returns (h, w, 3) uint8, possibly a view of ``image``
         (the caller copies it into the batch)."""

@@ -7,7 +7,7 @@ as one batch and hands each caller its rows. One model thread also means one ONN
 time, which is what its intra-op thread pool wants on a small machine.
 
 A request may also hand over photos not decoded yet (:meth:`ThreadBatcher.submit_sources`: anything
-with a ``pixels`` property, such as a :class:`~service.domain.model.ListingImage`): the model thread
+with a ``model_pixels`` property, such as a :class:`~service.domain.model.ListingImage`): the model thread
 decodes them when it takes the request, outside the timed model call, and a photo that fails to decode
 fails its own request only. A request whose future was cancelled before the model thread took it is
 dropped unrun.
@@ -31,10 +31,11 @@ from service.domain.ports import ImageEmbedder
 
 
 class PixelSource(Protocol):
-    """A photo whose pixels may not be decoded yet (``pixels`` decodes, or raises why it cannot)."""
+    """A photo whose pixels may not be decoded yet (``model_pixels`` decodes what a model embeds, or
+    raises why it cannot)."""
 
     @property
-    def pixels(self) -> RGBImage: ...
+    def model_pixels(self) -> RGBImage: ...
 
 
 _Request = tuple[list[RGBImage | PixelSource], Future[Vectors], float]
@@ -88,7 +89,7 @@ class ThreadBatcher:
         return self.submit_sources(images)
 
     def submit_sources(self, images: Sequence[RGBImage | PixelSource]) -> Future[Vectors]:
-        """:meth:`submit` of photos that may still have to be decoded (a ``pixels`` property): the model
+        """:meth:`submit` of photos that may still have to be decoded (a ``model_pixels`` property): the model
         thread decodes them when it takes the request. A photo that cannot be decoded fails this
         request's future with its error, and no other request. Cancelling the future before the model
         thread takes the request (``Future.cancel``) withdraws it."""
@@ -163,7 +164,7 @@ class ThreadBatcher:
         out: list[tuple[Future[Vectors], list[RGBImage]]] = []
         for images, fut, _ in taken:
             try:
-                out.append((fut, [im if isinstance(im, np.ndarray) else im.pixels for im in images]))
+                out.append((fut, [im if isinstance(im, np.ndarray) else im.model_pixels for im in images]))
             except BaseException as exc:  # the caller hears it; the model thread lives on
                 fut.set_exception(exc)
         return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,6 +164,18 @@ def model_threads(models: int, cores: int | None = None) -> int:
     return max(1, (cores or os.cpu_count() or 1) // max(1, models))
 
 
+def model_source_side(embedders: Iterable[object]) -> int | None:
+    """The shorter side a photo needs for every one of these models (the largest ``source_side``); None
+    where a model does not say (it then embeds the whole photo)."""
+    sides: list[int] = []
+    for e in embedders:
+        side = getattr(e, "source_side", None)
+        if not isinstance(side, int):
+            return None
+        sides.append(side)
+    return max(sides) if sides else None
+
+
 def image_model_names(settings: Settings) -> list[str]:
     """The distinct image models the settings load (a role may share another role's model)."""
     roles = _roles(settings)
@@ -236,7 +249,9 @@ def build_container(settings: Settings, *, reconcile: bool = True,
         scorer.warm_up()
     container = Container(settings=settings, db=db, catalog_repo=catalog_repo, listings=listings,
                           embedding_store=store, blobs=blobs, embedders=cached, roles=roles, indexes=indexes,
-                          fetcher=fetcher, images=ListingImageLoader(ImageLoader(settings.intake, fetcher)),
+                          fetcher=fetcher, images=ListingImageLoader(
+                              ImageLoader(settings.intake, fetcher),
+                              model_side=model_source_side(raw.values()) if settings.models.reduced_decode else None),
                           catalog=catalog, scorer=scorer)
     if background_rescans:
         if settings.server.background_rescans == "process":

@@ -51,6 +51,12 @@ class ModelSettings(BaseModel):
     # waiting only idles the core: 8.7 against 10.4 ms median latency at one request at a time. Batches
     # still form by themselves under load (what queued while the model ran goes together).
     batch_wait_ms: Annotated[float, Field(ge=0, le=100)] | Literal["auto"] = "auto"
+    # A listing's JPEG photo at least twice the side the whole-photo models resize to is decoded for
+    # them at 1/2, 1/4 or 1/8 of its size (never below that side): a 2000x1500 photo cost both models
+    # 50.8 ms with its decode, 14.7 ms this way, for vectors at cosine >= 0.997 (docs/performance.md).
+    # Crops, keypoints, OCR and the boxes reported still read the whole photo. False: the models
+    # embed the whole photo too.
+    reduced_decode: bool = True
 
     def wait_ms_for(self, provider: str) -> float:
         """The batch wait of a model running on ``provider`` (``cpu`` or ``cuda``)."""

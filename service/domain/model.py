@@ -62,17 +62,25 @@ class ListingImage:
 
     The pixels may be decoded on first use (``decode``): intake checks a photo's header and hashes its
     bytes up front, and a photo whose embeddings are all cached by that hash is never decoded at all.
-    ``decode`` raises what decoding raises (intake's errors); it runs once, under a lock."""
+    ``decode`` raises what decoding raises (intake's errors); it runs once, under a lock.
 
-    __slots__ = ("_decode", "_lock", "_pixels", "sha256")
+    ``model_decode`` (optional) decodes a smaller copy for the whole-photo models (:attr:`model_pixels`):
+    a large JPEG at 1/2, 1/4 or 1/8 of its size, never below the side the models resize to. The rest
+    (crops for logo search, keypoints, OCR, and every box reported) reads :attr:`pixels`, the full
+    photo, which a listing the cascade lets go never decodes."""
+
+    __slots__ = ("_decode", "_lock", "_model_decode", "_model_pixels", "_pixels", "sha256")
 
     def __init__(self, sha256: str, pixels: RGBImage | None = None, *,
-                 decode: Callable[[], RGBImage] | None = None) -> None:
+                 decode: Callable[[], RGBImage] | None = None,
+                 model_decode: Callable[[], RGBImage] | None = None) -> None:
         if (pixels is None) == (decode is None):
             raise ValueError("give the pixels or a way to decode them, not both")
         self.sha256 = sha256
         self._pixels = pixels
         self._decode = decode
+        self._model_decode = model_decode
+        self._model_pixels: RGBImage | None = None
         self._lock = threading.Lock()
 
     @property
@@ -86,8 +94,31 @@ class ListingImage:
         return self._pixels
 
     @property
+    def model_pixels(self) -> RGBImage:
+        """What the whole-photo models embed: the smaller decode where there is one, else :attr:`pixels`.
+        Always the same for a photo (never the full pixels because something else decoded them first),
+        so its vectors do not depend on which signal ran before."""
+        if self._model_decode is None and self._model_pixels is None:
+            return self.pixels
+        if self._model_pixels is None:
+            with self._lock:
+                if self._model_pixels is None:
+                    assert self._model_decode is not None
+                    self._model_pixels = self._model_decode()
+                    self._model_decode = None
+        return self._model_pixels
+
+    @property
     def decoded(self) -> bool:
+        """The full pixels are decoded."""
         return self._pixels is not None
+
+    @property
+    def model_decoded(self) -> bool:
+        """:attr:`model_pixels` are decoded."""
+        if self._model_decode is None and self._model_pixels is None:
+            return self.decoded
+        return self._model_pixels is not None
 
     def __repr__(self) -> str:
         return f"ListingImage({self.sha256[:12]}, {'decoded' if self.decoded else 'not decoded'})"

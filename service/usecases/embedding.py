@@ -237,7 +237,7 @@ class CachedEmbedder:
             else:
                 new[sha] = im
         if new:
-            pixels = [im.pixels for im in new.values()]
+            pixels = [im.model_pixels for im in new.values()]
             submit = getattr(self.embedder, "submit", None)
             result: Future[Vectors] | Vectors = submit(pixels) if submit is not None else self.embedder.embed(pixels)
             if isinstance(result, Future):
@@ -301,7 +301,7 @@ class CachedEmbedder:
                 redo.append(sha)
         if redo:
             by_sha = {im.sha256: im for im in pending.images}
-            vectors = self.embedder.embed([by_sha[sha].pixels for sha in redo])
+            vectors = self.embedder.embed([by_sha[sha].model_pixels for sha in redo])
             out.update(zip(redo, vectors, strict=True))
         return out
 

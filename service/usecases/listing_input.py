@@ -27,8 +27,11 @@ class ImageSource:
 
 
 class ListingImageLoader:
-    def __init__(self, loader: ImageLoader) -> None:
+    def __init__(self, loader: ImageLoader, model_side: int | None = None) -> None:
         self.loader = loader
+        # The shorter side the whole-photo models need: a larger JPEG gets a smaller decode for them
+        # (ProbedImage.listing_image). None: they embed the full photo.
+        self.model_side = model_side
 
     def _local(self, s: ImageSource) -> ProbedImage:
         if s.base64 is not None:
@@ -53,8 +56,9 @@ class ListingImageLoader:
         hashed now, and decoded when its pixels are first needed (not at all when its embeddings are
         cached)."""
         self.loader.check_count(len(sources))
-        return [(self.loader.probe_url_sync(s.url, s.field) if s.url is not None else self._local(s)).listing_image()
-                for s in sources]
+        probed = [self.loader.probe_url_sync(s.url, s.field) if s.url is not None else self._local(s)
+                  for s in sources]
+        return [p.listing_image(self.model_side) for p in probed]
 
     async def load_async(self, sources: list[ImageSource]) -> list[ListingImage]:
         """For the API: URLs fetched concurrently on the event loop, checking and hashing in worker threads
@@ -74,9 +78,9 @@ class ListingImageLoader:
 
         async def one(i: int, s: ImageSource) -> ListingImage:
             if s.url is not None:
-                return (await self.loader.probe_url(s.url, s.field)).listing_image()
+                return (await self.loader.probe_url(s.url, s.field)).listing_image(self.model_side)
             if i in inline:
-                return self._local(s).listing_image()
-            return (await asyncio.to_thread(self._local, s)).listing_image()
+                return self._local(s).listing_image(self.model_side)
+            return (await asyncio.to_thread(self._local, s)).listing_image(self.model_side)
 
         return list(await asyncio.gather(*(one(i, s) for i, s in enumerate(sources))))

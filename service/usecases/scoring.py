@@ -343,8 +343,8 @@ class ListingScorer:
         for k, lst in enumerate(listings):
             try:
                 for im in lst.images:
-                    if not im.decoded and any(im.sha256 not in found for found in cached.values()):
-                        im.pixels  # noqa: B018  (decodes once; raises the intake error of a bad photo)
+                    if not im.model_decoded and any(im.sha256 not in found for found in cached.values()):
+                        im.model_pixels  # noqa: B018  (decodes once; raises the intake error of a bad photo)
             except Exception as exc:
                 failed[k] = exc
         return failed

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from service.domain.model import Match, SignalName, match_rank
+import numpy as np
+
+from service.domain.model import ListingImage, Match, SignalName, match_rank
 from tests.domain.builders import match
 
 
@@ -29,3 +31,28 @@ def test_stronger_matches_come_first_and_ties_go_by_signal_then_reference() -> N
     assert _listed(ms) == [("copy", 12, 0.9), ("lookalike", 4, 0.9), ("logo", 12, 0.8), ("keypoints", 9, 0.61),
                            ("lookalike", 3, 0.61), ("lookalike", 5, 0.61)]
     assert _listed(list(reversed(ms))) == _listed(ms)
+
+
+def test_model_pixels_come_from_the_smaller_decode_once_and_leave_the_photo_undecoded() -> None:
+    calls: list[str] = []
+    full, small = np.zeros((40, 60, 3), np.uint8), np.zeros((10, 15, 3), np.uint8)
+
+    def decode(which: str, pixels: np.ndarray) -> np.ndarray:
+        calls.append(which)
+        return pixels
+
+    im = ListingImage("ab" * 32, decode=lambda: decode("full", full), model_decode=lambda: decode("small", small))
+    assert not im.model_decoded
+    assert im.model_pixels is small and im.model_pixels is small
+    assert (calls, im.model_decoded, im.decoded) == (["small"], True, False)
+    assert im.pixels is full  # crops, keypoints, OCR: the whole photo
+    assert im.model_pixels is small  # never the whole photo because it was decoded meanwhile
+    assert calls == ["small", "full"]
+
+
+def test_without_a_smaller_decode_the_models_see_the_photo() -> None:
+    lazy = ListingImage("cd" * 32, decode=lambda: np.ones((4, 4, 3), np.uint8))
+    assert not lazy.model_decoded
+    assert lazy.model_pixels is lazy.pixels and lazy.model_decoded
+    given = np.zeros((4, 4, 3), np.uint8)
+    assert ListingImage("ef" * 32, given).model_pixels is given

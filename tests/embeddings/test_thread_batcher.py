@@ -86,7 +86,7 @@ class Lazy:
         self._pixels, self.error, self.decoded_in = pixels, error, ""
 
     @property
-    def pixels(self) -> RGBImage:
+    def model_pixels(self) -> RGBImage:
         self.decoded_in = threading.current_thread().name
         if self._pixels is None:
             raise ValueError(self.error)

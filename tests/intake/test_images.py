@@ -359,3 +359,54 @@ def test_canonical_base64_of_every_length_decodes_exactly_at_and_over_the_limit(
         with pytest.raises(IntakeError) as info:
             decode_base64(b64, "f", n - 1)
         assert info.value.code == IntakeErrorCode.TOO_LARGE and str(n) in info.value.message
+
+
+# -- a smaller decode for the whole-photo models (``at_least``) ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def large(rgb: np.ndarray) -> np.ndarray:
+    """The real photo at a marketplace size: 1200 x 900."""
+    return np.asarray(Image.fromarray(rgb).resize((1200, 900), Image.Resampling.LANCZOS))
+
+
+@pytest.mark.parametrize(("at_least", "shape"), [(300, (450, 600, 3)), (200, (225, 300, 3)),
+                                                 (100, (113, 150, 3)), (450, (450, 600, 3)),
+                                                 (451, (900, 1200, 3))])
+def test_a_large_jpeg_decodes_at_the_smallest_scale_that_keeps_at_least(large: np.ndarray, at_least: int,
+                                                                         shape: tuple[int, int, int]) -> None:
+    data = _encode(Image.fromarray(large), "JPEG", quality=90)
+    got = decode_image(data, LIMITS, at_least=at_least)
+    assert got.pixels.shape == shape  # 1/2, 1/4, 1/8 (never below 1/8); none when 1/2 would go below
+    assert (got.width, got.height) == (1200, 900)  # the file's size, as without at_least
+    assert got.sha256 == hashlib.sha256(data).hexdigest()
+    # The same picture: against the whole decode resized to the same size, within JPEG's noise.
+    whole = Image.fromarray(decode_image(data, LIMITS).pixels).resize(shape[1::-1], Image.Resampling.BOX)
+    assert np.abs(got.pixels.astype(int) - np.asarray(whole, dtype=int)).mean() < 5  # another photo: ~50
+
+
+def test_png_and_small_jpegs_are_decoded_whole(large: np.ndarray, rgb: np.ndarray) -> None:
+    assert decode_image(_encode(Image.fromarray(large), "PNG"), LIMITS, at_least=100).pixels.shape == (900, 1200, 3)
+    # 256 px: half of it (128) would be below 129.
+    assert decode_image(_encode(Image.fromarray(rgb), "JPEG"), LIMITS, at_least=129).pixels.shape == rgb.shape
+
+
+def test_a_reduced_decode_is_turned_upright_and_cmyk_comes_out_rgb(large: np.ndarray) -> None:
+    upright = decode_image(_encode(Image.fromarray(large), "JPEG", quality=90), LIMITS, at_least=300).pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned 90 degrees anticlockwise: turn clockwise to view
+    turned = np.ascontiguousarray(np.rot90(large, 1))
+    got = decode_image(_encode(Image.fromarray(turned), "JPEG", quality=90, exif=exif.tobytes()), LIMITS,
+                       at_least=300).pixels
+    assert got.shape == upright.shape == (450, 600, 3)
+    assert np.abs(got.astype(int) - upright.astype(int)).mean() < 3
+    cmyk = decode_image(_encode(Image.fromarray(large).convert("CMYK"), "JPEG", quality=95), LIMITS, at_least=300)
+    assert cmyk.pixels.shape == (450, 600, 3)
+    assert np.abs(cmyk.pixels.astype(int) - upright.astype(int)).mean() < 6
+
+
+def test_a_truncated_large_jpeg_fails_the_reduced_decode_too(large: np.ndarray) -> None:
+    data = _encode(Image.fromarray(large), "JPEG", quality=90)
+    with pytest.raises(IntakeError) as info:
+        decode_image(data[: len(data) // 2], LIMITS, "images[0].file", at_least=300)
+    assert (info.value.code, info.value.field) == (IntakeErrorCode.DECODE_FAILED, "images[0].file")
