@@ -60,14 +60,19 @@ GROCERY = REPO.parent / "shared" / "data" / "grocery-dev"
 console = Console(width=140)
 
 
-def _photos(n: int, seed: int) -> list[bytes]:
-    """n distinct JPEGs: grocery in-store photos, each with a small random edit so none repeats."""
+def _photos(n: int, seed: int, side: int | None = None) -> list[bytes]:
+    """n distinct JPEGs: grocery in-store photos, each with a small random edit so none repeats.
+    ``side``: enlarged so that the longer side has that many pixels (marketplace photos are larger than
+    these 256 px ones)."""
     paths = sorted((GROCERY / "instore").glob("*/*.jpg"))
     rng = random.Random(seed)
     out = []
     for i in range(n):
         with Image.open(paths[i % len(paths)]) as im:
             img = im.convert("RGB")
+        if side is not None:
+            f = side / max(img.size)
+            img = img.resize((round(img.width * f), round(img.height * f)), Image.Resampling.LANCZOS)
         img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.9, 1.1))
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=rng.randint(80, 92))
@@ -199,6 +204,10 @@ def main() -> None:
     ap.add_argument("--suspect-share", type=float, default=1.0,
                     help="share of listings priced at a quarter of the reference price, the rest at it "
                          "(default 1.0: every listing, the cascade's worst case)")
+    ap.add_argument("--photo-side", type=int, default=None,
+                    help="enlarge the photos to this many pixels on their longer side (default: as they are, "
+                         "256 px); the server decodes large JPEGs smaller for its models unless started with "
+                         "COUNTERLENS_MODELS__REDUCED_DECODE=false, which this process passes on")
     ap.add_argument("--no-cascade", action="store_true",
                     help="start the server with the expensive signals off (logo search in crops, OCR, "
                          "keypoint verification): "
@@ -208,6 +217,8 @@ def main() -> None:
         levels = [int(c) for c in args.concurrency.split(",")]
     except ValueError:
         ap.error(f"--concurrency: comma-separated whole numbers, got {args.concurrency!r}")
+    if args.photo_side is not None and not 64 <= args.photo_side <= 8000:
+        ap.error("--photo-side must be within [64, 8000]")
     if min(levels) < 1 or args.n < 1 or args.workers < 1 or args.time_limit <= 0:
         ap.error("--concurrency, --n and --workers must be >= 1 and --time-limit > 0")
     if args.warmup is not None and args.warmup < 0:
@@ -233,7 +244,7 @@ def main() -> None:
 
         # Each level's photos: its warm-up's and its measured ones, all distinct (cold means unseen).
         sizes = [args.n + warmup(c) for c in levels]
-        photos = _photos(sum(sizes), args.seed)
+        photos = _photos(sum(sizes), args.seed, args.photo_side)
         console.print("measuring raw model throughput (same photos, this process)...")
         raw_rates = _raw_meter(photos[: min(256, len(photos))], tmp / "data")
         raw_before = raw_rates()
@@ -314,6 +325,10 @@ def main() -> None:
         console.print(f"raw model throughput (all roles side by side): {raw:.1f} photos/s, the highest of "
                       f"{_rates(raw_before)} before the load and {_rates(raw_after)} after it; machine: "
                       f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
+        if args.photo_side is not None:
+            console.print(f"photos enlarged to {args.photo_side} px on their longer side; the raw figure is the "
+                          "models on the whole decoded photos (the server's smaller decode for its models is "
+                          "work the raw figure does, so service/raw can exceed 1)")
         if signal_rates:
             console.print("raw expensive signals (2 threads): " + ", ".join(
                 f"{k} {v:.1f} photos/s" for k, v in signal_rates.items()) + f"; suspect share {args.suspect_share}")
