@@ -57,6 +57,30 @@ class SellerInfo:
     stock: int | None = None
 
 
+class _Decoded:
+    """Pixels given, or decoded on first use: once, under a lock (two threads asking at once decode once)."""
+
+    __slots__ = ("_decode", "_lock", "_pixels")
+
+    def __init__(self, pixels: RGBImage | None, decode: Callable[[], RGBImage] | None) -> None:
+        self._pixels = pixels
+        self._decode = decode
+        self._lock = threading.Lock()
+
+    def get(self) -> RGBImage:
+        if self._pixels is None:
+            with self._lock:
+                if self._pixels is None:
+                    assert self._decode is not None
+                    self._pixels = self._decode()
+                    self._decode = None
+        return self._pixels
+
+    @property
+    def done(self) -> bool:
+        return self._pixels is not None
+
+
 class ListingImage:
     """A listing photo: content hash (hex sha256 of the original bytes) and pixels.
 
@@ -69,7 +93,7 @@ class ListingImage:
     (crops for logo search, keypoints, OCR, and every box reported) reads :attr:`pixels`, the full
     photo, which a listing the cascade lets go never decodes."""
 
-    __slots__ = ("_decode", "_lock", "_model_decode", "_model_pixels", "_pixels", "sha256")
+    __slots__ = ("_full", "_small", "sha256")
 
     def __init__(self, sha256: str, pixels: RGBImage | None = None, *,
                  decode: Callable[[], RGBImage] | None = None,
@@ -77,48 +101,30 @@ class ListingImage:
         if (pixels is None) == (decode is None):
             raise ValueError("give the pixels or a way to decode them, not both")
         self.sha256 = sha256
-        self._pixels = pixels
-        self._decode = decode
-        self._model_decode = model_decode
-        self._model_pixels: RGBImage | None = None
-        self._lock = threading.Lock()
+        self._full = _Decoded(pixels, decode)
+        # Without a smaller decode the models read the photo itself.
+        self._small = _Decoded(None, model_decode) if model_decode is not None else self._full
 
     @property
     def pixels(self) -> RGBImage:
-        if self._pixels is None:
-            with self._lock:
-                if self._pixels is None:
-                    assert self._decode is not None
-                    self._pixels = self._decode()
-                    self._decode = None
-        return self._pixels
+        return self._full.get()
 
     @property
     def model_pixels(self) -> RGBImage:
         """What the whole-photo models embed: the smaller decode where there is one, else :attr:`pixels`.
         Always the same for a photo (never the full pixels because something else decoded them first),
         so its vectors do not depend on which signal ran before."""
-        if self._model_decode is None and self._model_pixels is None:
-            return self.pixels
-        if self._model_pixels is None:
-            with self._lock:
-                if self._model_pixels is None:
-                    assert self._model_decode is not None
-                    self._model_pixels = self._model_decode()
-                    self._model_decode = None
-        return self._model_pixels
+        return self._small.get()
 
     @property
     def decoded(self) -> bool:
         """The full pixels are decoded."""
-        return self._pixels is not None
+        return self._full.done
 
     @property
     def model_decoded(self) -> bool:
         """:attr:`model_pixels` are decoded."""
-        if self._model_decode is None and self._model_pixels is None:
-            return self.decoded
-        return self._model_pixels is not None
+        return self._small.done
 
     def __repr__(self) -> str:
         return f"ListingImage({self.sha256[:12]}, {'decoded' if self.decoded else 'not decoded'})"

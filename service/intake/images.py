@@ -156,11 +156,11 @@ def _open_checked(data: bytes, limits: ImageLimits, field: str | None) -> tuple[
     return img, fmt
 
 
-def reduces(fmt: str, width: int, height: int, at_least: int | None) -> bool:
+def reduces(fmt: str, width: int, height: int, at_least: int) -> bool:
     """Whether :func:`decode_image` with ``at_least`` decodes an image of this format and size smaller:
     a JPEG whose shorter side is at least twice ``at_least`` (its decoder scales by 1/2, 1/4 or 1/8
     while it decodes, far cheaper than decoding it whole and resizing)."""
-    return at_least is not None and fmt == "jpeg" and min(width, height) >= 2 * at_least
+    return fmt == "jpeg" and min(width, height) >= 2 * at_least
 
 
 def decode_image(data: bytes, limits: ImageLimits, field: str | None = None, *,
