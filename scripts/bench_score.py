@@ -22,7 +22,10 @@ The service/raw ratio is a ratio of rates: it counts against the service both th
 the models and the time the cores stand idle. ``CPU outside models`` isolates the first: the share of
 the server's CPU over the phase that its model threads did not spend (``/metrics``,
 ``counterlens_model_cpu_seconds_total``), i.e. HTTP, storage, search and fusion, plus the expensive
-signals where they ran. (One worker's model threads: shown with ``--workers 1`` only.)
+signals where they ran. (One worker's model threads: shown with ``--workers 1`` only.) The last table,
+where the cores went, splits the two for each cold phase: the cores the machine left idle over it
+(/proc/stat), and the listings/s the server's and the client's CPU a listing would allow with no core
+idle (the ceiling; its ratio to the raw work is the most service/raw work could read).
 
 Each phase opens with every connection's first request at once, a burst that waits for one model batch
 together; the figures start after ``--warmup`` answered requests (default twice the concurrency), so
@@ -50,7 +53,13 @@ from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
-from loadgen import LoadResult, post_load, post_request, process_tree_cpu_s  # the script's folder is on sys.path
+from loadgen import (  # the script's folder is on sys.path
+    LoadResult,
+    machine_cpu_s,
+    post_load,
+    post_request,
+    process_tree_cpu_s,
+)
 from PIL import Image, ImageEnhance
 from rich.console import Console
 from rich.table import Table
@@ -186,6 +195,29 @@ def _server_counts(url: str) -> tuple[dict[str, float], float]:
     return signals, model_cpu
 
 
+def _print_cores_went(cores_went: dict[int, tuple[float, float | None]],
+                      rows: list[tuple[str, int, LoadResult, dict[str, float], str, str]],
+                      work_ms: dict[int, float]) -> None:
+    """Where the cores went in each cold phase, and the most the service could have done with none idle.
+
+    With the load generator on the same cores as the server, listings/s is at most the cores' CPU a
+    second over the CPU a listing costs (the server's and the client's): the ceiling at zero idle.
+    service/raw work below the ceiling's ratio is the cores standing idle; the ceiling's ratio below 1
+    is what a listing costs beyond the raw work (HTTP, storage, search, fusion, decoding, the client)."""
+    cores = os.cpu_count() or 1
+    table = Table("c", "listings/s", "server CPU ms", "client CPU ms", "idle cores", "at zero idle: listings/s",
+                  "ceiling/raw work", "service/raw work", title="cold phases: where the cores went")
+    for phase, c, got, _, _, _ in rows:
+        if phase != "cold" or c not in cores_went or c not in work_ms:
+            continue
+        server_ms, idle = cores_went[c]
+        ceiling = cores * 1000 / (server_ms + got.client_cpu_ms)
+        table.add_row(str(c), f"{got.rate:.1f}", f"{server_ms:.1f}", f"{got.client_cpu_ms:.2f}",
+                      "-" if idle is None else f"{idle:.2f} of {cores}", f"{ceiling:.1f}",
+                      f"{ceiling * work_ms[c] / 1000:.2f}", f"{got.rate * work_ms[c] / 1000:.2f}")
+    console.print(table)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", help="an already running service (default: start one)")
@@ -265,16 +297,23 @@ def main() -> None:
         unmeasured: set[str] = set()
 
         rows: list[tuple[str, int, LoadResult, dict[str, float], str, str]] = []
+        # Per cold phase: the server's CPU ms a listing and the cores the machine left idle over it.
+        cores_went: dict[int, tuple[float, float | None]] = {}
 
         def run(phase: str, c: int, requests: list[bytes]) -> None:
             ran0, models0 = _server_counts(url)
             cpu0 = process_tree_cpu_s(proc.pid) if proc is not None else None
+            machine0, t0 = machine_cpu_s(), time.perf_counter()
             got = post_load(host, port, requests, c, args.time_limit, warmup=warmup(c))
+            machine1, wall = machine_cpu_s(), time.perf_counter() - t0
             cpu1 = process_tree_cpu_s(proc.pid) if proc is not None else None
             answered = got.n + got.warmed  # (the server's CPU and the signals are read over the whole phase)
             ran1, models1 = _server_counts(url)
             ran = {k: (v - ran0.get(k, 0.0)) / max(1, answered) for k, v in ran1.items()}
             server = "-" if cpu0 is None or cpu1 is None or not got.n else f"{(cpu1 - cpu0) / answered * 1000:.1f}"
+            if phase == "cold" and cpu0 is not None and cpu1 is not None and got.n:
+                idle = (machine1[1] - machine0[1]) / wall if machine0 and machine1 and wall > 0 else None
+                cores_went[c] = ((cpu1 - cpu0) / answered * 1000, idle)
             # The share of the server's CPU spent outside its model threads: HTTP, storage, search,
             # fusion, and the cascade's expensive signals where they ran. One worker's models only.
             outside = "-"
@@ -293,12 +332,14 @@ def main() -> None:
         console.print("measuring raw model throughput again...")
         raw_after = raw_rates()
         raw = max(*raw_before.values(), *raw_after.values())
+        work_ms: dict[int, float] = {}  # cold phases: the raw cost of a listing's work, ms on the cores
         for phase, c, got, ran, server, outside in rows:
             # The raw cost of this phase's work per listing: a photo through the models, plus keypoint
             # verification and OCR as often as the server ran them (ms on the two cores).
             work = "-"
             if phase == "cold":
                 ms = 1000 / raw + sum(ran.get(k, 0.0) * 1000 / r for k, r in signal_rates.items())
+                work_ms[c] = ms
                 work = f"{got.rate * ms / 1000:.2f}"
                 unmeasured.update(k for k, v in ran.items() if v > 0 and k not in signal_rates)
             table.add_row(phase, str(c), str(got.n), f"{got.rate:.1f}", f"{got.percentile_ms(0.50):.0f}",
@@ -332,6 +373,8 @@ def main() -> None:
         if signal_rates:
             console.print("raw expensive signals (2 threads): " + ", ".join(
                 f"{k} {v:.1f} photos/s" for k, v in signal_rates.items()) + f"; suspect share {args.suspect_share}")
+        if cores_went:
+            _print_cores_went(cores_went, rows, work_ms)
         if unmeasured:
             console.print("[yellow]service/raw work leaves out " + ", ".join(sorted(unmeasured)) + " (ran, not "
                           "measured raw): the ratio is too high[/yellow]")

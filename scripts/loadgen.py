@@ -172,3 +172,24 @@ def process_tree_cpu_s(pid: int) -> float | None:
             total += (int(fields[11]) + int(fields[12])) / tick
             found = True
     return total if found else None
+
+
+def machine_cpu_s() -> tuple[float, float] | None:
+    """CPU seconds of the whole machine so far, summed over its cores: (busy, idle), from /proc/stat's
+    first line (idle counts I/O wait too: a core waiting on a disk does no work). None where /proc/stat
+    is not there. Read before and after a load phase, idle over the phase's seconds says how many cores
+    stood idle while it ran."""
+    try:
+        line = Path("/proc/stat").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    name, *ticks = line.split()
+    if name != "cpu" or len(ticks) < 5:
+        return None
+    # user nice system idle iowait irq softirq steal (guest time is inside user already): steal is
+    # neither this machine's work nor idle, so it is left out.
+    values = [int(t) for t in ticks[:8]]
+    idle = values[3] + values[4]
+    busy = sum(values[:3]) + sum(values[5:7])
+    tick = os.sysconf("SC_CLK_TCK")
+    return busy / tick, idle / tick

@@ -3,6 +3,8 @@ chunked answers, errors and a server that never answers)."""
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -10,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from scripts.loadgen import LoadResult, post_load, post_request
+from scripts.loadgen import LoadResult, machine_cpu_s, post_load, post_request
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -85,3 +87,36 @@ def test_a_percentile_names_the_slowest_latency_it_reads() -> None:
     assert got.slowest_rank(0.5) == 150 and got.percentile_ms(0.5) == 151.0
     assert LoadResult(latencies_s=[0.005]).slowest_rank(0.99) == 1
     assert LoadResult().slowest_rank(0.99) == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/stat is Linux's")
+def test_machine_cpu_counts_every_core_and_this_threads_spinning() -> None:
+    before = machine_cpu_s()
+    assert before is not None
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < 0.4:  # one core busy for 0.4 s
+        pass
+    after = machine_cpu_s()
+    elapsed = time.perf_counter() - t0
+    assert after is not None
+    busy, idle = after[0] - before[0], after[1] - before[1]
+    cores = os.cpu_count() or 1
+    # Every core's time is either busy or idle (or stolen by the hypervisor, left out): at 100 ticks a
+    # second, within a few ticks of the cores times the seconds.
+    assert 0.7 * cores * elapsed <= busy + idle <= cores * elapsed + 0.05
+    assert busy >= 0.3  # the spin alone
+    assert idle >= 0 and busy >= 0
+
+
+def test_machine_cpu_is_none_without_proc_stat(monkeypatch: pytest.MonkeyPatch) -> None:
+    import scripts.loadgen as loadgen
+
+    class _NoProc:
+        def __init__(self, *_: object) -> None:
+            pass
+
+        def read_text(self) -> str:
+            raise FileNotFoundError("/proc/stat")
+
+    monkeypatch.setattr(loadgen, "Path", _NoProc)
+    assert machine_cpu_s() is None
