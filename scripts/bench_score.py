@@ -310,10 +310,11 @@ def main() -> None:
             answered = got.n + got.warmed  # (the server's CPU and the signals are read over the whole phase)
             ran1, models1 = _server_counts(url)
             ran = {k: (v - ran0.get(k, 0.0)) / max(1, answered) for k, v in ran1.items()}
-            server = "-" if cpu0 is None or cpu1 is None or not got.n else f"{(cpu1 - cpu0) / answered * 1000:.1f}"
-            if phase == "cold" and cpu0 is not None and cpu1 is not None and got.n:
+            server_ms = None if cpu0 is None or cpu1 is None or not got.n else (cpu1 - cpu0) / answered * 1000
+            server = "-" if server_ms is None else f"{server_ms:.1f}"
+            if phase == "cold" and server_ms is not None:
                 idle = (machine1[1] - machine0[1]) / wall if machine0 and machine1 and wall > 0 else None
-                cores_went[c] = ((cpu1 - cpu0) / answered * 1000, idle)
+                cores_went[c] = (server_ms, idle)
             # The share of the server's CPU spent outside its model threads: HTTP, storage, search,
             # fusion, and the cascade's expensive signals where they ran. One worker's models only.
             outside = "-"
