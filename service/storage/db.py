@@ -149,7 +149,12 @@ def _install_sqlite_hooks(engine: Engine) -> None:
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
         immediate = conn.get_execution_options().get(_WRITE_OPTION, False)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        # On the sqlite3 connection itself rather than through SQLAlchemy's execution machinery
+        # (exec_driver_sql): an empty transaction then costs 14.8 us of CPU instead of 24.6 (read) and
+        # 22.4 instead of 33.5 (write; 2-core VM), and a scored batch opens four.
+        driver = conn.connection.driver_connection
+        assert driver is not None  # a checked-out connection always has its sqlite3 connection
+        driver.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
 class SqliteWriteLock:
