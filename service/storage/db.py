@@ -6,7 +6,8 @@ used from many threads at once.
 
 SQLite specifics, set on every new connection: WAL (readers never wait for the writer), foreign keys
 on, a busy timeout, ``synchronous=NORMAL`` (durable at checkpoints; WAL keeps the file consistent).
-SQLAlchemy emits BEGIN itself instead of the sqlite3 module, and write transactions start with
+BEGIN is emitted when SQLAlchemy begins a transaction (its ``begin`` event) rather than when the sqlite3
+module would (it skips it before SELECTs and DDL), and write transactions start with
 ``BEGIN IMMEDIATE``: a deferred transaction that read first and then wants to write fails at once with
 "database is locked" when another writer got there in between, whatever the busy timeout.
 """
