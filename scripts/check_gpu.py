@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +26,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # scripts/ is not a package on sys.path when run as a file
     sys.path.insert(0, str(REPO))
+
+from benchlib import raw_model_rate  # noqa: E402  (the script's folder is on sys.path)
 
 from embeddings.onnx_embedder import OnnxEmbedder  # noqa: E402
 from embeddings.preprocess import PreprocessConfig  # noqa: E402
@@ -51,16 +51,6 @@ def _photos(folder: Path, limit: int) -> list[RGBImage]:
         with Image.open(p) as im:
             out.append(np.asarray(im.convert("RGB")))
     return out
-
-
-def _rate(embedder: OnnxEmbedder, photos: Sequence[RGBImage], batch: int, seconds: float) -> float:
-    """Photos/s through ``embed`` (preprocessing included) in batches of ``batch``, for ``seconds``."""
-    embedder.embed(list(photos[:batch]))  # warm-up: first calls allocate (and on CUDA pick kernels)
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        embedder.embed([photos[(done + j) % len(photos)] for j in range(batch)])
-        done += batch
-    return done / (time.perf_counter() - start)
 
 
 def main() -> int:
@@ -113,7 +103,7 @@ def main() -> int:
               f"{np.min(cos):.6f}, mean {np.mean(cos):.6f}, max |difference| {np.max(np.abs(a - b)):.2e} "
               f"-> {'agree' if agree else 'DISAGREE'}")
         for batch in batches:
-            c, g = _rate(cpu, photos, batch, args.seconds), _rate(gpu, photos, batch, args.seconds)
+            c, g = (raw_model_rate([e], photos, batch, args.seconds) for e in (cpu, gpu))
             print(f"  batch {batch:3d}: CPU {c:8.1f} photos/s, CUDA {g:8.1f} photos/s ({g / c:.1f}x)")
     print("all models ran on CUDA and agree with the CPU" if ok else "FAILED (see above)")
     return 0 if ok else 1

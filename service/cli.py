@@ -6,6 +6,8 @@ Bad arguments exit with code 2 and a message; the composition root is the same o
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -93,15 +95,23 @@ def serve(
                 workers=settings.server.workers, **options)
 
 
-def _container(settings: Settings, *, reconcile: bool = True) -> Any:
+@contextmanager
+def _exported_models() -> Iterator[None]:
+    """Around loading the models: a serving install (no torch) that holds no export exits 1 saying where
+    to make one (embeddings.exporting.ExportSourcesUnavailableError)."""
     from embeddings.exporting import ExportSourcesUnavailableError
-    from service.container import build_container
 
     try:
-        with console.status("loading models and indexes..."):
-            return build_container(settings, reconcile=reconcile)
-    except ExportSourcesUnavailableError as exc:  # a serving install with no exported models
+        yield
+    except ExportSourcesUnavailableError as exc:
         fail(str(exc), 1)
+
+
+def _container(settings: Settings, *, reconcile: bool = True) -> Any:
+    from service.container import build_container
+
+    with _exported_models(), console.status("loading models and indexes..."):
+        return build_container(settings, reconcile=reconcile)
 
 
 def _progress() -> Progress:
@@ -209,13 +219,10 @@ def reindex() -> None:
 def models_export() -> None:
     """Export (or verify) the configured models' ONNX files in the data dir; prints what is in use."""
     settings = load_settings()
-    from embeddings.exporting import ExportSourcesUnavailableError
     from service.container import build_embedders
 
-    try:
+    with _exported_models():
         built, roles = build_embedders(settings)
-    except ExportSourcesUnavailableError as exc:  # a serving install: nothing to export with
-        fail(str(exc), 1)
     for name, e in built.items():
         out.print(f"{name}: {e.model_id} dim={e.dim} provider={e.provider}")
     out.print(f"roles: copy={roles.copy} semantic={roles.semantic} logo={roles.logo}")
