@@ -3,8 +3,9 @@
 The scoring path is synchronous and runs on worker threads (the API's thread pool, the rescan's
 workers), so concurrent listings meet here: each caller's images wait in a queue, one model thread takes
 everything waiting (up to ``max_batch`` images, or until the oldest has waited ``max_wait_ms``), runs it
-as one batch and hands each caller its rows. One model thread also means one ONNX Runtime call at a
-time, which is what its intra-op thread pool wants on a small machine.
+as one batch (in model calls of ``run_batch`` images, where set) and hands each caller its rows. One
+model thread also means one ONNX Runtime call at a time, which is what its intra-op thread pool wants on
+a small machine.
 
 A request may also hand over photos not decoded yet (:meth:`ThreadBatcher.submit_sources`: anything
 with a ``model_pixels`` property, such as a :class:`~service.domain.model.ListingImage`): the model thread
@@ -44,11 +45,17 @@ _Request = tuple[list[RGBImage | PixelSource], Future[Vectors], float]
 class ThreadBatcher:
     """An :class:`ImageEmbedder` that coalesces concurrent ``embed`` calls into shared batches."""
 
-    def __init__(self, embedder: ImageEmbedder, *, max_batch: int = 16, max_wait_ms: float = 2.0) -> None:
-        if max_batch < 1 or max_wait_ms < 0:
-            raise ValueError("max_batch must be >= 1 and max_wait_ms >= 0")
+    def __init__(self, embedder: ImageEmbedder, *, max_batch: int = 16, max_wait_ms: float = 2.0,
+                 run_batch: int | None = None) -> None:
+        if max_batch < 1 or max_wait_ms < 0 or (run_batch is not None and run_batch < 1):
+            raise ValueError("max_batch and run_batch must be >= 1 and max_wait_ms >= 0")
         self.inner = embedder
         self.max_batch = max_batch
+        # Images per model call: a batch taken is run this many at a time (None: all at once). The
+        # batch is still one take (its callers answered together, one scoring batch downstream); only
+        # the model's own batch shrinks, for processors on which a photo costs less in a small batch
+        # (docs/performance.md, session 34).
+        self.run_batch = run_batch
         self.max_wait = max_wait_ms / 1000.0
         self._queue: deque[_Request] = deque()
         self._cv = threading.Condition()
@@ -142,7 +149,7 @@ class ThreadBatcher:
             images = [im for req in taken for im in req[1]]
             wall, cpu = time.perf_counter(), time.thread_time()
             try:
-                vectors = self.inner.embed(images)
+                vectors = self._embed(images)
             except BaseException as exc:  # every waiting caller gets the error, the thread lives on
                 for fut, _ in taken:
                     fut.set_exception(exc)
@@ -156,6 +163,12 @@ class ThreadBatcher:
             for fut, req_images in taken:
                 fut.set_result(vectors[start:start + len(req_images)])
                 start += len(req_images)
+
+    def _embed(self, images: list[RGBImage]) -> Vectors:
+        step = self.run_batch or len(images)
+        if step >= len(images):
+            return self.inner.embed(images)
+        return np.concatenate([self.inner.embed(images[k:k + step]) for k in range(0, len(images), step)])
 
     @staticmethod
     def _decoded(taken: list[_Request]) -> list[tuple[Future[Vectors], list[RGBImage]]]:

@@ -51,6 +51,12 @@ class ModelSettings(BaseModel):
     # waiting only idles the core: 8.7 against 10.4 ms median latency at one request at a time. Batches
     # still form by themselves under load (what queued while the model ran goes together).
     batch_wait_ms: Annotated[float, Field(ge=0, le=100)] | Literal["auto"] = "auto"
+    # Photos per model call: the batch a model takes (up to max_batch) is run this many at a time.
+    # "auto": one at a time on the CPU, the whole batch on a GPU. On the 2-core VM the two models side
+    # by side embed 196 photos/s one at a time and 185 in batches of 4 (scripts/bench_score.py's raw
+    # figures: a batch's activations outgrow the 2 MB L2 cache of a core), and the service scored 7.7 %
+    # more listings/s at concurrency 16 and 2.3 % more at 8 this way (docs/performance.md, session 34).
+    run_batch: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = "auto"
     # A listing's JPEG photo at least twice the side the whole-photo models resize to is decoded for
     # them at 1/2, 1/4 or 1/8 of its size (never below that side): a 2000x1500 photo cost both models
     # 50.8 ms with its decode, 14.7 ms this way, for vectors at cosine >= 0.997 (docs/performance.md).
@@ -63,6 +69,12 @@ class ModelSettings(BaseModel):
         if self.batch_wait_ms == "auto":
             return 0.0 if provider == "cpu" else 2.0
         return float(self.batch_wait_ms)
+
+    def run_batch_for(self, provider: str) -> int:
+        """The photos per model call of a model running on ``provider`` (``cpu`` or ``cuda``)."""
+        if self.run_batch == "auto":
+            return 1 if provider == "cpu" else self.max_batch
+        return self.run_batch
     ocr: Literal["cascade", "always", "never"] = "cascade"
     # Text is detected on the photo resized to this longer side (embeddings/ocr.py, scripts/bench_ocr.py).
     ocr_detect_side: int = Field(default=480, ge=64, le=4096)

@@ -51,6 +51,43 @@ def test_concurrent_callers_share_batches_and_get_their_own_rows(
     assert batcher.batches_run < len(requests)
 
 
+class Counting:
+    """A real model that records how many photos each of its calls got."""
+
+    def __init__(self, inner: OnnxEmbedder) -> None:
+        self.inner, self.calls = inner, list[int]()
+        self.name, self.model_id, self.dim, self.provider = inner.name, inner.model_id, inner.dim, inner.provider
+
+    def embed(self, images: Sequence[RGBImage]) -> Vectors:
+        self.calls.append(len(images))
+        return self.inner.embed(images)
+
+
+@pytest.mark.parametrize(("run_batch", "calls"), [(None, [5]), (2, [2, 2, 1]), (1, [1] * 5)])
+def test_a_batch_taken_together_runs_in_model_calls_of_run_batch(
+    tiny_clip: OnnxEmbedder, photos: list[Photo], run_batch: int | None, calls: list[int]
+) -> None:
+    """Three waiting requests (1, 2 and 2 photos) are one take, answered together with their own rows,
+    whatever the size of the model calls that ran it."""
+    model = Counting(tiny_clip)
+    requests = [[photos[0].pixels], [photos[1].pixels, photos[2].pixels], [photos[3].pixels, photos[0].pixels]]
+    gated = Gated(model)
+    batcher = ThreadBatcher(gated, max_batch=16, max_wait_ms=0, run_batch=run_batch)
+    try:
+        first = batcher.submit([photos[4].pixels])  # the model thread takes it and waits at the gate
+        assert gated.entered.wait(5)
+        futures = [batcher.submit(r) for r in requests]
+        gated.gate.set()
+        first.result(timeout=10)
+        got = [f.result(timeout=10) for f in futures]
+    finally:
+        batcher.close()
+    assert model.calls[1:] == calls
+    assert (batcher.batches_run, batcher.images_run) == (2, 6)
+    for r, vectors in zip(requests, got, strict=True):
+        np.testing.assert_allclose(vectors, tiny_clip.embed(r), atol=2e-5)
+
+
 def test_model_time_counts_wall_and_cpu_apart(tiny_clip: OnnxEmbedder, photos: list[Photo]) -> None:
     batcher = ThreadBatcher(Waiting(tiny_clip, wait_s=0.2), max_wait_ms=0)
     try:

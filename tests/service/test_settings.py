@@ -40,6 +40,8 @@ def test_env_prefix_and_nested_groups(monkeypatch: pytest.MonkeyPatch, tmp_path:
     ({"server": {"slow_waiting_listings": -1}}, "slow_waiting_listings"),
     ({"models": {"batch_wait_ms": -1}}, "batch_wait_ms"),
     ({"models": {"batch_wait_ms": "soon"}}, "batch_wait_ms"),
+    ({"models": {"run_batch": 0}}, "run_batch"),
+    ({"models": {"run_batch": "all"}}, "run_batch"),
 ])
 def test_invalid_settings_are_refused(overrides: dict[str, object], needle: str) -> None:
     with pytest.raises(ValidationError) as err:
@@ -56,6 +58,17 @@ def test_batch_wait_is_none_on_the_cpu_unless_set(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("COUNTERLENS_MODELS__BATCH_WAIT_MS", "3.5")
     s = Settings()
     assert (s.models.wait_ms_for("cpu"), s.models.wait_ms_for("cuda")) == (3.5, 3.5)
+
+
+def test_run_batch_is_one_photo_on_the_cpu_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """"auto" (the default): a model on the CPU runs its batch a photo at a time, one on a GPU the whole
+    batch at once; a number set in the environment holds for both."""
+    s = Settings()
+    assert s.models.run_batch == "auto"
+    assert (s.models.run_batch_for("cpu"), s.models.run_batch_for("cuda")) == (1, s.models.max_batch)
+    monkeypatch.setenv("COUNTERLENS_MODELS__RUN_BATCH", "4")
+    s = Settings()
+    assert (s.models.run_batch_for("cpu"), s.models.run_batch_for("cuda")) == (4, 4)
 
 
 def test_cli_exits_2_naming_the_variable(tmp_path: Path) -> None:

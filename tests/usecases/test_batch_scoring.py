@@ -295,10 +295,12 @@ def test_the_queue_starts_the_models_on_a_listing_as_it_is_queued(
 
 
 def test_models_on_the_cpu_do_not_wait_for_company(container: Container) -> None:
-    """``models.batch_wait_ms`` "auto": each CPU model's batcher runs what is queued at once (a batch
-    costs no less a photo than single photos there); the wait is the provider's."""
+    """``models.batch_wait_ms`` and ``models.run_batch`` "auto": each CPU model's batcher runs what is
+    queued at once (a batch costs no less a photo than single photos there), a photo per model call;
+    the wait and the call size are the provider's."""
     batchers = [e.embedder for e in container.embedders.values() if isinstance(e.embedder, ThreadBatcher)]
     assert batchers
     for b in batchers:
         assert b.inner.provider == "cpu"
         assert b.max_wait == 0.0
+        assert b.run_batch == 1
