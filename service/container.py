@@ -220,9 +220,10 @@ def build_container(settings: Settings, *, reconcile: bool = True,
     blobs = BlobStore(settings.data_dir / "blobs")
     raw, roles = (embedders, _roles(settings)) if embedders is not None else build_embedders(settings)
     # Concurrent listings (API requests, rescan workers) share model batches.
-    batchers = {name: ThreadBatcher(e, max_batch=settings.models.max_batch,
-                                    max_wait_ms=settings.models.wait_ms_for(e.provider),
-                                    run_batch=settings.models.run_batch_for(e.provider)) for name, e in raw.items()}
+    m = settings.models
+    batchers = {name: ThreadBatcher(e, max_batch=m.max_batch, max_wait_ms=m.wait_ms_for(e.provider),
+                                    run_batch=m.run_batch_for(e.provider, getattr(e, "fixed_batch", None)))
+                for name, e in raw.items()}
     cached = {name: CachedEmbedder(b, store) for name, b in batchers.items()}
     indexes = ReferenceIndexes(settings.index_dir, settings.index)
     fetcher = SafeFetcher(settings.intake)

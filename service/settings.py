@@ -70,11 +70,13 @@ class ModelSettings(BaseModel):
             return 0.0 if provider == "cpu" else 2.0
         return float(self.batch_wait_ms)
 
-    def run_batch_for(self, provider: str) -> int:
-        """The photos per model call of a model running on ``provider`` (``cpu`` or ``cuda``)."""
-        if self.run_batch == "auto":
-            return 1 if provider == "cpu" else self.max_batch
-        return self.run_batch
+    def run_batch_for(self, provider: str, fixed_batch: int | None = None) -> int:
+        """The photos per model call of a model running on ``provider`` (``cpu`` or ``cuda``). A model
+        exported with a fixed batch is fed that many rows a call whatever it is given (the embedder pads
+        the rest), so its calls are a whole number of its batches: one photo a call would cost it a
+        whole batch each."""
+        n = (1 if provider == "cpu" else self.max_batch) if self.run_batch == "auto" else self.run_batch
+        return n if fixed_batch is None else -(-n // fixed_batch) * fixed_batch
     ocr: Literal["cascade", "always", "never"] = "cascade"
     # Text is detected on the photo resized to this longer side (embeddings/ocr.py, scripts/bench_ocr.py).
     ocr_detect_side: int = Field(default=480, ge=64, le=4096)

@@ -69,6 +69,10 @@ def test_run_batch_is_one_photo_on_the_cpu_unless_set(monkeypatch: pytest.Monkey
     monkeypatch.setenv("COUNTERLENS_MODELS__RUN_BATCH", "4")
     s = Settings()
     assert (s.models.run_batch_for("cpu"), s.models.run_batch_for("cuda")) == (4, 4)
+    # A model with a fixed batch runs whole batches of its own: 4 -> 4 (fixed 2), 6 (fixed 3), 8 (fixed 8).
+    assert [s.models.run_batch_for("cpu", fixed) for fixed in (2, 3, 8)] == [4, 6, 8]
+    monkeypatch.delenv("COUNTERLENS_MODELS__RUN_BATCH")
+    assert Settings().models.run_batch_for("cpu", fixed_batch=16) == 16
 
 
 def test_cli_exits_2_naming_the_variable(tmp_path: Path) -> None:
