@@ -25,7 +25,10 @@ the server's CPU over the phase that its model threads did not spend (``/metrics
 signals where they ran. (One worker's model threads: shown with ``--workers 1`` only.) The last table,
 where the cores went, splits the two for each cold phase: the cores the machine left idle over it
 (/proc/stat), and the listings/s the server's and the client's CPU a listing would allow with no core
-idle (the ceiling; its ratio to the raw work is the most service/raw work could read).
+idle (the ceiling; its ratio to the raw work is the most service/raw work could read). With one worker,
+a table of the model threads follows: the share of each cold phase each model spent in model calls and
+on a core in them (``/metrics``). The raw figure has each model on a core of its own all the time; in
+the service the slowest model's share on a core is, roughly, the most service/raw can read.
 
 Each phase opens with every connection's first request at once, a burst that waits for one model batch
 together; the figures start after ``--warmup`` answered requests (default twice the concurrency), so
@@ -53,7 +56,8 @@ from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
-from loadgen import (  # the script's folder is on sys.path
+from benchlib import ServerCounters, server_counters  # the script's folder is on sys.path
+from loadgen import (
     LoadResult,
     machine_cpu_s,
     post_load,
@@ -181,18 +185,10 @@ def _raw_signal_rates(photos: list[bytes], data_dir: Path) -> dict[str, float]:
     return {"keypoints": raw_work_rate(keypoints, pixels), "ocr": raw_work_rate(ocr, pixels[:32])}
 
 
-def _server_counts(url: str) -> tuple[dict[str, float], float]:
-    """From the server's /metrics (one worker's, with several): ``counterlens_signals_run_total`` by
-    signal, and the CPU seconds of its model threads (``counterlens_model_cpu_seconds_total``, summed)."""
-    signals: dict[str, float] = {}
-    model_cpu = 0.0
-    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line.startswith("counterlens_signals_run_total{"):
-            name = line.split('signal="', 1)[1].split('"', 1)[0]
-            signals[name] = float(line.rsplit(" ", 1)[1])
-        elif line.startswith("counterlens_model_cpu_seconds_total{"):
-            model_cpu += float(line.rsplit(" ", 1)[1])
-    return signals, model_cpu
+def _server_counts(url: str) -> ServerCounters:
+    """The server's counters from its /metrics (one worker's, with several): the expensive signals run,
+    and each model thread's wall and CPU seconds in model calls."""
+    return server_counters(httpx.get(f"{url}/metrics", timeout=10).text)
 
 
 def _print_cores_went(cores_went: dict[int, tuple[float, float | None]],
@@ -215,6 +211,21 @@ def _print_cores_went(cores_went: dict[int, tuple[float, float | None]],
         table.add_row(str(c), f"{got.rate:.1f}", f"{server_ms:.1f}", f"{got.client_cpu_ms:.2f}",
                       "-" if idle is None else f"{idle:.2f} of {cores}", f"{ceiling:.1f}",
                       f"{ceiling * work_ms[c] / 1000:.2f}", f"{got.rate * work_ms[c] / 1000:.2f}")
+    console.print(table)
+
+
+def _print_models_went(models_went: dict[int, dict[str, tuple[float, float, float]]]) -> None:
+    """How each model thread spent a cold phase. The raw figure has each model on a core of its own,
+    working all the time; in the service a model's thread is in a model call for ``in calls`` of the
+    phase, on a core for ``on a core`` of it, and the difference is time inside its calls waiting for a
+    core (taken by the other model, HTTP, storage, search) or for the GIL. Outside its calls it waits
+    for photos, or decodes and hands them out. The slowest model sets the pace: raw x its ``on a core``
+    share is about what the service can do at that share."""
+    table = Table("c", "model", "in calls", "on a core in them", "waiting in them", "model CPU ms a listing",
+                  title="cold phases: the model threads (shares of the phase's wall)")
+    for c, models in models_went.items():
+        for name, (busy, cpu, ms) in sorted(models.items()):
+            table.add_row(str(c), name, f"{busy:.2f}", f"{cpu:.2f}", f"{max(0.0, busy - cpu):.2f}", f"{ms:.2f}")
     console.print(table)
 
 
@@ -299,27 +310,37 @@ def main() -> None:
         rows: list[tuple[str, int, LoadResult, dict[str, float], str, str]] = []
         # Per cold phase: the server's CPU ms a listing and the cores the machine left idle over it.
         cores_went: dict[int, tuple[float, float | None]] = {}
+        # Per cold phase (one worker), each model thread: its share of the phase's wall in model calls, its
+        # share on a core in them, and its CPU ms a listing.
+        models_went: dict[int, dict[str, tuple[float, float, float]]] = {}
 
         def run(phase: str, c: int, requests: list[bytes]) -> None:
-            ran0, models0 = _server_counts(url)
+            before = _server_counts(url)
             cpu0 = process_tree_cpu_s(proc.pid) if proc is not None else None
             machine0, t0 = machine_cpu_s(), time.perf_counter()
             got = post_load(host, port, requests, c, args.time_limit, warmup=warmup(c))
             machine1, wall = machine_cpu_s(), time.perf_counter() - t0
             cpu1 = process_tree_cpu_s(proc.pid) if proc is not None else None
             answered = got.n + got.warmed  # (the server's CPU and the signals are read over the whole phase)
-            ran1, models1 = _server_counts(url)
-            ran = {k: (v - ran0.get(k, 0.0)) / max(1, answered) for k, v in ran1.items()}
+            after = _server_counts(url)
+            ran = {k: (v - before.signals.get(k, 0.0)) / max(1, answered) for k, v in after.signals.items()}
             server_ms = None if cpu0 is None or cpu1 is None or not got.n else (cpu1 - cpu0) / answered * 1000
             server = "-" if server_ms is None else f"{server_ms:.1f}"
             if phase == "cold" and server_ms is not None:
                 idle = (machine1[1] - machine0[1]) / wall if machine0 and machine1 and wall > 0 else None
                 cores_went[c] = (server_ms, idle)
+            if phase == "cold" and args.workers == 1 and wall > 0:
+                went = {}
+                for m, busy_s in after.model_busy_s.items():
+                    busy = busy_s - before.model_busy_s.get(m, 0.0)
+                    cpu = after.model_cpu_s.get(m, 0.0) - before.model_cpu_s.get(m, 0.0)
+                    went[m] = (busy / wall, cpu / wall, cpu / max(1, answered) * 1000)
+                models_went[c] = went
             # The share of the server's CPU spent outside its model threads: HTTP, storage, search,
             # fusion, and the cascade's expensive signals where they ran. One worker's models only.
             outside = "-"
             if cpu0 is not None and cpu1 is not None and cpu1 > cpu0 and args.workers == 1:
-                outside = f"{1 - (models1 - models0) / (cpu1 - cpu0):.2f}"
+                outside = f"{1 - (after.model_cpu_total_s - before.model_cpu_total_s) / (cpu1 - cpu0):.2f}"
             rows.append((phase, c, got, ran, server, outside))
 
         for k, c in enumerate(levels):
@@ -376,6 +397,8 @@ def main() -> None:
                 f"{k} {v:.1f} photos/s" for k, v in signal_rates.items()) + f"; suspect share {args.suspect_share}")
         if cores_went:
             _print_cores_went(cores_went, rows, work_ms)
+        if models_went:
+            _print_models_went(models_went)
         if unmeasured:
             console.print("[yellow]service/raw work leaves out " + ", ".join(sorted(unmeasured)) + " (ran, not "
                           "measured raw): the ratio is too high[/yellow]")

@@ -12,9 +12,11 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def _side_by_side(loop: Callable[[int, Callable[[], bool]], int], threads: int,
@@ -100,3 +102,31 @@ def raw_work_rate(work: Callable[[], Callable[[np.ndarray], object]], pixels: Se
 
     counts, elapsed = _side_by_side(loop, threads, seconds)
     return sum(counts) / elapsed
+
+
+@dataclass(frozen=True, slots=True)
+class ServerCounters:
+    """The counters of a counterlens server's ``/metrics`` that a benchmark takes the difference of over a
+    phase (one worker process's, where it has several)."""
+
+    signals: dict[str, float]  # expensive signals run (counterlens_signals_run_total), by signal
+    model_busy_s: dict[str, float]  # wall seconds each model's thread spent in model calls, by model
+    model_cpu_s: dict[str, float]  # CPU seconds of each model's thread in those calls, by model
+
+    @property
+    def model_cpu_total_s(self) -> float:
+        return sum(self.model_cpu_s.values())
+
+
+def server_counters(metrics_text: str) -> ServerCounters:
+    """:class:`ServerCounters` from the Prometheus text of ``/metrics`` (prometheus_client's own parser)."""
+    wanted: dict[str, tuple[str, dict[str, float]]] = {
+        "counterlens_signals_run_total": ("signal", {}),
+        "counterlens_model_busy_seconds_total": ("model", {}),
+        "counterlens_model_cpu_seconds_total": ("model", {})}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name in wanted:
+                label, into = wanted[sample.name]
+                into[sample.labels[label]] = float(sample.value)
+    return ServerCounters(*(into for _, into in wanted.values()))
