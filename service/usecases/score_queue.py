@@ -4,8 +4,10 @@ Each ``POST /v1/score`` hands its decoded listing to :class:`ScoringQueue` and a
 worker threads each take everything waiting (up to ``max_batch`` listings) and prepare it with one
 :meth:`~service.usecases.scoring.ListingScorer.prepare_many` call: one model batch per model, one search
 per index. A worker never waits for company: under light load a listing is scored alone at once, under
-heavy load the queue fills while the workers are busy and the batches grow by themselves. With two or
-more workers one batch is in the models while another is matched and written.
+heavy load the queue fills while the workers are busy and the batches grow by themselves. The service
+runs one worker (``server.scoring_threads``): the models start on each request as it is queued (below),
+so they are never waiting for a worker, and a second worker only matched and stored beside the first in
+the same GIL, in batches half as large (docs/performance.md, session 35).
 
 The listings the cascade sends on to an expensive signal (keypoint verification, logo templates, OCR:
 20-130 ms each on one core) are finished apart, each in a thread of a small pool; the rest of the batch
@@ -75,7 +77,7 @@ class QueueFullError(RuntimeError):
 
 
 class ScoringQueue:
-    def __init__(self, scorer: ListingScorer, *, workers: int = 2, max_batch: int = 32,
+    def __init__(self, scorer: ListingScorer, *, workers: int = 1, max_batch: int = 32,
                  source: str = "api", slow_workers: int = 2, slow_waiting: int = 0,
                  max_waiting: int | None = None, prefetch: bool = True) -> None:
         if workers < 1 or max_batch < 1 or slow_workers < 1:
