@@ -120,13 +120,13 @@ class ServerCounters:
 
 def server_counters(metrics_text: str) -> ServerCounters:
     """:class:`ServerCounters` from the Prometheus text of ``/metrics`` (prometheus_client's own parser)."""
-    wanted: dict[str, tuple[str, dict[str, float]]] = {
-        "counterlens_signals_run_total": ("signal", {}),
-        "counterlens_model_busy_seconds_total": ("model", {}),
-        "counterlens_model_cpu_seconds_total": ("model", {})}
+    got = ServerCounters(signals={}, model_busy_s={}, model_cpu_s={})
+    wanted = {"counterlens_signals_run_total": ("signal", got.signals),
+              "counterlens_model_busy_seconds_total": ("model", got.model_busy_s),
+              "counterlens_model_cpu_seconds_total": ("model", got.model_cpu_s)}
     for family in text_string_to_metric_families(metrics_text):
         for sample in family.samples:
             if sample.name in wanted:
                 label, into = wanted[sample.name]
                 into[sample.labels[label]] = float(sample.value)
-    return ServerCounters(*(into for _, into in wanted.values()))
+    return got

@@ -3,11 +3,11 @@
 Each ``POST /v1/score`` hands its decoded listing to :class:`ScoringQueue` and awaits a future. Worker
 threads (one by default) each take everything waiting (up to ``max_batch`` listings) and prepare it
 with one :meth:`~service.usecases.scoring.ListingScorer.prepare_many` call: one model batch per model,
-one search per index. A worker never waits for company: under light load a listing is scored alone at once, under
-heavy load the queue fills while the workers are busy and the batches grow by themselves. The service
-runs one worker (``server.scoring_threads``): the models start on each request as it is queued (below),
-without a worker, and a second worker only matched and stored beside the first in the same GIL, in
-batches half as large (docs/performance.md, session 35).
+one search per index. A worker never waits for company: under light load a listing is scored alone at
+once, under heavy load the queue fills while the workers are busy and the batches grow by themselves.
+The service runs one worker (``server.scoring_threads``): the models start on each request as it is
+queued (below), without a worker, and a second worker only matched and stored beside the first in the
+same GIL, in batches half as large (docs/performance.md, session 35).
 
 The listings the cascade sends on to an expensive signal (keypoint verification, logo templates, OCR:
 20-130 ms each on one core) are finished apart, each in a thread of a small pool; the rest of the batch
