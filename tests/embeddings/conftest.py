@@ -108,6 +108,11 @@ def effnet(models_dir: Path, model_settings: ModelSettings) -> OnnxEmbedder:
 
 
 @pytest.fixture(scope="session")
+def effnet_int8(models_dir: Path, model_settings: ModelSettings) -> OnnxEmbedder:
+    return build_image_embedder("effnet_int8", models_dir, model_settings)
+
+
+@pytest.fixture(scope="session")
 def tiny_clip_settings(tmp_path_factory: pytest.TempPathFactory) -> ModelSettings:
     """Settings naming the tiny CLIP by its JSON config file and a random-weights local checkpoint."""
     import open_clip

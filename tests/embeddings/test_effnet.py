@@ -13,6 +13,8 @@ from PIL import Image
 from torchvision import transforms
 
 from embeddings.effnet import (
+    CALIBRATION_PHOTOS,
+    EFFNET_INT8_DIR,
     EFFNET_PREPROCESS,
     effnet_fingerprint,
     ensure_effnet,
@@ -97,3 +99,45 @@ def test_the_export_is_cached_and_redone_when_the_weights_change(
         fh.write(b"\0")
     original = effnet_fingerprint(packaged_weights(), SourceDigests())
     assert effnet_fingerprint(changed, SourceDigests()) != original
+
+
+def test_the_int8_export_keeps_the_fp32_vectors_on_real_photos(
+    effnet: OnnxEmbedder, effnet_int8: OnnxEmbedder, models_dir: Path, photos: list[Photo]
+) -> None:
+    """The served lookalike model: quantised (int8 weights, QDQ), a third of the fp32 file, and its
+    vectors point where the fp32 ones do on product photos it was not calibrated on (scikit-image's
+    photos calibrate it)."""
+    import onnx
+
+    assert effnet_int8.dim == effnet.dim == 1280
+    assert effnet_int8.model_id.startswith("effnet_int8@") and effnet_int8.model_id != effnet.model_id
+    graph = onnx.load(str(effnet_int8.model_path)).graph
+    ops = {node.op_type for node in graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert any(init.data_type == onnx.TensorProto.INT8 for init in graph.initializer)
+    assert effnet_int8.model_path.stat().st_size < effnet.model_path.stat().st_size / 2
+
+    pixels = [p.pixels for p in photos]
+    cosine = (effnet.embed(pixels) * effnet_int8.embed(pixels)).sum(axis=1)
+    assert cosine.mean() >= 0.98 and cosine.min() >= 0.95, cosine
+    manifest = read_manifest(models_dir / EFFNET_INT8_DIR)
+    assert manifest is not None and manifest.fingerprint["int8"]["calibration"]["photos"] == list(CALIBRATION_PHOTOS)
+
+
+def test_the_int8_fingerprint_differs_from_the_fp32_one() -> None:
+    fp32 = effnet_fingerprint(packaged_weights(), SourceDigests())
+    int8 = effnet_fingerprint(packaged_weights(), SourceDigests(), int8=True)
+    assert "int8" not in fp32 and {k: v for k, v in int8.items() if k != "int8"} == fp32
+
+
+@pytest.mark.slow
+def test_an_int8_export_that_strays_from_fp32_fails_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import embeddings.effnet as effnet_module
+
+    monkeypatch.setattr(effnet_module, "MIN_INT8_MEAN_COSINE", 1.01)  # no quantised model is that close
+    with pytest.raises(RuntimeError, match="strays from the fp32 one"):
+        ensure_effnet(tmp_path / "models", int8=True)
+    assert not (tmp_path / "models" / EFFNET_INT8_DIR).exists()
+    assert [p.name for p in (tmp_path / "models").iterdir() if not p.name.startswith(".effnet_int8.lock")] == []

@@ -21,7 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_every_documented_backend_is_registered() -> None:
-    assert set(IMAGE_BACKENDS) == {"sscd", "sscd_distilled", "effnet", "openclip"}
+    assert set(IMAGE_BACKENDS) == {"sscd", "sscd_distilled", "effnet", "effnet_int8", "openclip"}
 
 
 def test_unknown_names_list_the_known_ones(models_dir: Path, model_settings: ModelSettings) -> None:
