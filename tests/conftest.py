@@ -29,7 +29,10 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from service.settings import Settings  # noqa: E402
+from service.settings import ModelSettings, Settings  # noqa: E402
+
+# The default lookalike model's name: the key of its embedder in ``shared_models`` and of its indexes.
+SEMANTIC_MODEL = ModelSettings().semantic_model
 
 
 @pytest.fixture(scope="session")

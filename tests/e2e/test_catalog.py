@@ -16,11 +16,8 @@ import pytest
 
 from service.container import build_container
 from service.domain.model import ListingImage, ReferenceKind
-from service.settings import ModelSettings
-from tests.conftest import REPO_ROOT, jpeg_bytes
+from tests.conftest import REPO_ROOT, SEMANTIC_MODEL, jpeg_bytes
 from tests.e2e.conftest import load, start_server
-
-SEMANTIC = ModelSettings().semantic_model
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +66,7 @@ def test_upload_duplicate_delete_and_restart(server: Any, grocery_dir: Path, sha
     restarted = build_container(settings, embedders=shared_models[1])
     try:
         assert _search_copy(restarted, pixels)[0] == ref["id"]
-        assert restarted.index_sizes()[f"{SEMANTIC}/product"] == 1
+        assert restarted.index_sizes()[f"{SEMANTIC_MODEL}/product"] == 1
     finally:
         restarted.close()
 
@@ -153,7 +150,7 @@ def test_bulk_zip_and_sellers(server: Any, grocery_dir: Path) -> None:
     body = r.json()
     assert (body["rows"], body["added"], body["duplicates"]) == (3, 2, 0), body
     assert body["errors"][0]["line"] == 4 and "missing.jpg" in body["errors"][0]["reason"]
-    assert container.index_sizes()[f"{SEMANTIC}/product"] == 2
+    assert container.index_sizes()[f"{SEMANTIC_MODEL}/product"] == 2
     evil = io.BytesIO()
     with zipfile.ZipFile(evil, "w") as zf:
         zf.writestr("../escape.csv", "brand,sku,kind,image\n")

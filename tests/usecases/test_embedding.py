@@ -19,12 +19,10 @@ from PIL import Image
 from embeddings.thread_batcher import ThreadBatcher
 from service.domain.model import ListingImage
 from service.domain.ports import ImageEmbedder
-from service.settings import ModelSettings
 from service.storage import Storage
 from service.usecases.embedding import CachedEmbedder, finish_together, lookup_together
+from tests.conftest import SEMANTIC_MODEL
 from tests.embeddings.conftest import Gated
-
-SEMANTIC = ModelSettings().semantic_model  # the lookalike model the shared export holds
 
 
 @pytest.fixture
@@ -58,12 +56,12 @@ def _statements(storage: Storage) -> list[str]:
 def test_models_are_looked_up_and_stored_together(storage: Storage, photos: list[ListingImage],
                                                    shared_models: tuple[Path, dict[str, Any]]) -> None:
     models = shared_models[1]
-    roles = {name: CachedEmbedder(models[name], storage.embeddings) for name in ("sscd_distilled", SEMANTIC)}
+    roles = {name: CachedEmbedder(models[name], storage.embeddings) for name in ("sscd_distilled", SEMANTIC_MODEL)}
     shas = [im.sha256 for im in photos]
     seen = _statements(storage)
 
     found = lookup_together(roles, shas)
-    assert found == {"sscd_distilled": {}, SEMANTIC: {}}
+    assert found == {"sscd_distilled": {}, SEMANTIC_MODEL: {}}
     assert seen.count("SELECT") == 1  # one read for both models (a read each before)
 
     pending = {name: (emb, emb.start(photos, found=found[name])) for name, emb in roles.items()}
@@ -84,16 +82,16 @@ def test_models_are_looked_up_and_stored_together(storage: Storage, photos: list
         assert np.stack([stored[name][s] for s in shas]).tobytes() == out.vectors.tobytes()
     # ... and then their in-process LRU, without a statement; a miss is asked of the store alone.
     del seen[:]
-    assert set(lookup_together(again, shas[:2])[SEMANTIC]) == set(shas[:2])
+    assert set(lookup_together(again, shas[:2])[SEMANTIC_MODEL]) == set(shas[:2])
     assert seen == []
-    assert lookup_together(again, ["1" * 64]) == {"sscd_distilled": {}, SEMANTIC: {}}
+    assert lookup_together(again, ["1" * 64]) == {"sscd_distilled": {}, SEMANTIC_MODEL: {}}
     assert seen.count("SELECT") == 1
 
 
 def test_unpersisted_work_is_not_stored(storage: Storage, photos: list[ListingImage],
                                         shared_models: tuple[Path, dict[str, Any]]) -> None:
-    emb = CachedEmbedder(shared_models[1][SEMANTIC], storage.embeddings)
-    out = finish_together({SEMANTIC: (emb, emb.start(photos, persist=False))})[SEMANTIC]
+    emb = CachedEmbedder(shared_models[1][SEMANTIC_MODEL], storage.embeddings)
+    out = finish_together({SEMANTIC_MODEL: (emb, emb.start(photos, persist=False))})[SEMANTIC_MODEL]
     assert out.vectors.shape == (3, emb.embedder.dim) and out.misses == 3
     assert storage.embeddings.count() == 0
     assert emb.finish(emb.start(photos)).hits == 3  # the LRU kept them all the same
@@ -101,7 +99,7 @@ def test_unpersisted_work_is_not_stored(storage: Storage, photos: list[ListingIm
 
 @pytest.fixture
 def effnet(shared_models: tuple[Path, dict[str, Any]]) -> ImageEmbedder:
-    model: ImageEmbedder = shared_models[1][SEMANTIC]
+    model: ImageEmbedder = shared_models[1][SEMANTIC_MODEL]
     return model
 
 
