@@ -222,7 +222,8 @@ def build_container(settings: Settings, *, reconcile: bool = True,
     # Concurrent listings (API requests, rescan workers) share model batches.
     m = settings.models
     batchers = {name: ThreadBatcher(e, max_batch=m.max_batch, max_wait_ms=m.wait_ms_for(e.provider),
-                                    run_batch=m.run_batch_for(e.provider, getattr(e, "fixed_batch", None)))
+                                    run_batch=m.run_batch_for(e.provider, getattr(e, "fixed_batch", None)),
+                                    threads=m.copy_threads_for(e.provider) if name == roles.copy else 1)
                 for name, e in raw.items()}
     cached = {name: CachedEmbedder(b, store) for name, b in batchers.items()}
     indexes = ReferenceIndexes(settings.index_dir, settings.index)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import platformdirs
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -23,6 +23,11 @@ class StorageSettings(BaseModel):
     # Empty means SQLite at <data_dir>/counterlens.sqlite3.
     database_url: str = ""
     echo_sql: bool = False
+
+
+# The image models :mod:`embeddings.registry` builds (tests/embeddings/test_registry.py keeps the two lists one).
+# Named here so that a misspelt model is refused with the other settings, before anything loads.
+IMAGE_MODEL_NAMES: tuple[str, ...] = ("sscd", "sscd_distilled", "effnet", "effnet_int8", "openclip")
 
 
 class ModelSettings(BaseModel):
@@ -59,6 +64,13 @@ class ModelSettings(BaseModel):
     # figures: a batch's activations outgrow the 2 MB L2 cache of a core), and the service scored 7.7 %
     # more listings/s at concurrency 16 and 2.3 % more at 8 this way (docs/performance.md, session 34).
     run_batch: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = "auto"
+    # Threads running the copy model's calls side by side, on its one queue (the other models run on one
+    # thread each). "auto": 2 on the CPU, 1 on a GPU. On the CPU the copy model costs twice the lookalike
+    # model a photo (sscd_distilled 5.1 ms, effnet_int8 2.3 ms on a core), so with a thread each the
+    # lookalike model's core stood idle half the time while the copy model's thread was the limit; a
+    # second copy thread takes up that core: 2 cores, 1,500 listings a round, +2.6 % listings/s at c=8
+    # (4 of 5 rounds) and +8.3 % at c=16 (4 of 4) (docs/performance.md, session 37).
+    copy_threads: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
     # A listing's JPEG photo at least twice the side the whole-photo models resize to is decoded for
     # them at 1/2, 1/4 or 1/8 of its size (never below that side): a 2000x1500 photo cost both models
     # 50.8 ms with its decode, 14.7 ms this way, for vectors at cosine >= 0.997 (docs/performance.md).
@@ -66,11 +78,26 @@ class ModelSettings(BaseModel):
     # embed the whole photo too.
     reduced_decode: bool = True
 
+    @field_validator("copy_model", "semantic_model", "logo_model")
+    @classmethod
+    def _registered(cls, name: str, info: ValidationInfo) -> str:
+        # The copy model is required; the other two may be empty (no lookalike signal; the copy model
+        # searches logos).
+        if (name or info.field_name == "copy_model") and name not in IMAGE_MODEL_NAMES:
+            raise ValueError(f"unknown image model {name!r}; one of: {', '.join(IMAGE_MODEL_NAMES)}")
+        return name
+
     def wait_ms_for(self, provider: str) -> float:
         """The batch wait of a model running on ``provider`` (``cpu`` or ``cuda``)."""
         if self.batch_wait_ms == "auto":
             return 0.0 if provider == "cpu" else 2.0
         return float(self.batch_wait_ms)
+
+    def copy_threads_for(self, provider: str) -> int:
+        """The threads running the copy model on ``provider`` (``cpu`` or ``cuda``)."""
+        if self.copy_threads == "auto":
+            return 2 if provider == "cpu" else 1
+        return self.copy_threads
 
     def run_batch_for(self, provider: str, fixed_batch: int | None = None) -> int:
         """The photos per model call of a model running on ``provider`` (``cpu`` or ``cuda``). A model

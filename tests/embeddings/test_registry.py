@@ -15,13 +15,15 @@ from embeddings.onnx_embedder import OnnxEmbedder
 from embeddings.registry import IMAGE_BACKENDS, build_image_embedder, build_text_embedder, build_text_reader
 from embeddings.text_embedder import OnnxTextEmbedder
 from service.domain.ports import ImageEmbedder, TextEmbedder, TextReader
-from service.settings import ModelSettings
+from service.settings import IMAGE_MODEL_NAMES, ModelSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_every_documented_backend_is_registered() -> None:
     assert set(IMAGE_BACKENDS) == {"sscd", "sscd_distilled", "effnet", "effnet_int8", "openclip"}
+    # The settings refuse any name outside their own list: it must be the registry's.
+    assert sorted(IMAGE_MODEL_NAMES) == sorted(IMAGE_BACKENDS)
 
 
 def test_unknown_names_list_the_known_ones(models_dir: Path, model_settings: ModelSettings) -> None:
@@ -76,7 +78,7 @@ def test_serving_already_exported_models_never_imports_torch(
         import numpy as np
         from PIL import Image
         from embeddings.registry import build_image_embedder, build_text_embedder
-        from service.settings import ModelSettings
+        from service.settings import IMAGE_MODEL_NAMES, ModelSettings
 
         models = Path({str(models_dir)!r})
         clip = ModelSettings.model_validate_json({tiny_clip_settings.model_dump_json()!r})

@@ -173,3 +173,62 @@ def test_a_request_cancelled_before_the_model_takes_it_is_dropped(
         batcher.close()
     assert withdrawn.cancelled()
     assert batcher.images_run == 2
+
+
+class Meeting:
+    """A real model whose first ``parties`` calls each wait until all of them are inside at once (or time
+    out), and that records the photos each call got: proof that several model threads run it side by
+    side."""
+
+    def __init__(self, inner: OnnxEmbedder, parties: int) -> None:
+        self.inner, self.calls, self.parties = inner, list[int](), parties
+        self.barrier = threading.Barrier(parties, timeout=5)
+        self.name, self.model_id, self.dim, self.provider = inner.name, inner.model_id, inner.dim, inner.provider
+
+    def embed(self, images: Sequence[RGBImage]) -> Vectors:
+        self.calls.append(len(images))
+        if len(self.calls) <= self.parties:
+            self.barrier.wait()  # raises BrokenBarrierError if the other thread never comes
+        return self.inner.embed(images)
+
+
+def test_two_model_threads_share_the_queue_and_run_side_by_side(
+    tiny_clip: OnnxEmbedder, photos: list[Photo]
+) -> None:
+    """Four photos waiting for a model on two threads: a take is at most half of what waits (2, then 1 of
+    the 2 left, then the last), the first two calls run at once (neither returns until the other has
+    started), and every caller gets its own rows."""
+    model = Meeting(tiny_clip, parties=2)
+    gated = Gated(model)
+    batcher = ThreadBatcher(gated, max_batch=16, max_wait_ms=0, threads=2)
+    requests = [[photos[i].pixels] for i in range(4)]
+    try:
+        with batcher._cv:  # queue all four before either thread can take one
+            futures = [batcher.submit(r) for r in requests]
+        gated.gate.set()
+        got = [f.result(timeout=10) for f in futures]
+    finally:
+        batcher.close()
+    assert sorted(model.calls) == [1, 1, 2]
+    assert (batcher.batches_run, batcher.images_run) == (3, 4)
+    for r, vectors in zip(requests, got, strict=True):
+        np.testing.assert_allclose(vectors, tiny_clip.embed(r), atol=2e-5)
+
+
+def test_one_model_thread_takes_everything_waiting(tiny_clip: OnnxEmbedder, photos: list[Photo]) -> None:
+    """The same four photos on one thread are one take (a two-party meeting would time out)."""
+    model = Counting(tiny_clip)
+    batcher = ThreadBatcher(model, max_batch=16, max_wait_ms=0)
+    try:
+        with batcher._cv:
+            futures = [batcher.submit([photos[i].pixels]) for i in range(4)]
+        for f in futures:
+            f.result(timeout=10)
+    finally:
+        batcher.close()
+    assert model.calls == [4]
+
+
+def test_threads_must_be_at_least_one(tiny_clip: OnnxEmbedder) -> None:
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        ThreadBatcher(tiny_clip, threads=0)

@@ -42,6 +42,10 @@ def test_env_prefix_and_nested_groups(monkeypatch: pytest.MonkeyPatch, tmp_path:
     ({"models": {"batch_wait_ms": "soon"}}, "batch_wait_ms"),
     ({"models": {"run_batch": 0}}, "run_batch"),
     ({"models": {"run_batch": "all"}}, "run_batch"),
+    ({"models": {"copy_threads": 0}}, "copy_threads"),
+    ({"models": {"semantic_model": "effnet_int9"}}, "unknown image model 'effnet_int9'"),
+    ({"models": {"copy_model": ""}}, "unknown image model ''"),
+    ({"models": {"logo_model": "clip"}}, "one of: sscd, sscd_distilled, effnet"),
 ])
 def test_invalid_settings_are_refused(overrides: dict[str, object], needle: str) -> None:
     with pytest.raises(ValidationError) as err:
@@ -83,6 +87,25 @@ def test_cli_exits_2_naming_the_variable(tmp_path: Path) -> None:
     assert "COUNTERLENS_INTAKE__MAX_IMAGES" in r.stderr
 
 
+def test_empty_optional_models_are_allowed() -> None:
+    """No lookalike model and no separate logo model are valid choices (the copy model is required)."""
+    m = Settings(models={"semantic_model": "", "logo_model": ""}).models  # type: ignore[arg-type]
+    assert (m.semantic_model, m.logo_model) == ("", "")
+
+
+def test_cli_refuses_an_unknown_model_before_loading_anything(tmp_path: Path) -> None:
+    """A misspelt model name is a settings error (exit 2, the variable named), not a traceback from the
+    registry after the other models loaded."""
+    env = dict(os.environ, COUNTERLENS_DATA_DIR=str(tmp_path), COUNTERLENS_MODELS__SEMANTIC_MODEL="effnet_int9")
+    r = subprocess.run([str(REPO_ROOT / ".venv" / "bin" / "counterlens"), "models", "export"], env=env,
+                       text=True, capture_output=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    err = " ".join(r.stderr.split())
+    assert "COUNTERLENS_MODELS__SEMANTIC_MODEL" in err and "unknown image model 'effnet_int9'" in err
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "models").exists()  # nothing was exported
+
+
 def test_cli_names_a_union_setting_once(tmp_path: Path) -> None:
     """A setting that is a number or "auto" fails as one variable, not once per member type."""
     env = dict(os.environ, COUNTERLENS_DATA_DIR=str(tmp_path), COUNTERLENS_MODELS__BATCH_WAIT_MS="soon")
@@ -110,3 +133,12 @@ def test_a_brand_override_falls_back_to_the_configured_policy(tmp_path: Path) ->
     assert policy is not None and (policy.review_threshold, policy.likely_threshold) == (0.3, 0.9)
     assert lookup.brand_policy("plain") is None
     db.dispose()
+
+
+def test_copy_threads_are_two_on_the_cpu_one_on_a_gpu_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = Settings()
+    assert s.models.copy_threads == "auto"
+    assert (s.models.copy_threads_for("cpu"), s.models.copy_threads_for("cuda")) == (2, 1)
+    monkeypatch.setenv("COUNTERLENS_MODELS__COPY_THREADS", "3")
+    s = Settings()
+    assert (s.models.copy_threads_for("cpu"), s.models.copy_threads_for("cuda")) == (3, 3)

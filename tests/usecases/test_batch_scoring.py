@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import threading
 import time
+from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
@@ -304,3 +306,19 @@ def test_models_on_the_cpu_do_not_wait_for_company(container: Container) -> None
         assert b.inner.provider == "cpu"
         assert b.max_wait == 0.0
         assert b.run_batch == 1
+
+
+def test_the_copy_model_runs_on_two_threads_on_the_cpu_unless_set(
+        rescan_world: World, container: Container, tmp_path: Path) -> None:
+    """``models.copy_threads`` "auto": the copy model's batcher has two model threads on the CPU, the
+    lookalike model one; a number set holds."""
+    roles = container.scorer._roles()
+    assert {name: len(cast(ThreadBatcher, emb.embedder)._threads) for name, emb in roles.items()} == {
+        "copy": 2, "semantic": 1}
+    s = settings(tmp_path / "one").model_copy(deep=True)
+    s.models.copy_threads = 1
+    one = build_container(s, embedders=rescan_world.embedders)
+    try:
+        assert len(cast(ThreadBatcher, one.scorer._roles()["copy"].embedder)._threads) == 1
+    finally:
+        one.close()
