@@ -93,10 +93,10 @@ def main() -> None:
     pixels = photos(args.photos, [s for s, _ in made])
 
     embedders, _ = build_embedders(settings)
-    raw, raw_batch = best_raw_model_rate(list(embedders.values()), pixels)
+    raw, raw_how = best_raw_model_rate(list(embedders.values()), pixels)
 
-    table = Table(title=f"logo templates, {len(pixels)} photos (raw models: {raw:.1f} photos/s at their best "
-                        f"batch, {raw_batch})")
+    table = Table(title=f"logo templates, {len(pixels)} photos (raw models: {raw:.1f} photos/s at their best, "
+                        f"{raw_how})")
     for col in ("logos", "searched", "ms / photo", "photos / s", "ratio to raw"):
         table.add_column(col, justify="right")
     for n in sorted(args.logos):

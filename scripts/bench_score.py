@@ -6,9 +6,11 @@ listings (bounded in time too) and prints listings/s, p50/p95/p99 latency and er
 service has never seen (cold: every model runs) and for photos it has seen (cached: the embedding cache
 answers). The raw embedding throughput of the same models is measured in this run, in this process, on
 the same photos, so the ratio service/raw says what HTTP, storage, search and fusion cost. It is
-measured at batches of 1, 4 and 16 photos, before the load and again after it, and the highest figure
-is used (it moves by up to 10 % between minutes on a shared VM, and on a small CPU single photos go
-faster than batches; the highest makes the ratio the strictest).
+measured at batches of 1, 4 and 16 photos, with the models side by side (a thread each) and with a
+thread a core running every model in turn (scripts/benchlib.py), before the load and again after it,
+and the highest figure is used (it moves by up to 10 % between minutes on a shared VM; on a small CPU
+single photos go faster than batches; where one model costs twice another, only a thread a core keeps
+every core busy; the highest makes the ratio the strictest).
 
 The listings are grocery in-store photos of catalog products; ``--suspect-share`` of them are priced at a
 quarter of their product's reference price (the rest at it). Those are the ones the cascade verifies by
@@ -27,8 +29,8 @@ where the cores went, splits the two for each cold phase: the cores the machine 
 (/proc/stat), and the listings/s the server's and the client's CPU a listing would allow with no core
 idle (the ceiling; its ratio to the raw work is the most service/raw work could read). With one worker,
 a table of the model threads follows: the share of each cold phase each model spent in model calls and
-on a core in them (``/metrics``). The raw figure has each model on a core of its own all the time; in
-the service the slowest model's share on a core is, roughly, the most service/raw can read.
+on a core in them (``/metrics``; a model on several threads, as the copy model is by default, sums
+them, so its shares can pass 1).
 
 Each phase opens with every connection's first request at once, a burst that waits for one model batch
 together; the figures start after ``--warmup`` answered requests (default twice the concurrency), so
@@ -134,11 +136,11 @@ def _start_server(data_dir: Path, models_from: Path | None, extra_env: dict[str,
     raise SystemExit("the server did not become ready")
 
 
-def _raw_meter(photos: list[bytes], data_dir: Path) -> Callable[[], dict[int, float]]:
+def _raw_meter(photos: list[bytes], data_dir: Path) -> Callable[[], dict[str, float]]:
     """A measurement, to be taken now and again later, of the photos/s the models alone manage on these
-    photos at each batch size of ``RAW_BATCHES``: every configured role, side by side as the service runs
-    them (scripts/benchlib.py). The models are loaded and the photos decoded once, here. The service is
-    held to the best figure."""
+    photos at each batch size of ``RAW_BATCHES`` in each arrangement of scripts/benchlib.py, every
+    configured role. The models are loaded and the photos decoded once, here. The service is held to
+    the best figure."""
     from benchlib import RAW_BATCHES, raw_model_rates
 
     from service.container import build_embedders
@@ -147,14 +149,14 @@ def _raw_meter(photos: list[bytes], data_dir: Path) -> Callable[[], dict[int, fl
     embedders, _ = build_embedders(Settings(data_dir=data_dir))
     pixels = [np.asarray(Image.open(io.BytesIO(p)).convert("RGB")) for p in photos]
 
-    def measure() -> dict[int, float]:
-        rates: dict[int, float] = raw_model_rates(list(embedders.values()), pixels, RAW_BATCHES)
+    def measure() -> dict[str, float]:
+        rates: dict[str, float] = raw_model_rates(list(embedders.values()), pixels, RAW_BATCHES, seconds=3.0)
         return rates
     return measure
 
 
-def _rates(rates: dict[int, float]) -> str:
-    return ", ".join(f"{v:.1f} (batch {b})" for b, v in rates.items())
+def _rates(rates: dict[str, float]) -> str:
+    return ", ".join(f"{v:.1f} ({how})" for how, v in rates.items())
 
 
 def _raw_signal_rates(photos: list[bytes], data_dir: Path) -> dict[str, float]:
@@ -215,12 +217,10 @@ def _print_cores_went(cores_went: dict[int, tuple[float, float | None]],
 
 
 def _print_models_went(models_went: dict[int, dict[str, tuple[float, float, float]]]) -> None:
-    """How each model thread spent a cold phase. The raw figure has each model on a core of its own,
-    working all the time; in the service a model's thread is in a model call for ``in calls`` of the
-    phase, on a core for ``on a core`` of it, and the difference is time inside its calls waiting for a
-    core (taken by the other model, HTTP, storage, search) or for the GIL. Outside its calls it waits
-    for photos, or decodes and hands them out. The slowest model sets the pace: raw x its ``on a core``
-    share is about what the service can do at that share."""
+    """How each model's threads spent a cold phase (summed over a model's threads): in a model call for
+    ``in calls`` of the phase, on a core for ``on a core`` of it, and the difference is time inside its
+    calls waiting for a core (taken by the other model, HTTP, storage, search) or for the GIL. Outside its
+    calls a model thread waits for photos, or decodes and hands them out."""
     table = Table("c", "model", "in calls", "on a core in them", "waiting in them", "model CPU ms a listing",
                   title="cold phases: the model threads (shares of the phase's wall)")
     for c, models in models_went.items():
@@ -385,7 +385,7 @@ def main() -> None:
         if fewest is not None and fewest.n < 1000:
             console.print(f"[yellow]p99 of {fewest.n} listings is the number {fewest.slowest_rank(0.99)} from the "
                           "slowest: --n 1000 or more for a p99 that does not rest on a handful of listings[/yellow]")
-        console.print(f"raw model throughput (all roles side by side): {raw:.1f} photos/s, the highest of "
+        console.print(f"raw model throughput (every role, the models alone): {raw:.1f} photos/s, the highest of "
                       f"{_rates(raw_before)} before the load and {_rates(raw_after)} after it; machine: "
                       f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
         if args.photo_side is not None:
