@@ -9,7 +9,9 @@ small machine.
 
 A model that costs more than the others a photo may get ``threads`` model threads on its one queue
 (ONNX Runtime sessions run calls from several threads at once): each then takes its share of what is
-waiting, so that a core the other models leave idle runs this one too.
+waiting, so that a core the other models leave idle runs this one too. A request is never split: one
+request of many photos (a catalog import's, a rescan chunk's) runs on one thread; the service hands each
+listing photo over as a request of its own.
 
 A request may also hand over photos not decoded yet (:meth:`ThreadBatcher.submit_sources`: anything
 with a ``model_pixels`` property, such as a :class:`~service.domain.model.ListingImage`): the model thread
@@ -66,9 +68,10 @@ class ThreadBatcher:
         self._closed = False
         self.batches_run = 0
         self.images_run = 0
-        # Time inside the model calls, written by the model thread alone: wall seconds (how busy the
-        # model is) and that thread's CPU seconds (the model's own work, preprocessing included; exact when
-        # ONNX Runtime runs on the calling thread, i.e. one intra-op thread, the default on two cores).
+        # Time inside the model calls, summed over the model threads (under the lock): wall seconds (how
+        # busy the model is; with two threads up to 2 a second) and those threads' CPU seconds (the model's
+        # own work, preprocessing included; exact when ONNX Runtime runs on the calling thread, i.e. one
+        # intra-op thread, the default on two cores).
         # /metrics exports both; scripts/bench_score.py weighs the server's CPU against the second.
         self.busy_s = 0.0
         self.cpu_s = 0.0
@@ -203,5 +206,6 @@ class ThreadBatcher:
         with self._cv:
             self._closed = True
             self._cv.notify_all()
+        deadline = time.monotonic() + 10
         for t in self._threads:
-            t.join(timeout=10)
+            t.join(timeout=max(0.0, deadline - time.monotonic()))

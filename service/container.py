@@ -126,7 +126,7 @@ class Container:
         }
 
     def model_time(self) -> dict[str, ModelTime]:
-        """Per image model: the time its batcher thread has spent in model calls since start."""
+        """Per image model: the time its batcher threads have spent in model calls since start (summed)."""
         return {name: ModelTime(b.busy_s, b.cpu_s, e.prefetched, e.withdrawn) for name, e in self.embedders.items()
                 if isinstance(b := e.embedder, ThreadBatcher)}
 
@@ -160,7 +160,7 @@ class Container:
 
 def model_threads(models: int, cores: int | None = None) -> int:
     """ONNX Runtime threads per model when the settings leave it to us: the cores shared out among the
-    models, which run side by side (one batcher thread each), at least one each."""
+    models, which run side by side (each in its batcher's threads), at least one each."""
     return max(1, (cores or os.cpu_count() or 1) // max(1, models))
 
 
@@ -223,7 +223,8 @@ def build_container(settings: Settings, *, reconcile: bool = True,
     m = settings.models
     batchers = {name: ThreadBatcher(e, max_batch=m.max_batch, max_wait_ms=m.wait_ms_for(e.provider),
                                     run_batch=m.run_batch_for(e.provider, getattr(e, "fixed_batch", None)),
-                                    threads=m.copy_threads_for(e.provider) if name == roles.copy else 1)
+                                    threads=m.copy_threads_for(e.provider, os.cpu_count() or 1) if name == roles.copy
+                                    else 1)
                 for name, e in raw.items()}
     cached = {name: CachedEmbedder(b, store) for name, b in batchers.items()}
     indexes = ReferenceIndexes(settings.index_dir, settings.index)

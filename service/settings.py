@@ -46,7 +46,7 @@ class ModelSettings(BaseModel):
     openclip_checkpoint: Path | None = None
     # ``cpu``; ``cuda`` (fails at start if CUDA is not available); ``auto`` (CUDA when available).
     provider: Literal["cpu", "cuda", "auto"] = "cpu"
-    # 0: the cores shared out among the loaded image models. Each model runs in its own batcher thread,
+    # 0: the cores shared out among the loaded image models. Each model runs in its own batcher thread(s),
     # so two models with one thread each keep both cores of a small machine busy in parallel (measured
     # on 2 cores: 65 photos/s through sscd_distilled + effnet, against 38 with ONNX Runtime's default
     # of one thread per core for each, whose pools then fight over the same cores).
@@ -65,11 +65,13 @@ class ModelSettings(BaseModel):
     # more listings/s at concurrency 16 and 2.3 % more at 8 this way (docs/performance.md, session 34).
     run_batch: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = "auto"
     # Threads running the copy model's calls side by side, on its one queue (the other models run on one
-    # thread each). "auto": 2 on the CPU, 1 on a GPU. On the CPU the copy model costs twice the lookalike
-    # model a photo (sscd_distilled 5.1 ms, effnet_int8 2.3 ms on a core), so with a thread each the
-    # lookalike model's core stood idle half the time while the copy model's thread was the limit; a
-    # second copy thread takes up that core: 2 cores, 1,500 listings a round, +2.6 % listings/s at c=8
-    # (4 of 5 rounds) and +8.3 % at c=16 (4 of 4) (docs/performance.md, session 37).
+    # thread each). "auto": 2 on the CPU where the process has 2 cores or more, else 1 (on a GPU; in a
+    # rescan worker process with one core, where a third model thread only costs). On the CPU the copy
+    # model costs twice the lookalike model a photo (sscd_distilled 5.1 ms, effnet_int8 2.3 ms on a
+    # core), so with a thread each the lookalike model's core stood idle half the time while the copy
+    # model's thread was the limit; a second copy thread takes up that core: 2 cores, 1,500 listings a
+    # round, +2.6 % listings/s at c=8 (4 of 5 rounds) and +8.3 % at c=16 (4 of 4) (docs/performance.md,
+    # session 37).
     copy_threads: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
     # A listing's JPEG photo at least twice the side the whole-photo models resize to is decoded for
     # them at 1/2, 1/4 or 1/8 of its size (never below that side): a 2000x1500 photo cost both models
@@ -93,10 +95,11 @@ class ModelSettings(BaseModel):
             return 0.0 if provider == "cpu" else 2.0
         return float(self.batch_wait_ms)
 
-    def copy_threads_for(self, provider: str) -> int:
-        """The threads running the copy model on ``provider`` (``cpu`` or ``cuda``)."""
+    def copy_threads_for(self, provider: str, cores: int) -> int:
+        """The threads running the copy model on ``provider`` (``cpu`` or ``cuda``) in a process that has
+        ``cores`` cores to itself."""
         if self.copy_threads == "auto":
-            return 2 if provider == "cpu" else 1
+            return 2 if provider == "cpu" and cores >= 2 else 1
         return self.copy_threads
 
     def run_batch_for(self, provider: str, fixed_batch: int | None = None) -> int:

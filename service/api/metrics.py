@@ -22,9 +22,10 @@ class ModelTimeCollector(Collector):
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         busy = CounterMetricFamily("counterlens_model_busy_seconds",
-                                   "Wall seconds a model's thread spent in model calls", labels=["model"])
+                                   "Wall seconds a model's threads spent in model calls (summed over its "
+                                   "threads: the copy model has two on the CPU)", labels=["model"])
         cpu = CounterMetricFamily("counterlens_model_cpu_seconds",
-                                  "CPU seconds of a model's thread in model calls (preprocessing included; "
+                                  "CPU seconds of a model's threads in model calls (preprocessing included; "
                                   "ONNX Runtime's own pool threads are not counted when it has more than one)",
                                   labels=["model"])
         prefetched = CounterMetricFamily("counterlens_model_prefetched_photos",

@@ -37,10 +37,10 @@ K = TypeVar("K")
 
 @dataclass(frozen=True, slots=True)
 class ModelTime:
-    """What one image model's batcher thread and cache report (``/metrics``)."""
+    """What one image model's batcher threads and cache report (``/metrics``)."""
 
-    busy_s: float  # wall seconds inside model calls
-    cpu_s: float  # CPU seconds of the model's thread inside them
+    busy_s: float  # wall seconds inside model calls, summed over the model's threads
+    cpu_s: float  # CPU seconds of the model's threads inside them
     prefetched: int = 0  # photos handed to it as their request was queued (CachedEmbedder.prefetch)
     withdrawn: int = 0  # of those, withdrawn unrun because the store had them
 

@@ -110,14 +110,17 @@ class ProcessEngine:
         if processes < 1 or threads < 1 or chunk < 1:
             raise ValueError("processes, threads and chunk must be >= 1")
         models = settings.models
+        cores = max(1, (os.cpu_count() or 1) // processes)
+        updates: dict[str, object] = {}
         if models.intra_op_threads == 0:
             # Each worker's models get its share of the cores (0 would give every worker all of them).
             from service.container import image_model_names, model_threads
 
-            cores = max(1, (os.cpu_count() or 1) // processes)
-            per_model = model_threads(len(image_model_names(settings)), cores)
-            settings = settings.model_copy(update={"models": models.model_copy(
-                update={"intra_op_threads": per_model})})
+            updates["intra_op_threads"] = model_threads(len(image_model_names(settings)), cores)
+        if models.copy_threads == "auto":  # by the worker's share of the cores too, not the machine's
+            updates["copy_threads"] = models.copy_threads_for(models.provider, cores)
+        if updates:
+            settings = settings.model_copy(update={"models": models.model_copy(update=updates)})
         self.settings = settings
         self.base = base.resolve()
         self.processes = processes

@@ -78,7 +78,7 @@ def test_serving_already_exported_models_never_imports_torch(
         import numpy as np
         from PIL import Image
         from embeddings.registry import build_image_embedder, build_text_embedder
-        from service.settings import IMAGE_MODEL_NAMES, ModelSettings
+        from service.settings import ModelSettings
 
         models = Path({str(models_dir)!r})
         clip = ModelSettings.model_validate_json({tiny_clip_settings.model_dump_json()!r})

@@ -135,10 +135,13 @@ def test_a_brand_override_falls_back_to_the_configured_policy(tmp_path: Path) ->
     db.dispose()
 
 
-def test_copy_threads_are_two_on_the_cpu_one_on_a_gpu_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
-    s = Settings()
-    assert s.models.copy_threads == "auto"
-    assert (s.models.copy_threads_for("cpu"), s.models.copy_threads_for("cuda")) == (2, 1)
+def test_copy_threads_are_two_on_a_cpu_with_cores_to_spare_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """"auto": two on the CPU of a process with two cores or more, one with a single core or on a GPU; a
+    number set in the environment holds everywhere."""
+    m = Settings().models
+    assert m.copy_threads == "auto"
+    assert [m.copy_threads_for("cpu", 2), m.copy_threads_for("cpu", 16), m.copy_threads_for("cpu", 1),
+            m.copy_threads_for("cuda", 16)] == [2, 2, 1, 1]
     monkeypatch.setenv("COUNTERLENS_MODELS__COPY_THREADS", "3")
-    s = Settings()
-    assert (s.models.copy_threads_for("cpu"), s.models.copy_threads_for("cuda")) == (3, 3)
+    m = Settings().models
+    assert (m.copy_threads_for("cpu", 1), m.copy_threads_for("cuda", 16)) == (3, 3)

@@ -132,3 +132,17 @@ def test_a_worker_that_cannot_start_says_why(tmp_path: Path, capfd: pytest.Captu
     assert engine._procs == []  # the workers were stopped
     with pytest.raises(ValueError, match="processes"):
         ProcessEngine(s, tmp_path, processes=0)
+
+
+def test_each_worker_sizes_its_models_by_its_share_of_the_cores(tmp_path: Path) -> None:
+    """With a process per core a worker has one core: one ONNX Runtime thread a model and one copy-model
+    thread (a third model thread on one core only costs); a number set holds."""
+    cores = os.cpu_count() or 1
+    s = Settings(data_dir=tmp_path, models={"ocr": "never"})
+    m = ProcessEngine(s, tmp_path, processes=cores, threads=1).settings.models
+    assert (m.intra_op_threads, m.copy_threads) == (1, 1)
+    if cores >= 2:
+        m = ProcessEngine(s, tmp_path, processes=1, threads=1).settings.models
+        assert m.copy_threads == 2
+    s = Settings(data_dir=tmp_path, models={"ocr": "never", "copy_threads": 3})
+    assert ProcessEngine(s, tmp_path, processes=cores, threads=1).settings.models.copy_threads == 3
