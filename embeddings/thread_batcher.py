@@ -7,11 +7,13 @@ as one batch (in model calls of ``run_batch`` images, where set) and hands each 
 model thread means one ONNX Runtime call at a time, which is what its intra-op thread pool wants on a
 small machine.
 
-A model that costs more than the others a photo may get ``threads`` model threads on its one queue
-(ONNX Runtime sessions run calls from several threads at once): each then takes its share of what is
-waiting, so that a core the other models leave idle runs this one too. A request is never split: one
-request of many photos (a catalog import's, a rescan chunk's) runs on one thread; the service hands each
-listing photo over as a request of its own.
+Several batchers may share their model threads instead (:class:`ModelThreads`, the service's default on
+the CPU): each shared thread runs whichever model has the request that has waited longest, and takes
+its share of that model's queue (ONNX Runtime sessions run calls from several threads at once), so no
+core idles while one model has work and another has none. (With a thread of its own each, the copy model,
+twice the lookalike model's cost a photo, set the pace while the lookalike model's core idled half the
+time.) A request is never split: one request of many photos (a catalog import's, a rescan chunk's) runs
+on one thread; the service hands each listing photo over as a request of its own.
 
 A request may also hand over photos not decoded yet (:meth:`ThreadBatcher.submit_sources`: anything
 with a ``model_pixels`` property, such as a :class:`~service.domain.model.ListingImage`): the model thread
@@ -52,9 +54,14 @@ class ThreadBatcher:
     """An :class:`ImageEmbedder` that coalesces concurrent ``embed`` calls into shared batches."""
 
     def __init__(self, embedder: ImageEmbedder, *, max_batch: int = 16, max_wait_ms: float = 2.0,
-                 run_batch: int | None = None, threads: int = 1) -> None:
-        if max_batch < 1 or max_wait_ms < 0 or (run_batch is not None and run_batch < 1) or threads < 1:
-            raise ValueError("max_batch, run_batch and threads must be >= 1 and max_wait_ms >= 0")
+                 run_batch: int | None = None, pool: ModelThreads | None = None) -> None:
+        """``pool``: run on these shared model threads instead of a thread of its own. Shared threads do
+        not wait for company (``max_wait_ms`` must be 0): they are for the CPU, where a batch costs no less
+        a photo."""
+        if max_batch < 1 or max_wait_ms < 0 or (run_batch is not None and run_batch < 1):
+            raise ValueError("max_batch and run_batch must be >= 1 and max_wait_ms >= 0")
+        if pool is not None and max_wait_ms > 0:
+            raise ValueError("a batcher on shared model threads does not wait for company: max_wait_ms must be 0")
         self.inner = embedder
         self.max_batch = max_batch
         # Images per model call: a batch taken is run this many at a time (None: all at once). The
@@ -64,21 +71,24 @@ class ThreadBatcher:
         self.run_batch = run_batch
         self.max_wait = max_wait_ms / 1000.0
         self._queue: deque[_Request] = deque()
-        self._cv = threading.Condition()
+        self._pool = pool
+        self._cv = pool.cv if pool is not None else threading.Condition()
         self._closed = False
         self.batches_run = 0
         self.images_run = 0
-        # Time inside the model calls, summed over the model threads (under the lock): wall seconds (how
-        # busy the model is; with two threads up to 2 a second) and those threads' CPU seconds (the model's
-        # own work, preprocessing included; exact when ONNX Runtime runs on the calling thread, i.e. one
-        # intra-op thread, the default on two cores).
+        # Time inside this model's calls, summed over the threads that ran them (under the lock): wall
+        # seconds (how busy the model is; on two shared threads up to 2 a second) and those threads' CPU
+        # seconds in the calls (the model's own work, preprocessing included; exact when ONNX Runtime runs
+        # on the calling thread, i.e. one intra-op thread, the default on two cores).
         # /metrics exports both; scripts/bench_score.py weighs the server's CPU against the second.
         self.busy_s = 0.0
         self.cpu_s = 0.0
-        self._threads = [threading.Thread(target=self._run, name=f"batch-{embedder.name}" + (f"-{i}" if i else ""),
-                                          daemon=True) for i in range(threads)]
-        for t in self._threads:
-            t.start()
+        self._thread: threading.Thread | None = None
+        if pool is not None:
+            pool.add(self)
+        else:
+            self._thread = threading.Thread(target=self._run, name=f"batch-{embedder.name}", daemon=True)
+            self._thread.start()
 
     @property
     def name(self) -> str:
@@ -133,15 +143,21 @@ class ThreadBatcher:
                 if left <= 0:
                     break
                 self._cv.wait(left)
+            return self._take_share()
+
+    def _take_share(self) -> list[_Request]:
+        """Take what a model thread runs next (the lock held, the queue not empty)."""
+        with self._cv:
             # The oldest request always goes (however many images it has), then what fits beside it. A
             # cancelled one is dropped; the rest are marked running, so they can no longer be cancelled.
-            # With several model threads a thread takes its share of what waits (1/threads of it), and
-            # leaves the rest to whichever thread is free next, even while the others are busy: a thread
-            # that took everything would run it photo by photo while another finished its call and idled.
-            # (Taking all when the others were busy read no faster than one thread, c=8; this +2.6 %.)
+            # On shared threads a thread takes its share of what waits (1/threads of it), and leaves the
+            # rest to whichever thread is free next, even while the others are busy: a thread that took
+            # everything would run it photo by photo while another finished its call and idled. (Taking
+            # all when the others were busy read no faster than one thread, c=8, session 37.)
+            sharers = self._pool.size if self._pool is not None else 1
             limit = self.max_batch
-            if len(self._threads) > 1:
-                limit = min(limit, -(-sum(len(r[0]) for r in self._queue) // len(self._threads)))
+            if sharers > 1:
+                limit = min(limit, -(-sum(len(r[0]) for r in self._queue) // sharers))
             taken: list[_Request] = []
             n = 0
             while self._queue:
@@ -152,37 +168,38 @@ class ThreadBatcher:
                 if fut.set_running_or_notify_cancel():
                     n += len(images)
                     taken.append(req)
-            if self._queue and len(self._threads) > 1:
+            if self._queue and sharers > 1:
                 self._cv.notify()  # the shares left to the other model threads
             return taken
 
     def _run(self) -> None:
-        while True:
-            got = self._take()
-            if got is None:
-                return
-            taken = self._decoded(got)
-            if not taken:
-                continue
-            images = [im for req in taken for im in req[1]]
-            wall, cpu = time.perf_counter(), time.thread_time()
-            try:
-                vectors = self._embed(images)
-            except BaseException as exc:  # every waiting caller gets the error, the thread lives on
-                for fut, _ in taken:
-                    fut.set_exception(exc)
-                continue
-            finally:
-                with self._cv:  # (two model threads would lose each other's += without it)
-                    self.busy_s += time.perf_counter() - wall
-                    self.cpu_s += time.thread_time() - cpu
-            with self._cv:
-                self.batches_run += 1
-                self.images_run += len(images)
-            start = 0
-            for fut, req_images in taken:
-                fut.set_result(vectors[start:start + len(req_images)])
-                start += len(req_images)
+        while (got := self._take()) is not None:
+            self._run_taken(got)
+
+    def _run_taken(self, got: list[_Request]) -> None:
+        """Run what a model thread took and answer its callers."""
+        taken = self._decoded(got)
+        if not taken:
+            return
+        images = [im for req in taken for im in req[1]]
+        wall, cpu = time.perf_counter(), time.thread_time()
+        try:
+            vectors = self._embed(images)
+        except BaseException as exc:  # every waiting caller gets the error, the thread lives on
+            for fut, _ in taken:
+                fut.set_exception(exc)
+            return
+        finally:
+            with self._cv:  # (two model threads would lose each other's += without it)
+                self.busy_s += time.perf_counter() - wall
+                self.cpu_s += time.thread_time() - cpu
+        with self._cv:
+            self.batches_run += 1
+            self.images_run += len(images)
+        start = 0
+        for fut, req_images in taken:
+            fut.set_result(vectors[start:start + len(req_images)])
+            start += len(req_images)
 
     def _embed(self, images: list[RGBImage]) -> Vectors:
         step = self.run_batch or len(images)
@@ -203,9 +220,59 @@ class ThreadBatcher:
         return out
 
     def close(self) -> None:
+        """Run what is queued, then stop (a shared pool's threads stop with the last of its batchers)."""
         with self._cv:
             self._closed = True
             self._cv.notify_all()
-        deadline = time.monotonic() + 10
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        elif self._pool is not None:
+            self._pool.join_when_closed(timeout=10)
+
+
+class ModelThreads:
+    """Model threads shared by the :class:`ThreadBatcher` s built with ``pool=`` this (see the module
+    docstring): each thread runs whichever model has the request that has waited longest. The threads
+    stop once every batcher is closed and nothing is queued."""
+
+    def __init__(self, threads: int, *, name: str = "models") -> None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self.cv = threading.Condition()
+        self.size = threads
+        self._batchers: list[ThreadBatcher] = []
+        self._threads = [threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True)
+                         for i in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    def add(self, batcher: ThreadBatcher) -> None:
+        with self.cv:
+            self._batchers.append(batcher)
+
+    def _next(self) -> tuple[ThreadBatcher, list[_Request]] | None:
+        with self.cv:
+            while True:
+                ready = [b for b in self._batchers if b._queue]
+                if ready:
+                    break
+                if self._batchers and all(b._closed for b in self._batchers):
+                    return None
+                self.cv.wait()
+            batcher = min(ready, key=lambda b: b._queue[0][2])  # the longest waiting request first
+            return batcher, batcher._take_share()
+
+    def _run(self) -> None:
+        while (got := self._next()) is not None:
+            batcher, taken = got
+            batcher._run_taken(taken)
+
+    def join_when_closed(self, timeout: float) -> None:
+        """Wait for the threads, where every batcher is closed (otherwise they serve the others)."""
+        with self.cv:
+            if not all(b._closed for b in self._batchers):
+                return
+            self.cv.notify_all()
+        deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(timeout=max(0.0, deadline - time.monotonic()))

@@ -29,8 +29,8 @@ where the cores went, splits the two for each cold phase: the cores the machine 
 (/proc/stat), and the listings/s the server's and the client's CPU a listing would allow with no core
 idle (the ceiling; its ratio to the raw work is the most service/raw work could read). With one worker,
 a table of the model threads follows: the share of each cold phase each model spent in model calls and
-on a core in them (``/metrics``; a model on several threads, as the copy model is by default, sums
-them, so its shares can pass 1).
+on a core in them (``/metrics``; summed over the threads that ran a model: on the CPU the models share
+their threads, so a model's shares can pass 1).
 
 Each phase opens with every connection's first request at once, a burst that waits for one model batch
 together; the figures start after ``--warmup`` answered requests (default twice the concurrency), so

@@ -14,7 +14,7 @@ from typing import Any
 
 from embeddings.keypoints import SiftExtractor, set_opencv_threads
 from embeddings.registry import build_image_embedder, build_text_reader
-from embeddings.thread_batcher import ThreadBatcher
+from embeddings.thread_batcher import ModelThreads, ThreadBatcher
 from index.keypoint_index import FaissKeypointIndex
 from index.logo_templates import TemplateLogoLocator
 from index.registry import ReferenceIndexes
@@ -176,6 +176,18 @@ def model_source_side(embedders: Iterable[object]) -> int | None:
     return max(sides) if sides else None
 
 
+def _model_pool(settings: Settings, embedders: dict[str, ImageEmbedder]) -> ModelThreads | None:
+    """The model threads the image models share (``models.shared_threads``), or None where each keeps a
+    thread of its own (on a GPU by default, and wherever a model waits for company)."""
+    m = settings.models
+    provider = "cpu" if all(e.provider == "cpu" for e in embedders.values()) else "cuda"
+    cores = os.cpu_count() or 1
+    shared = m.shared_threads_for(provider, cores, m.intra_op_threads or model_threads(len(embedders), cores))
+    if shared is None or m.wait_ms_for(provider) > 0 or not embedders:
+        return None
+    return ModelThreads(shared)
+
+
 def image_model_names(settings: Settings) -> list[str]:
     """The distinct image models the settings load (a role may share another role's model)."""
     roles = _roles(settings)
@@ -219,12 +231,13 @@ def build_container(settings: Settings, *, reconcile: bool = True,
     store = EmbeddingStore(db)
     blobs = BlobStore(settings.data_dir / "blobs")
     raw, roles = (embedders, _roles(settings)) if embedders is not None else build_embedders(settings)
-    # Concurrent listings (API requests, rescan workers) share model batches.
+    # Concurrent listings (API requests, rescan workers) share model batches, and the models share their
+    # threads (models.shared_threads).
     m = settings.models
+    pool = _model_pool(settings, raw)
     batchers = {name: ThreadBatcher(e, max_batch=m.max_batch, max_wait_ms=m.wait_ms_for(e.provider),
                                     run_batch=m.run_batch_for(e.provider, getattr(e, "fixed_batch", None)),
-                                    threads=m.copy_threads_for(e.provider, os.cpu_count() or 1) if name == roles.copy
-                                    else 1)
+                                    pool=pool)
                 for name, e in raw.items()}
     cached = {name: CachedEmbedder(b, store) for name, b in batchers.items()}
     indexes = ReferenceIndexes(settings.index_dir, settings.index)

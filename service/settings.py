@@ -64,15 +64,14 @@ class ModelSettings(BaseModel):
     # figures: a batch's activations outgrow the 2 MB L2 cache of a core), and the service scored 7.7 %
     # more listings/s at concurrency 16 and 2.3 % more at 8 this way (docs/performance.md, session 34).
     run_batch: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = "auto"
-    # Threads running the copy model's calls side by side, on its one queue (the other models run on one
-    # thread each). "auto": 2 on the CPU where the process has 2 cores or more, else 1 (on a GPU; in a
-    # rescan worker process with one core, where a third model thread only costs). On the CPU the copy
-    # model costs twice the lookalike model a photo (sscd_distilled 5.1 ms, effnet_int8 2.3 ms on a
-    # core), so with a thread each the lookalike model's core stood idle half the time while the copy
-    # model's thread was the limit; a second copy thread takes up that core: 2 cores, 1,500 listings a
-    # round, +2.6 % listings/s at c=8 (4 of 5 rounds) and +8.3 % at c=16 (4 of 4) (docs/performance.md,
-    # session 37).
-    copy_threads: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
+    # The model threads the image models share: each runs whichever model has the request that has
+    # waited longest (embeddings/thread_batcher.py, ModelThreads). "auto": on the CPU, as many as the
+    # process's cores hold of each model's ONNX Runtime threads (2 cores, one each: 2); on a GPU, a
+    # thread of its own per model. A number: that many shared threads. (Shared threads do not wait for
+    # company: with a non-zero batch_wait_ms each model keeps a thread of its own.) On the CPU the copy
+    # model costs twice the lookalike model a photo (sscd_distilled 5.1 ms, effnet_int8 2.3 ms), so with
+    # a thread each the lookalike model's core idled half the time; docs/performance.md, session 37.
+    shared_threads: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = "auto"
     # A listing's JPEG photo at least twice the side the whole-photo models resize to is decoded for
     # them at 1/2, 1/4 or 1/8 of its size (never below that side): a 2000x1500 photo cost both models
     # 50.8 ms with its decode, 14.7 ms this way, for vectors at cosine >= 0.997 (docs/performance.md).
@@ -95,12 +94,15 @@ class ModelSettings(BaseModel):
             return 0.0 if provider == "cpu" else 2.0
         return float(self.batch_wait_ms)
 
-    def copy_threads_for(self, provider: str, cores: int) -> int:
-        """The threads running the copy model on ``provider`` (``cpu`` or ``cuda``) in a process that has
-        ``cores`` cores to itself."""
-        if self.copy_threads == "auto":
-            return 2 if provider == "cpu" and cores >= 2 else 1
-        return self.copy_threads
+    def shared_threads_for(self, provider: str, cores: int, intra_op_threads: int) -> int | None:
+        """The model threads the models share on ``provider`` (``cpu`` or ``cuda``) in a process with
+        ``cores`` cores to itself, whose models run ``intra_op_threads`` ONNX Runtime threads each; None:
+        a thread of its own per model."""
+        if self.shared_threads != "auto":
+            return self.shared_threads
+        if provider != "cpu":
+            return None
+        return max(1, cores // max(1, intra_op_threads))
 
     def run_batch_for(self, provider: str, fixed_batch: int | None = None) -> int:
         """The photos per model call of a model running on ``provider`` (``cpu`` or ``cuda``). A model

@@ -23,7 +23,7 @@ class ModelTimeCollector(Collector):
     def collect(self) -> Iterator[CounterMetricFamily]:
         busy = CounterMetricFamily("counterlens_model_busy_seconds",
                                    "Wall seconds a model's threads spent in model calls (summed over its "
-                                   "threads: the copy model has two on the CPU)", labels=["model"])
+                                   "threads: on the CPU the models share theirs)", labels=["model"])
         cpu = CounterMetricFamily("counterlens_model_cpu_seconds",
                                   "CPU seconds of a model's threads in model calls (preprocessing included; "
                                   "ONNX Runtime's own pool threads are not counted when it has more than one)",

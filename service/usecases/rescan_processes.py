@@ -112,13 +112,15 @@ class ProcessEngine:
         models = settings.models
         cores = max(1, (os.cpu_count() or 1) // processes)
         updates: dict[str, object] = {}
-        if models.intra_op_threads == 0:
+        intra = models.intra_op_threads
+        if intra == 0:
             # Each worker's models get its share of the cores (0 would give every worker all of them).
             from service.container import image_model_names, model_threads
 
-            updates["intra_op_threads"] = model_threads(len(image_model_names(settings)), cores)
-        if models.copy_threads == "auto":  # by the worker's share of the cores too, not the machine's
-            updates["copy_threads"] = models.copy_threads_for(models.provider, cores)
+            intra = updates["intra_op_threads"] = model_threads(len(image_model_names(settings)), cores)
+        if models.shared_threads == "auto" and models.provider == "cpu":
+            # By the worker's share of the cores too, not the machine's: one core, one model thread.
+            updates["shared_threads"] = models.shared_threads_for("cpu", cores, intra)
         if updates:
             settings = settings.model_copy(update={"models": models.model_copy(update=updates)})
         self.settings = settings

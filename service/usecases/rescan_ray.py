@@ -81,9 +81,10 @@ class RayEngine:
             updates["intra_op_threads"] = max(1, math.ceil(actor_cpus))
         if actor_gpus > 0 and models.provider == "cpu":
             updates["provider"] = "cuda"
-        if models.copy_threads == "auto":  # by the actor's cores too, not the node's
-            updates["copy_threads"] = models.copy_threads_for(updates.get("provider", models.provider),
-                                                              max(1, math.floor(actor_cpus)))
+        if models.shared_threads == "auto" and updates.get("provider", models.provider) == "cpu":
+            # By the actor's cores too, not the node's.
+            intra = int(updates.get("intra_op_threads", models.intra_op_threads))
+            updates["shared_threads"] = models.shared_threads_for("cpu", max(1, math.floor(actor_cpus)), intra)
         self.settings = settings.model_copy(update={"models": models.model_copy(update=updates)}) \
             if updates else settings
         self.base = base.resolve()

@@ -12,7 +12,7 @@ import pytest
 
 from embeddings.onnx_embedder import OnnxEmbedder
 from embeddings.preprocess import PreprocessError
-from embeddings.thread_batcher import ThreadBatcher
+from embeddings.thread_batcher import ModelThreads, ThreadBatcher
 from service.domain.model import RGBImage, Vectors
 from tests.embeddings.conftest import Gated, Photo
 
@@ -192,20 +192,19 @@ class Meeting:
         return self.inner.embed(images)
 
 
-def test_two_model_threads_share_the_queue_and_run_side_by_side(
+def test_two_shared_threads_split_a_models_queue_and_run_side_by_side(
     tiny_clip: OnnxEmbedder, photos: list[Photo]
 ) -> None:
-    """Four photos waiting for a model on two threads: a take is at most half of what waits (2, then 1 of
-    the 2 left, then the last), the first two calls run at once (neither returns until the other has
-    started), and every caller gets its own rows."""
+    """Four photos waiting for a model on two shared threads: a take is at most half of what waits (2,
+    then 1 of the 2 left, then the last), the first two calls run at once (neither returns until the
+    other has started), and every caller gets its own rows."""
     model = Meeting(tiny_clip, parties=2)
-    gated = Gated(model)
-    batcher = ThreadBatcher(gated, max_batch=16, max_wait_ms=0, threads=2)
+    pool = ModelThreads(2)
+    batcher = ThreadBatcher(model, max_batch=16, max_wait_ms=0, pool=pool)
     requests = [[photos[i].pixels] for i in range(4)]
     try:
         with batcher._cv:  # queue all four before either thread can take one
             futures = [batcher.submit(r) for r in requests]
-        gated.gate.set()
         got = [f.result(timeout=10) for f in futures]
     finally:
         batcher.close()
@@ -213,10 +212,50 @@ def test_two_model_threads_share_the_queue_and_run_side_by_side(
     assert (batcher.batches_run, batcher.images_run) == (3, 4)
     for r, vectors in zip(requests, got, strict=True):
         np.testing.assert_allclose(vectors, tiny_clip.embed(r), atol=2e-5)
+    assert not any(t.is_alive() for t in pool._threads)  # closing its only batcher stopped the pool
+
+
+class Logged:
+    """A real model that logs its calls (model name, photos) in a list shared with other models."""
+
+    def __init__(self, inner: OnnxEmbedder, name: str, log: list[tuple[str, int]]) -> None:
+        self.inner, self.log, self.name = inner, log, name
+        self.model_id, self.dim, self.provider = inner.model_id, inner.dim, inner.provider
+
+    def embed(self, images: Sequence[RGBImage]) -> Vectors:
+        self.log.append((self.name, len(images)))
+        return self.inner.embed(images)
+
+
+def test_shared_threads_run_the_longest_waiting_request_of_any_model(
+    tiny_clip: OnnxEmbedder, photos: list[Photo]
+) -> None:
+    """One shared thread, two models: while it is busy with model a, a request for b and then one for a
+    queue; it runs b's next (older), then a's. Each model counts its own time and photos."""
+    log: list[tuple[str, int]] = []
+    gated = Gated(Logged(tiny_clip, "a", log))
+    pool = ModelThreads(1)
+    a = ThreadBatcher(gated, max_wait_ms=0, pool=pool)
+    b = ThreadBatcher(Logged(tiny_clip, "b", log), max_wait_ms=0, pool=pool)
+    try:
+        first = a.submit([photos[0].pixels])
+        assert gated.entered.wait(5)  # the one thread is inside a's call
+        later_b = b.submit([photos[1].pixels, photos[2].pixels])
+        later_a = a.submit([photos[3].pixels])
+        gated.gate.set()
+        for f in (first, later_b, later_a):
+            f.result(timeout=10)
+    finally:
+        a.close()
+        assert any(t.is_alive() for t in pool._threads)  # b still open: the pool serves it
+        b.close()
+    assert log == [("a", 1), ("b", 2), ("a", 1)]
+    assert (a.images_run, b.images_run) == (2, 2) and a.busy_s > 0 and b.busy_s > 0
+    assert not any(t.is_alive() for t in pool._threads)
 
 
 def test_one_model_thread_takes_everything_waiting(tiny_clip: OnnxEmbedder, photos: list[Photo]) -> None:
-    """The same four photos on one thread are one take (a two-party meeting would time out)."""
+    """The same four photos on a batcher's own thread are one take."""
     model = Counting(tiny_clip)
     batcher = ThreadBatcher(model, max_batch=16, max_wait_ms=0)
     try:
@@ -229,6 +268,9 @@ def test_one_model_thread_takes_everything_waiting(tiny_clip: OnnxEmbedder, phot
     assert model.calls == [4]
 
 
-def test_threads_must_be_at_least_one(tiny_clip: OnnxEmbedder) -> None:
+def test_shared_threads_are_at_least_one_and_never_wait_for_company(tiny_clip: OnnxEmbedder) -> None:
     with pytest.raises(ValueError, match="threads must be >= 1"):
-        ThreadBatcher(tiny_clip, threads=0)
+        ModelThreads(0)
+    pool = ModelThreads(1)
+    with pytest.raises(ValueError, match="max_wait_ms must be 0"):
+        ThreadBatcher(tiny_clip, max_wait_ms=2, pool=pool)

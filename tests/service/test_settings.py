@@ -42,7 +42,7 @@ def test_env_prefix_and_nested_groups(monkeypatch: pytest.MonkeyPatch, tmp_path:
     ({"models": {"batch_wait_ms": "soon"}}, "batch_wait_ms"),
     ({"models": {"run_batch": 0}}, "run_batch"),
     ({"models": {"run_batch": "all"}}, "run_batch"),
-    ({"models": {"copy_threads": 0}}, "copy_threads"),
+    ({"models": {"shared_threads": 0}}, "shared_threads"),
     ({"models": {"semantic_model": "effnet_int9"}}, "unknown image model 'effnet_int9'"),
     ({"models": {"copy_model": ""}}, "unknown image model ''"),
     ({"models": {"logo_model": "clip"}}, "one of: sscd, sscd_distilled, effnet"),
@@ -135,13 +135,13 @@ def test_a_brand_override_falls_back_to_the_configured_policy(tmp_path: Path) ->
     db.dispose()
 
 
-def test_copy_threads_are_two_on_a_cpu_with_cores_to_spare_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
-    """"auto": two on the CPU of a process with two cores or more, one with a single core or on a GPU; a
-    number set in the environment holds everywhere."""
+def test_shared_model_threads_fill_the_cores_on_the_cpu_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """"auto": on the CPU as many shared threads as the cores hold of a model's ONNX Runtime threads, on
+    a GPU none (a thread of its own per model); a number set in the environment holds everywhere."""
     m = Settings().models
-    assert m.copy_threads == "auto"
-    assert [m.copy_threads_for("cpu", 2), m.copy_threads_for("cpu", 16), m.copy_threads_for("cpu", 1),
-            m.copy_threads_for("cuda", 16)] == [2, 2, 1, 1]
-    monkeypatch.setenv("COUNTERLENS_MODELS__COPY_THREADS", "3")
+    assert m.shared_threads == "auto"
+    assert [m.shared_threads_for("cpu", 2, 1), m.shared_threads_for("cpu", 16, 8), m.shared_threads_for("cpu", 1, 1),
+            m.shared_threads_for("cpu", 3, 1), m.shared_threads_for("cuda", 16, 8)] == [2, 2, 1, 3, None]
+    monkeypatch.setenv("COUNTERLENS_MODELS__SHARED_THREADS", "3")
     m = Settings().models
-    assert (m.copy_threads_for("cpu", 1), m.copy_threads_for("cuda", 16)) == (3, 3)
+    assert (m.shared_threads_for("cpu", 1, 1), m.shared_threads_for("cuda", 16, 8)) == (3, 3)

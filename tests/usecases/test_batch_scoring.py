@@ -5,6 +5,7 @@ leaves unchanged listings unwritten; :class:`ScoringQueue` scores concurrent req
 from __future__ import annotations
 
 import io
+import os
 import threading
 import time
 from pathlib import Path
@@ -308,17 +309,24 @@ def test_models_on_the_cpu_do_not_wait_for_company(container: Container) -> None
         assert b.run_batch == 1
 
 
-def test_the_copy_model_runs_on_two_threads_on_the_cpu_unless_set(
+def test_the_models_share_their_threads_on_the_cpu(
         rescan_world: World, container: Container, tmp_path: Path) -> None:
-    """``models.copy_threads`` "auto": the copy model's batcher has two model threads on the CPU, the
-    lookalike model one; a number set holds."""
-    roles = container.scorer._roles()
-    assert {name: len(cast(ThreadBatcher, emb.embedder)._threads) for name, emb in roles.items()} == {
-        "copy": 2, "semantic": 1}
-    s = settings(tmp_path / "one").model_copy(deep=True)
-    s.models.copy_threads = 1
-    one = build_container(s, embedders=rescan_world.embedders)
-    try:
-        assert len(cast(ThreadBatcher, one.scorer._roles()["copy"].embedder)._threads) == 1
-    finally:
-        one.close()
+    """``models.shared_threads`` "auto" on the CPU: both models' batchers run on one pool of model
+    threads, as many as the cores hold of a model's ONNX Runtime threads; a number set holds; a model that
+    waits for company (``batch_wait_ms`` > 0) keeps a thread of its own."""
+    batchers = [cast(ThreadBatcher, emb.embedder) for emb in container.scorer._roles().values()]
+    assert len(batchers) == 2 and batchers[0]._pool is not None and batchers[0]._pool is batchers[1]._pool
+    m = container.settings.models
+    cores = os.cpu_count() or 1
+    assert batchers[0]._pool.size == m.shared_threads_for("cpu", cores, m.intra_op_threads or cores // 2)
+    assert all(b._thread is None for b in batchers)
+    for update, size in (({"shared_threads": 3}, 3), ({"batch_wait_ms": 2.0}, None)):
+        s = settings(tmp_path / "other").model_copy(deep=True)
+        s.models = s.models.model_copy(update=update)
+        other = build_container(s, embedders=rescan_world.embedders)
+        try:
+            pools = {id(p): p for b in other.scorer._roles().values()
+                     if (p := cast(ThreadBatcher, b.embedder)._pool) is not None}
+            assert [p.size for p in pools.values()] == ([size] if size is not None else [])
+        finally:
+            other.close()

@@ -135,14 +135,14 @@ def test_a_worker_that_cannot_start_says_why(tmp_path: Path, capfd: pytest.Captu
 
 
 def test_each_worker_sizes_its_models_by_its_share_of_the_cores(tmp_path: Path) -> None:
-    """With a process per core a worker has one core: one ONNX Runtime thread a model and one copy-model
-    thread (a third model thread on one core only costs); a number set holds."""
+    """With a process per core a worker has one core: one ONNX Runtime thread a model and one shared
+    model thread (more model threads on one core only cost); a number set holds."""
     cores = os.cpu_count() or 1
     s = Settings(data_dir=tmp_path, models={"ocr": "never"})
     m = ProcessEngine(s, tmp_path, processes=cores, threads=1).settings.models
-    assert (m.intra_op_threads, m.copy_threads) == (1, 1)
+    assert (m.intra_op_threads, m.shared_threads) == (1, 1)
     if cores >= 2:
         m = ProcessEngine(s, tmp_path, processes=1, threads=1).settings.models
-        assert m.copy_threads == 2
-    s = Settings(data_dir=tmp_path, models={"ocr": "never", "copy_threads": 3})
-    assert ProcessEngine(s, tmp_path, processes=cores, threads=1).settings.models.copy_threads == 3
+        assert m.intra_op_threads == cores // 2 and m.shared_threads == 2
+    s = Settings(data_dir=tmp_path, models={"ocr": "never", "shared_threads": 3})
+    assert ProcessEngine(s, tmp_path, processes=cores, threads=1).settings.models.shared_threads == 3
