@@ -147,30 +147,29 @@ class ThreadBatcher:
 
     def _take_share(self) -> list[_Request]:
         """Take what a model thread runs next (the lock held, the queue not empty)."""
-        with self._cv:
-            # The oldest request always goes (however many images it has), then what fits beside it. A
-            # cancelled one is dropped; the rest are marked running, so they can no longer be cancelled.
-            # On shared threads a thread takes its share of what waits (1/threads of it), and leaves the
-            # rest to whichever thread is free next, even while the others are busy: a thread that took
-            # everything would run it photo by photo while another finished its call and idled. (Taking
-            # all when the others were busy read no faster than one thread, c=8, session 37.)
-            sharers = self._pool.size if self._pool is not None else 1
-            limit = self.max_batch
-            if sharers > 1:
-                limit = min(limit, -(-sum(len(r[0]) for r in self._queue) // sharers))
-            taken: list[_Request] = []
-            n = 0
-            while self._queue:
-                images, fut, _ = self._queue[0]
-                if not fut.cancelled() and taken and n + len(images) > limit:
-                    break
-                req = self._queue.popleft()
-                if fut.set_running_or_notify_cancel():
-                    n += len(images)
-                    taken.append(req)
-            if self._queue and sharers > 1:
-                self._cv.notify()  # the shares left to the other model threads
-            return taken
+        # The oldest request always goes (however many images it has), then what fits beside it. A
+        # cancelled one is dropped; the rest are marked running, so they can no longer be cancelled.
+        # On shared threads a thread takes its share of what waits (1/threads of it), and leaves the
+        # rest to whichever thread is free next, even while the others are busy: a thread that took
+        # everything would run it photo by photo while another finished its call and idled. (Taking
+        # all when the others were busy read no faster than one thread, c=8, session 37.)
+        sharers = self._pool.size if self._pool is not None else 1
+        limit = self.max_batch
+        if sharers > 1:
+            limit = min(limit, -(-sum(len(r[0]) for r in self._queue) // sharers))
+        taken: list[_Request] = []
+        n = 0
+        while self._queue:
+            images, fut, _ = self._queue[0]
+            if not fut.cancelled() and taken and n + len(images) > limit:
+                break
+            req = self._queue.popleft()
+            if fut.set_running_or_notify_cancel():
+                n += len(images)
+                taken.append(req)
+        if self._queue and sharers > 1:
+            self._cv.notify()  # the shares left to the other model threads
+        return taken
 
     def _run(self) -> None:
         while (got := self._take()) is not None:

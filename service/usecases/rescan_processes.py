@@ -118,8 +118,9 @@ class ProcessEngine:
             from service.container import image_model_names, model_threads
 
             intra = updates["intra_op_threads"] = model_threads(len(image_model_names(settings)), cores)
-        if models.shared_threads == "auto" and models.provider == "cpu":
-            # By the worker's share of the cores too, not the machine's: one core, one model thread.
+        if models.shared_threads == "auto" and models.provider != "cuda":
+            # By the worker's share of the cores too, not the machine's: one core, one model thread. (On a
+            # GPU, where "auto" finds one, the models wait for company and keep a thread each regardless.)
             updates["shared_threads"] = models.shared_threads_for("cpu", cores, intra)
         if updates:
             settings = settings.model_copy(update={"models": models.model_copy(update=updates)})

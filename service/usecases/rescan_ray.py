@@ -81,7 +81,7 @@ class RayEngine:
             updates["intra_op_threads"] = max(1, math.ceil(actor_cpus))
         if actor_gpus > 0 and models.provider == "cpu":
             updates["provider"] = "cuda"
-        if models.shared_threads == "auto" and updates.get("provider", models.provider) == "cpu":
+        if models.shared_threads == "auto" and updates.get("provider", models.provider) != "cuda":
             # By the actor's cores too, not the node's.
             intra = int(updates.get("intra_op_threads", models.intra_op_threads))
             updates["shared_threads"] = models.shared_threads_for("cpu", max(1, math.floor(actor_cpus)), intra)
