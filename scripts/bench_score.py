@@ -193,7 +193,7 @@ def _server_counts(url: str) -> ServerCounters:
     return server_counters(httpx.get(f"{url}/metrics", timeout=10).text)
 
 
-def _print_cores_went(cores_went: dict[int, tuple[float, float | None]],
+def _print_cores_went(cores_went: dict[int, tuple[float, float | None, float | None]],
                       rows: list[tuple[str, int, LoadResult, dict[str, float], str, str]],
                       work_ms: dict[int, float]) -> None:
     """Where the cores went in each cold phase, and the most the service could have done with none idle.
@@ -201,17 +201,22 @@ def _print_cores_went(cores_went: dict[int, tuple[float, float | None]],
     With the load generator on the same cores as the server, listings/s is at most the cores' CPU a
     second over the CPU a listing costs (the server's and the client's): the ceiling at zero idle.
     service/raw work below the ceiling's ratio is the cores standing idle; the ceiling's ratio below 1
-    is what a listing costs beyond the raw work (HTTP, storage, search, fusion, decoding, the client)."""
+    is what a listing costs beyond the raw work (HTTP, storage, search, fusion, decoding, the client).
+    ``listings a batch``: how many listings the scoring queue prepared and stored together (one worker's,
+    over the phase): its storage and search cost ~3 ms of CPU a batch besides ~0.6 ms a listing (2-core
+    VM, session 38), so fewer listings a batch cost more a listing."""
     cores = os.cpu_count() or 1
-    table = Table("c", "listings/s", "server CPU ms", "client CPU ms", "idle cores", "at zero idle: listings/s",
-                  "ceiling/raw work", "service/raw work", title="cold phases: where the cores went")
+    table = Table("c", "listings/s", "server CPU ms", "client CPU ms", "idle cores", "listings a batch",
+                  "at zero idle: listings/s", "ceiling/raw work", "service/raw work",
+                  title="cold phases: where the cores went")
     for phase, c, got, _, _, _ in rows:
         if phase != "cold" or c not in cores_went or c not in work_ms:
             continue
-        server_ms, idle = cores_went[c]
+        server_ms, idle, per_batch = cores_went[c]
         ceiling = cores * 1000 / (server_ms + got.client_cpu_ms)
         table.add_row(str(c), f"{got.rate:.1f}", f"{server_ms:.1f}", f"{got.client_cpu_ms:.2f}",
-                      "-" if idle is None else f"{idle:.2f} of {cores}", f"{ceiling:.1f}",
+                      "-" if idle is None else f"{idle:.2f} of {cores}",
+                      "-" if per_batch is None else f"{per_batch:.1f}", f"{ceiling:.1f}",
                       f"{ceiling * work_ms[c] / 1000:.2f}", f"{got.rate * work_ms[c] / 1000:.2f}")
     console.print(table)
 
@@ -308,8 +313,9 @@ def main() -> None:
         unmeasured: set[str] = set()
 
         rows: list[tuple[str, int, LoadResult, dict[str, float], str, str]] = []
-        # Per cold phase: the server's CPU ms a listing and the cores the machine left idle over it.
-        cores_went: dict[int, tuple[float, float | None]] = {}
+        # Per cold phase: the server's CPU ms a listing, the cores the machine left idle over it, and the
+        # listings a scoring batch (one worker's).
+        cores_went: dict[int, tuple[float, float | None, float | None]] = {}
         # Per cold phase (one worker), each model thread: its share of the phase's wall in model calls, its
         # share on a core in them, and its CPU ms a listing.
         models_went: dict[int, dict[str, tuple[float, float, float]]] = {}
@@ -328,7 +334,10 @@ def main() -> None:
             server = "-" if server_ms is None else f"{server_ms:.1f}"
             if phase == "cold" and server_ms is not None:
                 idle = (machine1[1] - machine0[1]) / wall if machine0 and machine1 and wall > 0 else None
-                cores_went[c] = (server_ms, idle)
+                batches = after.score_batches - before.score_batches
+                per_batch = ((after.score_listings - before.score_listings) / batches
+                             if batches > 0 and args.workers == 1 else None)
+                cores_went[c] = (server_ms, idle, per_batch)
             if phase == "cold" and args.workers == 1 and wall > 0:
                 went = {}
                 for m, busy_s in after.model_busy_s.items():

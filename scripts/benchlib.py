@@ -20,7 +20,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -148,6 +148,10 @@ class ServerCounters:
     signals: dict[str, float]  # expensive signals run (counterlens_signals_run_total), by signal
     model_busy_s: dict[str, float]  # wall seconds each model's thread spent in model calls, by model
     model_cpu_s: dict[str, float]  # CPU seconds of each model's thread in those calls, by model
+    # The scoring queue's batches and the listings in them (counterlens_score_batches_total,
+    # counterlens_score_batched_listings_total): a batch's storage and search cost is largely per batch.
+    score_batches: float = 0.0
+    score_listings: float = 0.0
 
     @property
     def model_cpu_total_s(self) -> float:
@@ -160,9 +164,13 @@ def server_counters(metrics_text: str) -> ServerCounters:
     wanted = {"counterlens_signals_run_total": ("signal", got.signals),
               "counterlens_model_busy_seconds_total": ("model", got.model_busy_s),
               "counterlens_model_cpu_seconds_total": ("model", got.model_cpu_s)}
+    queue = {"counterlens_score_batches_total": 0.0, "counterlens_score_batched_listings_total": 0.0}
     for family in text_string_to_metric_families(metrics_text):
         for sample in family.samples:
             if sample.name in wanted:
                 label, into = wanted[sample.name]
                 into[sample.labels[label]] = float(sample.value)
-    return got
+            elif sample.name in queue:
+                queue[sample.name] = float(sample.value)
+    return replace(got, score_batches=queue["counterlens_score_batches_total"],
+                   score_listings=queue["counterlens_score_batched_listings_total"])

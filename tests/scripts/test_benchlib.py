@@ -5,8 +5,9 @@ from __future__ import annotations
 from prometheus_client import generate_latest
 
 from scripts.benchlib import server_counters
-from service.api.metrics import Metrics, ModelTimeCollector
+from service.api.metrics import Metrics, ModelTimeCollector, ScoreQueueCollector
 from service.usecases.embedding import ModelTime
+from service.usecases.score_queue import QueueStats
 
 
 def test_server_counters_reads_the_signals_and_each_models_time_from_the_apps_metrics() -> None:
@@ -35,3 +36,14 @@ def test_server_counters_of_a_server_that_has_scored_nothing_yet() -> None:
 
     assert got.signals == {} and got.model_busy_s == {} and got.model_cpu_s == {}
     assert got.model_cpu_total_s == 0.0
+    assert got.score_batches == 0.0 and got.score_listings == 0.0
+
+
+def test_server_counters_reads_the_scoring_queues_batches_and_listings() -> None:
+    metrics = Metrics()
+    metrics.registry.register(ScoreQueueCollector(
+        lambda: QueueStats(batches=40, listings=170, refused=2, waiting=5, slow_backlog=1)))
+
+    got = server_counters(generate_latest(metrics.registry).decode())
+
+    assert (got.score_batches, got.score_listings) == (40.0, 170.0)  # 4.25 listings a batch
