@@ -433,7 +433,7 @@ class SafeFetcher:
             if redirects >= self.max_redirects:
                 raise IntakeError(IntakeErrorCode.TOO_MANY_REDIRECTS,
                                   f"more than {self.max_redirects} redirects (last from {target.url})", field)
-            return self.policy.check_url(urljoin(target.url, location), field, what="redirect target")
+            return self._redirect_target(target, location, status, field)
         if not 200 <= status < 300:
             raise IntakeError(IntakeErrorCode.FETCH_FAILED, f"the image server answered HTTP {status}", field)
         declared = _header(response, b"content-length")
@@ -441,6 +441,23 @@ class SafeFetcher:
             message = f"the server declares {int(declared)} bytes; the limit is {self.max_bytes}"
             raise IntakeError(IntakeErrorCode.TOO_LARGE, message, field)
         return None
+
+    def _redirect_target(self, target: TargetUrl, location: str, status: int, field: str | None) -> TargetUrl:
+        """The vetted URL a redirect's Location names. The image server wrote it, not the caller: one that
+        does not parse (``http://[::1/``: urljoin itself raises) or is not a URL we take is the server's
+        failure (fetch_failed, 422), never the caller's bad request (invalid_url, 400) nor an error of ours.
+        A well-formed target the policy refuses stays url_forbidden."""
+        try:
+            joined = urljoin(target.url, location)
+        except ValueError as exc:
+            raise IntakeError(IntakeErrorCode.FETCH_FAILED,
+                              f"HTTP {status} redirect to a malformed Location ({exc})", field) from None
+        try:
+            return self.policy.check_url(joined, field, what="redirect target")
+        except IntakeError as exc:
+            if exc.code is not IntakeErrorCode.INVALID_URL:
+                raise
+            raise IntakeError(IntakeErrorCode.FETCH_FAILED, f"HTTP {status} {exc.message}", field) from None
 
     # -- plumbing -----------------------------------------------------------------------------------------
 

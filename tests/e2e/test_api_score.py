@@ -167,6 +167,32 @@ def test_multipart_upload_and_batch(live: LiveServer, grocery_dir: Path) -> None
     assert items["b2"]["error"]["field"] == "listings[1].images[0].url"
 
 
+def test_a_batch_item_that_fails_on_our_side_is_its_own_error(live: LiveServer, grocery_dir: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug while scoring one listing of a batch answers that item with internal_error; the batch's other
+    listings are scored and answered (not a 500 for all of them)."""
+    from service.api.routers import score as score_router
+
+    real = score_router._score_one
+
+    async def failing_for_b2(request: Any, body: Any, sources: Any) -> Any:
+        if body.listing_id == "bug-2":
+            raise RuntimeError("a bug")
+        return await real(request, body, sources)
+
+    monkeypatch.setattr(score_router, "_score_one", failing_for_b2)
+    copy = edited_copy(load(grocery_dir / "catalogue" / "Alpro-Shelf-Soy-Milk.jpg"))
+    batch = live.client.post("/v1/score/batch", json={"listings": [
+        {"listing_id": "bug-1", "images": [{"base64": base64.b64encode(copy).decode()}]},
+        {"listing_id": "bug-2", "images": [{"base64": base64.b64encode(copy).decode()}]},
+    ]})
+    assert batch.status_code == 200, batch.text
+    items = {i["listing_id"]: i for i in batch.json()["results"]}
+    assert items["bug-1"]["result"]["brand"] == "alpro"
+    assert items["bug-2"]["error"] == {"code": "internal_error", "message": "internal server error",
+                                       "field": "listings[1]"}
+
+
 def test_scores_are_stored_with_history_and_review_queue(live: LiveServer, grocery_dir: Path) -> None:
     copy = edited_copy(load(grocery_dir / "catalogue" / "Arla-Natural-Yoghurt.jpg"))
     for price in (24.0, 5.0):

@@ -157,6 +157,20 @@ def test_redirect_from_an_allowed_host_to_a_forbidden_target_is_refused(
     assert image_server.hits[0].path.startswith("/to?")
 
 
+@pytest.mark.parametrize("location", ["http://[::1/x.jpg", "//[/x", "http://[evil.example]/", "https://[1.2.3.4]/",
+                                      "http://example.com/a b.jpg", "http://example.com/a\\b.jpg"])
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_redirect_to_a_malformed_location_is_the_servers_failure(
+        fetcher: SafeFetcher, image_server: ImageServer, location: str, mode: str) -> None:
+    """The image server wrote the Location: one that does not parse is fetch_failed (422), not a 500 (urljoin
+    raises ValueError on some) and not invalid_url (400, the caller's fault)."""
+    url = image_server.url("/to?u=" + quote(location, safe=""))
+    err = _refused(lambda: _get(fetcher, mode, url, "images[2].url"), IntakeErrorCode.FETCH_FAILED,
+                   "images[2].url")
+    assert err.http_status == 422 and "redirect" in err.message
+    assert image_server.paths() == [image_server.hits[0].path]  # nothing fetched after it
+
+
 def test_error_statuses_are_fetch_failed(fetcher: SafeFetcher, image_server: ImageServer) -> None:
     err = _refused(lambda: fetcher.fetch_sync(image_server.url("/status?code=404"), "images[0].url"),
                    IntakeErrorCode.FETCH_FAILED)

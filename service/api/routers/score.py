@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any, NoReturn
 
 import anyio
@@ -19,6 +20,7 @@ from service.usecases.listing_input import ImageSource, ListingImageLoader
 from service.usecases.score_queue import QueueFullError
 
 router = APIRouter(prefix="/v1", tags=["score"])
+log = logging.getLogger("counterlens.api.score")
 
 
 def _loader(request: Request) -> ListingImageLoader:
@@ -150,6 +152,10 @@ async def score_batch(request: Request, body: BatchIn) -> BatchOut:
             if retry is not None:  # overloaded: the item says when to send it again, as a 503 would
                 error["retry_after_s"] = int(retry)
             results[i] = BatchItemOut(listing_id=item.listing_id, error=error)
+        except Exception:  # a bug of ours with this listing: its own item says so, the others are answered
+            log.exception("scoring item %d of a batch failed", i)
+            results[i] = BatchItemOut(listing_id=item.listing_id, error={
+                "code": "internal_error", "message": "internal server error", "field": f"listings[{i}]"})
 
     async with anyio.create_task_group() as tg:
         for i, item in enumerate(body.listings):
