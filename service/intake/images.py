@@ -272,11 +272,29 @@ def _grey_to_rgb(grey: npt.NDArray[np.uint8]) -> RGBImage:
     return np.repeat(grey[:, :, None], 3, axis=2)
 
 
+# Rows converted at a time where a conversion needs wide temporaries: over a whole photo, compositing in
+# uint32 peaked at 48 bytes a pixel (tracemalloc; a 6,324 x 6,324 RGBA PNG of 169 KB, within every limit,
+# took 2 GB to decode); a band of rows bounds them (11 bytes a pixel), and the result is the same.
+_BAND_ROWS = 256
+
+
 def _composite_on_white(rgba: npt.NDArray[np.uint8]) -> RGBImage:
-    alpha = rgba[:, :, 3:4].astype(np.uint32)
-    rgb = rgba[:, :, :3].astype(np.uint32)
-    out = (rgb * alpha + 255 * (255 - alpha) + 127) // 255
-    return out.astype(np.uint8)
+    out = np.empty((*rgba.shape[:2], 3), np.uint8)
+    for top in range(0, rgba.shape[0], _BAND_ROWS):
+        band = rgba[top:top + _BAND_ROWS]
+        alpha = band[:, :, 3:4].astype(np.uint32)
+        out[top:top + _BAND_ROWS] = (band[:, :, :3].astype(np.uint32) * alpha + 255 * (255 - alpha) + 127) // 255
+    return out
+
+
+def _sixteen_bit_grey(wide: npt.NDArray[np.generic]) -> npt.NDArray[np.uint8]:
+    """16-bit samples (I;16*, or I holding them) scaled 0..65535 onto 0..255 with rounding, a band of rows
+    at a time (see _BAND_ROWS). (Pillow's convert("L") would clip.)"""
+    out = np.empty(wide.shape, np.uint8)
+    for top in range(0, wide.shape[0], _BAND_ROWS):
+        band = np.clip(wide[top:top + _BAND_ROWS].astype(np.int64), 0, 65535)
+        out[top:top + _BAND_ROWS] = (band * 255 + 32767) // 65535
+    return out
 
 
 def _to_rgb(img: Image.Image) -> RGBImage:
@@ -288,9 +306,7 @@ def _to_rgb(img: Image.Image) -> RGBImage:
     if mode == "1":
         return _grey_to_rgb(np.array(img.convert("L"), dtype=np.uint8))
     if mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
-        # 16-bit samples: scale 0..65535 onto 0..255 with rounding (Pillow's convert("L") would clip).
-        wide = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
-        return _grey_to_rgb(((wide * 255 + 32767) // 65535).astype(np.uint8))
+        return _grey_to_rgb(_sixteen_bit_grey(np.asarray(img)))
     if mode == "F":
         flt = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
         scale = 255.0 if flt.size and float(flt.max()) <= 1.0 else 1.0

@@ -410,3 +410,31 @@ def test_a_truncated_large_jpeg_fails_the_reduced_decode_too(large: np.ndarray) 
     with pytest.raises(IntakeError) as info:
         decode_image(data[: len(data) // 2], LIMITS, "images[0].file", at_least=300)
     assert (info.value.code, info.value.field) == (IntakeErrorCode.DECODE_FAILED, "images[0].file")
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "I;16"])
+def test_wide_conversions_of_a_large_photo_stay_within_a_few_bytes_a_pixel(mode: str) -> None:
+    """Transparency compositing and 16-bit scaling work a band of rows at a time: over a whole 40-megapixel
+    photo their temporaries took 48 (compositing) and 17 (16-bit) bytes a pixel, 2 GB for a 169 KB PNG; in
+    bands 11.1 and 6.1 (a plain RGB photo: 6.0).
+    Measured with tracemalloc, which sees numpy's buffers (not Pillow's own)."""
+    import tracemalloc
+
+    side = 2000
+    ramp = np.tile(np.arange(side, dtype=np.uint32) * 65535 // (side - 1), (side, 1))
+    if mode == "I;16":
+        img = Image.fromarray(ramp.astype(np.uint16))
+    else:
+        grey = (ramp // 257).astype(np.uint8)
+        bands = [grey, grey[::-1], grey.T, grey] if mode == "RGBA" else [grey, grey.T]
+        img = Image.fromarray(np.dstack(bands), mode)
+    data = _encode(img, "PNG")
+    tracemalloc.start()
+    try:
+        pixels = decode_image(data, LIMITS).pixels
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert pixels.shape == (side, side, 3)
+    # The result (3 bytes a pixel), the mode's own array and a band's temporaries.
+    assert peak / side**2 < 12, f"{peak / side**2:.1f} bytes a pixel"
