@@ -218,6 +218,9 @@ class ScoringQueue:
     def _finish_slow(self, listing: Listing, prepared: PreparedListing, fut: Future[ScoreOutcome]) -> None:
         try:
             self._finish([(prepared, fut)])
+        except BaseException as exc:  # (the pool would keep it in a Future nobody reads)
+            if not fut.done():
+                fut.set_exception(exc)
         finally:
             with self._cv:
                 self._slow_backlog -= 1
@@ -227,12 +230,14 @@ class ScoringQueue:
     def _finish(self, pairs: Sequence[tuple[PreparedListing, Future[ScoreOutcome]]]) -> None:
         try:
             outcomes = self.scorer.finish_many([p for p, _ in pairs])
+            answers = list(zip(pairs, outcomes, strict=True))  # (an outcome short is the scorer's bug)
         except BaseException as exc:
             log.exception("finishing scores failed")
             for _, fut in pairs:
-                fut.set_exception(exc)
+                if not fut.done():
+                    fut.set_exception(exc)
             return
-        for (_, fut), out in zip(pairs, outcomes, strict=True):
+        for (_, fut), out in answers:
             if isinstance(out, Exception):
                 fut.set_exception(out)
             else:

@@ -229,6 +229,40 @@ def test_a_batch_that_fails_as_a_whole_fails_its_callers_and_the_queue_goes_on(
         queue.close()
 
 
+@pytest.mark.parametrize("slow", [False, True])
+def test_a_scorer_that_answers_short_fails_its_callers_instead_of_leaving_them_waiting(
+        rescan_world: World, container: Container, monkeypatch: pytest.MonkeyPatch, slow: bool) -> None:
+    """finish_many answering fewer outcomes than listings (a scorer bug) reaches the callers as an error,
+    on the quick path and on the slow pool's (where it was lost in the pool's own Future and the caller
+    waited for ever), and the listing_id is free again."""
+    listing = _listings(rescan_world)[0]
+    real_prepare, real_finish = container.scorer.prepare_many, container.scorer.finish_many
+    calls = 0
+
+    def prepare(*args: object, **kwargs: object) -> object:
+        got = real_prepare(*args, **kwargs)  # type: ignore[arg-type]
+        for p in got:
+            if not isinstance(p, Exception):
+                p.slow = slow  # the slow pool finishes it (as it would one the cascade verifies)
+        return got
+
+    def short_once(prepared: object) -> object:
+        nonlocal calls
+        calls += 1
+        return [] if calls == 1 else real_finish(prepared)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(container.scorer, "prepare_many", prepare)
+    monkeypatch.setattr(container.scorer, "finish_many", short_once)
+    queue = ScoringQueue(container.scorer, workers=1, max_batch=8)
+    try:
+        with pytest.raises(ValueError, match="shorter"):
+            queue.submit(listing).result(timeout=60)
+        again = queue.submit(listing).result(timeout=60)
+        assert again.result.verdict is not None and again.written
+    finally:
+        queue.close()
+
+
 def test_the_queue_starts_the_models_on_a_listing_as_it_is_queued(
         rescan_world: World, container: Container, monkeypatch: pytest.MonkeyPatch) -> None:
     """With ``prefetch`` the models take a queued listing's new photos while the worker is still busy
