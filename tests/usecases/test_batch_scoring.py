@@ -21,7 +21,7 @@ from service.domain.model import Listing, ListingImage, Money, SellerInfo
 from service.domain.pricing import UnknownCurrencyError
 from service.intake.errors import IntakeError
 from service.storage.listings import result_json
-from service.usecases.score_queue import QueueClosedError, ScoringQueue
+from service.usecases.score_queue import QueueClosedError, QueueStats, ScoringQueue
 from service.usecases.scoring import ScoreOutcome, StoredListing
 from tests.usecases.rescan_world import CATALOG, World, settings
 
@@ -218,13 +218,20 @@ def test_a_batch_that_fails_as_a_whole_fails_its_callers_and_the_queue_goes_on(
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(container.scorer, "prepare_many", fails_once)
+    stats = _fails_then_scores(container, listing, RuntimeError, "scorer broke")
+    assert stats.batches == 1  # the failed batch is not counted
+
+
+def _fails_then_scores(container: Container, listing: Listing, error: type[Exception], match: str) -> QueueStats:
+    """A queued listing's caller gets ``error``; the same listing queued again is scored and stored (the
+    worker lived on, the listing_id is free). Answers the queue's stats."""
     queue = ScoringQueue(container.scorer, workers=1, max_batch=8)
     try:
-        with pytest.raises(RuntimeError, match="scorer broke"):
+        with pytest.raises(error, match=match):
             queue.submit(listing).result(timeout=60)
         again = queue.submit(listing).result(timeout=60)
         assert again.result.verdict is not None and again.written
-        assert queue.stats().batches == 1  # the failed batch is not counted
+        return queue.stats()
     finally:
         queue.close()
 
@@ -253,14 +260,7 @@ def test_a_scorer_that_answers_short_fails_its_callers_instead_of_leaving_them_w
 
     monkeypatch.setattr(container.scorer, "prepare_many", prepare)
     monkeypatch.setattr(container.scorer, "finish_many", short_once)
-    queue = ScoringQueue(container.scorer, workers=1, max_batch=8)
-    try:
-        with pytest.raises(ValueError, match="shorter"):
-            queue.submit(listing).result(timeout=60)
-        again = queue.submit(listing).result(timeout=60)
-        assert again.result.verdict is not None and again.written
-    finally:
-        queue.close()
+    _fails_then_scores(container, listing, ValueError, "shorter")
 
 
 def test_the_queue_starts_the_models_on_a_listing_as_it_is_queued(
