@@ -236,9 +236,19 @@ class ScoringSettings(BaseModel):
 class IntakeSettings(BaseModel):
     max_images: int = Field(default=8, ge=1, le=64)
     max_image_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    # The whole body of one request (a multipart upload, a JSON body, a batch), read no further than this:
+    # "auto" is what one listing's photos may weigh in base64, plus 1 MiB for the rest. Without it an
+    # upload was spooled whole before a photo's own limit applied (a 200 MB part was written to disk).
+    max_request_bytes: Annotated[int, Field(ge=1024)] | Literal["auto"] = "auto"
     max_pixels: int = Field(default=40_000_000, ge=10_000)
     max_side: int = Field(default=12_000, ge=64)
     fetch_timeout_s: float = Field(default=5.0, gt=0, le=60)
+
+    def request_limit(self) -> int:
+        """The most bytes a request body may have (``max_request_bytes``, "auto" resolved)."""
+        if self.max_request_bytes != "auto":
+            return self.max_request_bytes
+        return -(-self.max_images * self.max_image_bytes * 4 // 3) + 1024 * 1024
     max_redirects: int = Field(default=3, ge=0, le=10)
     # Only for tests and closed networks: hosts (exact names) that may resolve to private addresses.
     allow_private_hosts: list[str] = Field(default_factory=list)

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.body_limit import ScoreBodyLimit
 from service.api.errors import ApiError, install_error_handlers
 from service.api.metrics import Metrics, ModelTimeCollector, ScoreQueueCollector
 from service.settings import Settings
@@ -148,6 +149,7 @@ def create_app(settings: Settings, container_factory: ContainerFactory | None = 
     app.state.cl = state
     install_error_handlers(app)
 
+    app.add_middleware(ScoreBodyLimit, limit=settings.intake.request_limit())
     app.add_middleware(RequestLog, metrics=metrics)
 
     @app.get("/livez", tags=["health"])

@@ -46,6 +46,8 @@ def test_env_prefix_and_nested_groups(monkeypatch: pytest.MonkeyPatch, tmp_path:
     ({"models": {"semantic_model": "effnet_int9"}}, "unknown image model 'effnet_int9'"),
     ({"models": {"copy_model": ""}}, "unknown image model ''"),
     ({"models": {"logo_model": "clip"}}, "one of: sscd, sscd_distilled, effnet"),
+    ({"intake": {"max_request_bytes": 100}}, "max_request_bytes"),
+    ({"intake": {"max_request_bytes": "lots"}}, "max_request_bytes"),
 ])
 def test_invalid_settings_are_refused(overrides: dict[str, object], needle: str) -> None:
     with pytest.raises(ValidationError) as err:
@@ -145,3 +147,10 @@ def test_shared_model_threads_fill_the_cores_on_the_cpu_unless_set(monkeypatch: 
     monkeypatch.setenv("COUNTERLENS_MODELS__SHARED_THREADS", "3")
     m = Settings().models
     assert (m.shared_threads_for("cpu", 1, 1), m.shared_threads_for("cuda", 16, 8)) == (3, 3)
+
+
+def test_the_request_limit_is_one_listings_photos_in_base64_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().intake.request_limit() == -(-8 * 10 * 2**20 * 4 // 3) + 2**20  # ~108 MiB
+    assert Settings(intake={"max_images": 2, "max_image_bytes": 3000}).intake.request_limit() == 8000 + 2**20
+    monkeypatch.setenv("COUNTERLENS_INTAKE__MAX_REQUEST_BYTES", "5000000")
+    assert Settings().intake.request_limit() == 5_000_000

@@ -121,3 +121,34 @@ def _wait_ready(url: str) -> None:
             return
         threading.Event().wait(0.05)
     raise AssertionError("not ready")
+
+
+def test_a_score_body_over_the_request_limit_is_refused_as_it_is_read(tmp_path: Any) -> None:
+    """intake.max_request_bytes ("auto": one listing's photos in base64 plus 1 MiB, here 1,181,910 bytes):
+    a declared Content-Length over it is answered 413 before anything is read, a chunked body growing past
+    it is cut off where the route reads it; both with the service's JSON error. (Without it a multipart
+    part was spooled whole before the photo's own limit applied.)"""
+    settings = Settings(data_dir=tmp_path, intake={"max_images": 1, "max_image_bytes": 100_000})
+    assert settings.intake.request_limit() == 1_181_910
+    server, t, url = _serve(create_app(settings, container_factory=lambda _: _FakeContainer()))
+
+    def chunks() -> Any:
+        for _ in range(30):
+            yield b" " * 100_000
+
+    try:
+        upload = httpx.post(f"{url}/v1/score", data={"listing": '{"listing_id": "x"}'},
+                            files=[("images", ("a.jpg", b"\xff" * 3_000_000, "image/jpeg"))], timeout=30)
+        streamed = httpx.post(f"{url}/v1/score/batch", content=chunks(), timeout=30,
+                              headers={"content-type": "application/json"})
+        for r in (upload, streamed):
+            assert r.status_code == 413, r.text
+            assert r.json()["error"]["code"] == "too_large" and r.json()["error"]["field"] == "body"
+        small = httpx.post(f"{url}/v1/score", json={"listing_id": 1}, timeout=30)
+        assert small.status_code == 422  # read whole and validated: the limit leaves it alone
+        # Another route (a brand's catalog upload) is not held to the score limit.
+        other = httpx.post(f"{url}/v1/nope", content=b" " * 2_000_000, timeout=30)
+        assert other.status_code == 404
+    finally:
+        server.should_exit = True
+        t.join(timeout=10)
