@@ -289,21 +289,37 @@ class CachedEmbedder:
         was withdrawn (a prefetch whose photo another batch found stored) is redone here, once."""
         out: dict[str, np.ndarray] = {}
         redo: list[str] = []
-        for sha, w in pending.work.items():
-            if not isinstance(w.result, Future):
-                out[sha] = w.result[w.row]
-                continue
-            try:
-                out[sha] = w.result.result()[w.row]
-            except (CancelledError, Exception):
-                if not w.borrowed:
-                    raise
-                redo.append(sha)
-        if redo:
-            by_sha = {im.sha256: im for im in pending.images}
-            vectors = self.embedder.embed([by_sha[sha].model_pixels for sha in redo])
-            out.update(zip(redo, vectors, strict=True))
+        try:
+            for sha, w in pending.work.items():
+                if not isinstance(w.result, Future):
+                    out[sha] = w.result[w.row]
+                    continue
+                try:
+                    out[sha] = w.result.result()[w.row]
+                except (CancelledError, Exception):
+                    if not w.borrowed:
+                        raise
+                    redo.append(sha)
+            if redo:
+                by_sha = {im.sha256: im for im in pending.images}
+                vectors = self.embedder.embed([by_sha[sha].model_pixels for sha in redo])
+                out.update(zip(redo, vectors, strict=True))
+        except BaseException:
+            if pending.persist:
+                self._keep_unstored(out)
+            raise
         return out
+
+    def _keep_unstored(self, vectors: Mapping[str, np.ndarray]) -> None:
+        """Vectors this batch computed or claimed and will not store (it failed): the next batch to take
+        one of their photos stores it (``_unstored``), as it would an unclaimed prefetch's. Their runs
+        had put them in the LRU already, where a later batch would take them for hits and never write
+        them: the store, and so other processes and stored rescans, would lack them."""
+        with self._in_flight_lock:
+            for sha, v in vectors.items():
+                self._unstored[sha] = v
+            while len(self._unstored) > self._unstored_max:
+                self._unstored.popitem(last=False)
 
     def _outcome(self, pending: PendingEmbed, new: dict[str, np.ndarray]) -> EmbedOutcome:
         images, found = pending.images, pending.found
@@ -339,14 +355,22 @@ def lookup_together(embedders: Mapping[K, CachedEmbedder], sha256s: Sequence[str
 def finish_together(work: Mapping[K, tuple[CachedEmbedder, PendingEmbed]]) -> dict[K, EmbedOutcome]:
     """:meth:`CachedEmbedder.finish` of several embedders' pending work, the new vectors written to the
     store in one transaction (rather than one per model)."""
-    new = {k: emb._fresh(pe) for k, (emb, pe) in work.items()}
+    new: dict[K, dict[str, np.ndarray]] = {}
     embedders = {k: emb for k, (emb, _) in work.items()}
-    persisted = [k for k, (_, pe) in work.items() if pe.persist and new[k]]
-    for store, keys in _by_store(embedders, persisted):
-        vectors: dict[str, dict[str, np.ndarray]] = {}
-        for k in keys:
-            vectors.setdefault(embedders[k].model_id, {}).update(new[k])
-        store.put_models(vectors)
+    try:
+        for k, (emb, pe) in work.items():
+            new[k] = emb._fresh(pe)
+        persisted = [k for k, (_, pe) in work.items() if pe.persist and new[k]]
+        for store, keys in _by_store(embedders, persisted):
+            vectors: dict[str, dict[str, np.ndarray]] = {}
+            for k in keys:
+                vectors.setdefault(embedders[k].model_id, {}).update(new[k])
+            store.put_models(vectors)
+    except BaseException:  # another model's run or the write failed: these are left for the next batch
+        for k, got in new.items():
+            if work[k][1].persist:
+                embedders[k]._keep_unstored(got)
+        raise
     return {k: emb._outcome(pe, new[k]) for k, (emb, pe) in work.items()}
 
 

@@ -97,6 +97,43 @@ def test_unpersisted_work_is_not_stored(storage: Storage, photos: list[ListingIm
     assert emb.finish(emb.start(photos)).hits == 3  # the LRU kept them all the same
 
 
+class _Broken:
+    """A model whose calls fail (a model file gone bad, an out-of-memory in its runtime)."""
+
+    def __init__(self, inner: ImageEmbedder) -> None:
+        self.name, self.model_id, self.dim, self.provider = inner.name, inner.model_id, inner.dim, inner.provider
+
+    def embed(self, images: object) -> Any:
+        raise RuntimeError("the model failed")
+
+
+def test_vectors_of_a_batch_that_failed_are_stored_by_the_next(storage: Storage, photos: list[ListingImage],
+                                                               shared_models: tuple[Path, dict[str, Any]]) -> None:
+    """One model's run failed, so the batch stored nothing: the other model's vectors (in its LRU since
+    its run, on the model's thread) go to the store with the next batch that has their photos, not taken
+    for hits for ever."""
+    models = shared_models[1]
+    batchers = [ThreadBatcher(models["sscd_distilled"], max_wait_ms=0),
+                ThreadBatcher(_Broken(models[SEMANTIC_MODEL]), max_wait_ms=0),  # type: ignore[arg-type]
+                ThreadBatcher(models[SEMANTIC_MODEL], max_wait_ms=0)]
+    copy, broken, semantic = (CachedEmbedder(b, storage.embeddings) for b in batchers)
+    try:
+        with pytest.raises(RuntimeError, match="the model failed"):
+            finish_together({"copy": (copy, copy.start(photos)), "semantic": (broken, broken.start(photos))})
+        assert storage.embeddings.count() == 0
+
+        found = lookup_together({"copy": copy, "semantic": semantic}, [im.sha256 for im in photos])
+        done = finish_together({"copy": (copy, copy.start(photos, found=found["copy"])),
+                                "semantic": (semantic, semantic.start(photos, found=found["semantic"]))})
+        assert (done["copy"].hits, done["copy"].misses) == (0, 3)  # this batch stores them: its misses
+        assert storage.embeddings.count(models["sscd_distilled"].model_id) == 3
+        assert storage.embeddings.count(models[SEMANTIC_MODEL].model_id) == 3
+        assert copy.finish(copy.start(photos)).hits == 3  # and nothing is left for a third batch to write
+    finally:
+        for b in batchers:
+            b.close()
+
+
 @pytest.fixture
 def effnet(shared_models: tuple[Path, dict[str, Any]]) -> ImageEmbedder:
     model: ImageEmbedder = shared_models[1][SEMANTIC_MODEL]
