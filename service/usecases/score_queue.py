@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -244,10 +245,22 @@ class ScoringQueue:
                 fut.set_result(out)
 
     def close(self, timeout: float = 30.0) -> None:
-        """Score what is queued, then stop the workers."""
+        """Score what is queued, within ``timeout`` seconds for all the workers together, then stop them.
+        What is still queued then is answered with :class:`QueueClosedError` instead: the caller closes
+        the models and the database next, under a worker that went on taking it."""
+        deadline = time.monotonic() + timeout
         with self._cv:
             self._closed = True
             self._cv.notify_all()
         for t in self._threads:
-            t.join(timeout)
-        self._slow.shutdown(wait=True)  # the listings already handed on are finished and answered
+            t.join(max(0.0, deadline - time.monotonic()))
+        with self._cv:
+            left = list(self._queue)
+            self._queue.clear()
+        for lst, fut in left:
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(QueueClosedError(
+                    f"the service stopped before listing {lst.listing_id!r} was scored; send it again"))
+        # The listings already handed on are finished and answered (each within its expensive signal's
+        # own time: the pool holds a few at most, see max_slow_backlog).
+        self._slow.shutdown(wait=True)

@@ -236,6 +236,34 @@ def _fails_then_scores(container: Container, listing: Listing, error: type[Excep
         queue.close()
 
 
+def test_close_answers_what_it_leaves_queued_within_one_deadline(
+        rescan_world: World, container: Container, monkeypatch: pytest.MonkeyPatch) -> None:
+    """close(timeout) waits for the workers at most ``timeout``, and every request still queued then is
+    answered with QueueClosedError: none is left waiting, none is scored on the models and database the
+    container closes next."""
+    real = container.scorer.prepare_many
+    started = threading.Event()
+
+    def slow(*args: object, **kwargs: object) -> object:
+        started.set()
+        time.sleep(1.0)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(container.scorer, "prepare_many", slow)
+    queue = ScoringQueue(container.scorer, workers=2, max_batch=1)
+    futures = [queue.submit(lst) for lst in _listings(rescan_world)[:6]]
+    assert started.wait(30)
+    t0 = time.monotonic()
+    queue.close(timeout=0.3)
+    assert time.monotonic() - t0 < 0.9  # not a batch's full second: close waited at most its timeout
+    left = [f for f in futures if not f.running() and not f.done()]
+    assert not left
+    closed = [f for f in futures if f.done() and isinstance(f.exception(), QueueClosedError)]
+    assert len(closed) >= 2 and "send it again" in str(closed[0].exception())
+    for f in futures:  # the batches under way when close returned are answered too
+        f.exception(timeout=30)
+
+
 @pytest.mark.parametrize("slow", [False, True])
 def test_a_scorer_that_answers_short_fails_its_callers_instead_of_leaving_them_waiting(
         rescan_world: World, container: Container, monkeypatch: pytest.MonkeyPatch, slow: bool) -> None:
