@@ -16,7 +16,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from service.intake.errors import IntakeError, IntakeErrorCode
-from service.intake.images import DecodedImage, decode_base64, decode_image, sniff_format
+from service.intake.images import DecodedImage, decode_base64, decode_image, probe_image, sniff_format
 from service.settings import IntakeSettings
 from tests.intake.conftest import PHOTO
 
@@ -438,3 +438,46 @@ def test_wide_conversions_of_a_large_photo_stay_within_a_few_bytes_a_pixel(mode:
     assert pixels.shape == (side, side, 3)
     # The result (3 bytes a pixel), the mode's own array and a band's temporaries.
     assert peak / side**2 < 12, f"{peak / side**2:.1f} bytes a pixel"
+
+
+def _tiff_with_strips(strips: int) -> bytes:
+    """An 8x8 greyscale TIFF written by hand, its StripOffsets and StripByteCounts listing ``strips`` (>= 2)
+    strips: the first eight hold a row each, the rest repeat the last row."""
+    n_entries = 9
+    offsets_at = 8 + 2 + 12 * n_entries + 4
+    counts_at = offsets_at + 4 * strips
+    pixels_at = counts_at + 4 * strips
+    entries = [(256, 4, 1, 8), (257, 4, 1, 8), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
+               (273, 4, strips, offsets_at), (277, 3, 1, 1), (278, 4, 1, 1), (279, 4, strips, counts_at)]
+    ifd = struct.pack("<H", n_entries)
+    for tag, kind, count, value in entries:  # (a SHORT value sits left-justified in its 4 bytes)
+        ifd += struct.pack("<HHI", tag, kind, count)
+        ifd += struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value)
+    ifd += struct.pack("<I", 0)
+    offsets = struct.pack(f"<{strips}I", *(pixels_at + 8 * min(k, 7) for k in range(strips)))
+    counts = struct.pack(f"<{strips}I", *([8] * strips))
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + offsets + counts + bytes(range(64))
+
+
+def test_a_png_of_too_many_chunks_is_refused_before_pillow_walks_them() -> None:
+    """Pillow reads a PNG's chunks one by one in Python (the API probes on its event loop): 833,000 empty
+    chunks in 10 MB took 1.5 s to probe. More than MAX_PNG_CHUNKS are refused, counted at once."""
+    from service.intake.images import MAX_PNG_CHUNKS
+
+    plain = _png(4, 4, 8, 2, b"".join(b"\x00" + bytes(12) for _ in range(4)))
+    ihdr_end = 8 + 25
+    padded = plain[:ihdr_end] + _png_chunk(b"prIv", b"") * 100 + plain[ihdr_end:]
+    assert decode_image(padded, LIMITS).pixels.shape == (4, 4, 3)  # a hundred chunks: read as ever
+    flood = plain[:ihdr_end] + _png_chunk(b"prIv", b"") * (MAX_PNG_CHUNKS + 1) + plain[ihdr_end:]
+    err = _refused(flood, IntakeErrorCode.DECODE_FAILED)
+    assert f"more than {MAX_PNG_CHUNKS} chunks" in err.message
+    with pytest.raises(IntakeError, match="chunks"):
+        probe_image(flood, LIMITS)
+
+
+def test_a_tiff_of_too_many_strips_is_refused_before_pillow_reads_them() -> None:
+    from service.intake.images import MAX_TIFF_SEGMENTS
+
+    assert decode_image(_tiff_with_strips(8), LIMITS).pixels.shape == (8, 8, 3)
+    err = _refused(_tiff_with_strips(MAX_TIFF_SEGMENTS + 1), IntakeErrorCode.DECODE_FAILED)
+    assert f"{MAX_TIFF_SEGMENTS + 1} strips" in err.message
