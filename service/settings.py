@@ -243,6 +243,9 @@ class IntakeSettings(BaseModel):
     max_pixels: int = Field(default=40_000_000, ge=10_000)
     max_side: int = Field(default=12_000, ge=64)
     fetch_timeout_s: float = Field(default=5.0, gt=0, le=60)
+    # Threads resolving the names of image URLs (a lookup that times out keeps its thread until the
+    # resolver gives up: see SafeFetcher).
+    dns_threads: int = Field(default=64, ge=1, le=1024)
 
     def request_limit(self) -> int:
         """The most bytes a request body may have (``max_request_bytes``, "auto" resolved)."""

@@ -307,7 +307,12 @@ class SafeFetcher:
         self.policy = HostPolicy(settings.allow_private_hosts)
         self._ssl_context = ssl_context  # the certifi store is loaded on first use (it takes ~0.2 s)
         self._max_connections = max_connections
-        self._dns = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="intake-dns")
+        # getaddrinfo cannot be cancelled: a lookup that outlives the fetch's deadline keeps its thread
+        # until the resolver gives up (often 10 s and more). With 8 threads, one request of 8 URLs on
+        # names whose DNS servers never answer made every other caller's URL fetch time out meanwhile;
+        # with dns_threads (64) it takes eight such requests at once. (Threads start only as needed.)
+        self._dns = concurrent.futures.ThreadPoolExecutor(max_workers=settings.dns_threads,
+                                                          thread_name_prefix="intake-dns")
         self._vetter = _Vetter(self.policy, resolver or system_resolver, self._dns)
         self._pool: httpcore.ConnectionPool | None = None
         self._pool_lock = threading.Lock()

@@ -331,6 +331,35 @@ def test_connection_goes_to_the_vetted_address_with_the_original_host_header(
     assert resolver.calls == ["images.test", "images.test"]
 
 
+def test_names_whose_dns_never_answers_do_not_starve_other_callers(image_server: ImageServer,
+                                                                    photo_bytes: bytes) -> None:
+    """One request's 8 URLs on names whose DNS servers never answer time out; their lookups keep their
+    threads (getaddrinfo cannot be cancelled), and another caller's fetch still resolves and succeeds.
+    (With the 8 threads there were, it timed out too until the hung lookups returned.)"""
+    hung = threading.Event()
+    answers = CountingResolver({"images.test": ["127.0.0.1"]})
+
+    def resolver(host: str, port: int) -> Sequence[str]:
+        if host.endswith(".slow.example.com"):
+            hung.wait(30)
+            raise OSError("no answer")
+        return answers(host, port)
+
+    async def attack_then_fetch(f: SafeFetcher) -> tuple[list[BaseException | FetchResult], FetchResult]:
+        attack = await asyncio.gather(*(f.fetch(f"http://x{k}.slow.example.com/a.jpg", f"images[{k}].url")
+                                        for k in range(8)), return_exceptions=True)
+        return attack, await f.fetch(f"http://images.test:{image_server.port}/photo.jpg")
+
+    settings = _settings(allow_private_hosts=["images.test"], fetch_timeout_s=0.5)
+    try:
+        with SafeFetcher(settings, resolver=resolver) as f:
+            attack, victim = asyncio.run(attack_then_fetch(f))
+    finally:
+        hung.set()
+    assert all(isinstance(a, IntakeError) and a.code is IntakeErrorCode.TIMEOUT for a in attack), attack
+    assert victim.content == photo_bytes
+
+
 def test_unresolvable_host_is_fetch_failed(image_server: ImageServer) -> None:
     resolver = CountingResolver({})
     with SafeFetcher(_settings(), resolver=resolver) as f:
