@@ -246,15 +246,15 @@ class IntakeSettings(BaseModel):
     # Threads resolving the names of image URLs (a lookup that times out keeps its thread until the
     # resolver gives up: see SafeFetcher).
     dns_threads: int = Field(default=64, ge=1, le=1024)
+    max_redirects: int = Field(default=3, ge=0, le=10)
+    # Only for tests and closed networks: hosts (exact names) that may resolve to private addresses.
+    allow_private_hosts: list[str] = Field(default_factory=list)
 
     def request_limit(self) -> int:
         """The most bytes a request body may have (``max_request_bytes``, "auto" resolved)."""
         if self.max_request_bytes != "auto":
             return self.max_request_bytes
         return -(-self.max_images * self.max_image_bytes * 4 // 3) + 1024 * 1024
-    max_redirects: int = Field(default=3, ge=0, le=10)
-    # Only for tests and closed networks: hosts (exact names) that may resolve to private addresses.
-    allow_private_hosts: list[str] = Field(default_factory=list)
 
 
 class ServerSettings(BaseModel):

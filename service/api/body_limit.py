@@ -13,8 +13,7 @@ the route reads it, and the request is answered with the same 413 whatever the a
 
 from __future__ import annotations
 
-import json
-
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.errors import ApiError, error_body
@@ -40,7 +39,7 @@ class ScoreBodyLimit:
             return
         declared = _content_length(scope)
         if declared is not None and declared > self.limit:
-            await _answer_413(send, BodyTooLargeError(self.limit))
+            await _answer_413(scope, receive, send, BodyTooLargeError(self.limit))
             return
         seen = 0
         exceeded = started = answered = False
@@ -62,7 +61,7 @@ class ScoreBodyLimit:
             if exceeded and not started:
                 if not answered:
                     answered = True
-                    await _answer_413(send, BodyTooLargeError(self.limit))
+                    await _answer_413(scope, receive, send, BodyTooLargeError(self.limit))
                 return
             started = started or message["type"] == "http.response.start"
             await send(message)
@@ -73,7 +72,7 @@ class ScoreBodyLimit:
             if not exceeded or started:
                 raise
             if not answered:
-                await _answer_413(send, BodyTooLargeError(self.limit))
+                await _answer_413(scope, receive, send, BodyTooLargeError(self.limit))
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -86,9 +85,7 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _answer_413(send: Send, exc: ApiError) -> None:
-    body = json.dumps(error_body(exc.code, exc.message, exc.field)).encode()
-    await send({"type": "http.response.start", "status": exc.status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": body})
+async def _answer_413(scope: Scope, receive: Receive, send: Send, exc: ApiError) -> None:
+    response = JSONResponse(error_body(exc.code, exc.message, exc.field), status_code=exc.status,
+                            headers={"Connection": "close"})  # the rest of the body is not read
+    await response(scope, receive, send)

@@ -276,10 +276,15 @@ class CachedEmbedder:
                         continue
                     del self._in_flight[sha]
                     if vectors is not None and prefetched and not got.claimed:
-                        self._unstored[sha] = vectors[row]
-                        while len(self._unstored) > self._unstored_max:
-                            self._unstored.popitem(last=False)  # an abandoned request's: LRU only
+                        self._unstore(sha, vectors[row])
         return settled
+
+    def _unstore(self, sha: str, vector: np.ndarray) -> None:
+        """Leave ``vector`` for the next batch that takes its photo to store (``_in_flight_lock`` held).
+        Bounded: past ``_unstored_max`` the oldest (an abandoned request's) stays in the LRU only."""
+        self._unstored[sha] = vector
+        while len(self._unstored) > self._unstored_max:
+            self._unstored.popitem(last=False)
 
     def finish(self, pending: PendingEmbed) -> EmbedOutcome:
         return finish_together({0: (self, pending)})[0]
@@ -317,9 +322,7 @@ class CachedEmbedder:
         them: the store, and so other processes and stored rescans, would lack them."""
         with self._in_flight_lock:
             for sha, v in vectors.items():
-                self._unstored[sha] = v
-            while len(self._unstored) > self._unstored_max:
-                self._unstored.popitem(last=False)
+                self._unstore(sha, v)
 
     def _outcome(self, pending: PendingEmbed, new: dict[str, np.ndarray]) -> EmbedOutcome:
         images, found = pending.images, pending.found
