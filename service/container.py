@@ -164,6 +164,14 @@ def model_threads(models: int, cores: int | None = None) -> int:
     return max(1, (cores or os.cpu_count() or 1) // max(1, models))
 
 
+def process_share(settings: Settings, processes: int) -> Settings:
+    """``settings`` for one of ``processes`` processes that share this machine's cores (API workers,
+    rescan worker processes): its models sized by its share of the cores (``ModelSettings.for_cores``)."""
+    cores = max(1, (os.cpu_count() or 1) // max(1, processes))
+    models = settings.models.for_cores(cores, len(image_model_names(settings)))
+    return settings if models is settings.models else settings.model_copy(update={"models": models})
+
+
 def model_source_side(embedders: Iterable[object]) -> int | None:
     """The shorter side a photo needs for every one of these models (the largest ``source_side``); None
     where a model does not say (it then embeds the whole photo)."""

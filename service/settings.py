@@ -104,6 +104,23 @@ class ModelSettings(BaseModel):
             return None
         return max(1, cores // max(1, intra_op_threads))
 
+    def for_cores(self, cores: int, models: int) -> ModelSettings:
+        """These settings for a process with ``cores`` cores to itself (one of several API workers or
+        rescan processes on the machine) loading ``models`` image models: what is left to us (ONNX
+        Runtime threads 0, shared threads "auto") is sized by that share, not by the machine's cores,
+        which every process would otherwise take for itself. Two API workers on 2 cores with two shared
+        model threads each: 203.6 listings/s at c=32, 0.78 of raw; with one each, 214.6 (0.82)
+        (docs/performance.md, session 39). (On a GPU, where provider "auto" finds one, the models wait
+        for company and keep a thread each whatever ``shared_threads`` says.)"""
+        cores = max(1, cores)
+        updates: dict[str, object] = {}
+        intra = self.intra_op_threads
+        if intra == 0:
+            intra = updates["intra_op_threads"] = max(1, cores // max(1, models))
+        if self.shared_threads == "auto" and self.provider != "cuda":
+            updates["shared_threads"] = self.shared_threads_for("cpu", cores, intra)
+        return self.model_copy(update=updates) if updates else self
+
     def run_batch_for(self, provider: str, fixed_batch: int | None = None) -> int:
         """The photos per model call of a model running on ``provider`` (``cpu`` or ``cuda``). A model
         exported with a fixed batch is fed that many rows a call whatever it is given (the embedder pads

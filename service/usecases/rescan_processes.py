@@ -109,21 +109,11 @@ class ProcessEngine:
         chunk = default_chunk(processes) if chunk is None else chunk
         if processes < 1 or threads < 1 or chunk < 1:
             raise ValueError("processes, threads and chunk must be >= 1")
-        models = settings.models
-        cores = max(1, (os.cpu_count() or 1) // processes)
-        updates: dict[str, object] = {}
-        intra = models.intra_op_threads
-        if intra == 0:
-            # Each worker's models get its share of the cores (0 would give every worker all of them).
-            from service.container import image_model_names, model_threads
+        # Each worker's models get its share of the cores (0 would give every worker all of them; one
+        # core, one model thread).
+        from service.container import process_share
 
-            intra = updates["intra_op_threads"] = model_threads(len(image_model_names(settings)), cores)
-        if models.shared_threads == "auto" and models.provider != "cuda":
-            # By the worker's share of the cores too, not the machine's: one core, one model thread. (On a
-            # GPU, where "auto" finds one, the models wait for company and keep a thread each regardless.)
-            updates["shared_threads"] = models.shared_threads_for("cpu", cores, intra)
-        if updates:
-            settings = settings.model_copy(update={"models": models.model_copy(update=updates)})
+        settings = process_share(settings, processes)
         self.settings = settings
         self.base = base.resolve()
         self.processes = processes

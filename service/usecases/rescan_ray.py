@@ -74,19 +74,14 @@ class RayEngine:
         if actor_cpus <= 0 or actor_gpus < 0 or threads_per_actor < 1 or batch_size < 1 or chunk_rows < 1:
             raise ValueError("actor_cpus must be > 0, actor_gpus >= 0, the others >= 1")
         models = settings.models
-        updates: dict[str, Any] = {}
         # Each actor's ONNX Runtime gets the cores the actor reserved (0 would take every core of the node
-        # in every actor); a GPU actor runs its models on CUDA.
-        if models.intra_op_threads == 0:
-            updates["intra_op_threads"] = max(1, math.ceil(actor_cpus))
+        # in every actor), and its shared model threads too; a GPU actor runs its models on CUDA.
         if actor_gpus > 0 and models.provider == "cpu":
-            updates["provider"] = "cuda"
-        if models.shared_threads == "auto" and updates.get("provider", models.provider) != "cuda":
-            # By the actor's cores too, not the node's.
-            intra = int(updates.get("intra_op_threads", models.intra_op_threads))
-            updates["shared_threads"] = models.shared_threads_for("cpu", max(1, math.floor(actor_cpus)), intra)
-        self.settings = settings.model_copy(update={"models": models.model_copy(update=updates)}) \
-            if updates else settings
+            models = models.model_copy(update={"provider": "cuda"})
+        if models.intra_op_threads == 0:
+            models = models.model_copy(update={"intra_op_threads": max(1, math.ceil(actor_cpus))})
+        models = models.for_cores(max(1, math.floor(actor_cpus)), 1)
+        self.settings = settings if models == settings.models else settings.model_copy(update={"models": models})
         self.base = base.resolve()
         self.address = address
         self.actors = actors

@@ -66,3 +66,18 @@ def test_the_ray_engine_gives_the_local_engines_results(rescan_world: World, loc
     assert len(results["ray"]) == 10
     assert any(r["verdict"] != "clear" for r in results["ray"])
     assert_same_results(results["local"], results["ray"])
+
+
+def test_each_actor_sizes_its_models_by_the_cores_it_reserved(tmp_path: Path) -> None:
+    """An actor's ONNX Runtime threads are the cores it reserved, its shared model threads as many as those
+    hold; a GPU actor runs its models on CUDA (a thread of its own each); numbers set hold."""
+    from service.settings import Settings
+    from service.usecases.rescan_ray import RayEngine
+
+    s = Settings(data_dir=tmp_path, models={"ocr": "never"})
+    got = [(m.provider, m.intra_op_threads, m.shared_threads) for m in (
+        RayEngine(s, tmp_path, actor_cpus=cpus, actor_gpus=gpus).settings.models
+        for cpus, gpus in ((1.0, 0.0), (0.5, 0.0), (4.0, 0.0), (1.0, 1.0)))]
+    assert got == [("cpu", 1, 1), ("cpu", 1, 1), ("cpu", 4, 1), ("cuda", 1, "auto")]
+    fixed = Settings(data_dir=tmp_path, models={"ocr": "never", "intra_op_threads": 2, "shared_threads": 3})
+    assert RayEngine(fixed, tmp_path, actor_cpus=1.0).settings.models == fixed.models

@@ -154,3 +154,33 @@ def test_the_request_limit_is_one_listings_photos_in_base64_unless_set(monkeypat
     assert Settings(intake={"max_images": 2, "max_image_bytes": 3000}).intake.request_limit() == 8000 + 2**20
     monkeypatch.setenv("COUNTERLENS_INTAKE__MAX_REQUEST_BYTES", "5000000")
     assert Settings().intake.request_limit() == 5_000_000
+
+
+def test_models_are_sized_by_the_processes_share_of_the_cores() -> None:
+    """``ModelSettings.for_cores``: what is left to us (ONNX Runtime threads 0, shared threads "auto") is
+    sized by the cores one process has to itself; numbers set hold; a CUDA model keeps "auto"."""
+    m = Settings().models
+    assert (m.intra_op_threads, m.shared_threads) == (0, "auto")
+    assert [(s.intra_op_threads, s.shared_threads) for s in (m.for_cores(c, 2) for c in (1, 2, 8))] == [
+        (1, 1), (1, 2), (4, 2)]
+    assert (m.for_cores(0, 2).intra_op_threads, m.for_cores(0, 2).shared_threads) == (1, 1)
+    fixed = m.model_copy(update={"intra_op_threads": 3, "shared_threads": 5})
+    assert fixed.for_cores(1, 2) == fixed
+    assert m.model_copy(update={"intra_op_threads": 2}).for_cores(8, 2).shared_threads == 4
+    cuda = m.model_copy(update={"provider": "cuda"})
+    assert (cuda.for_cores(2, 2).intra_op_threads, cuda.for_cores(2, 2).shared_threads) == (1, "auto")
+
+
+@pytest.mark.parametrize(("workers", "intra", "shared"), [(1, 4, 2), (2, 2, 2), (8, 1, 1)])
+def test_each_api_worker_sizes_its_models_by_its_share_of_the_cores(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, workers: int, intra: int, shared: int) -> None:
+    """The worker processes' app (``service.api.main.app_factory``) on 8 cores: each of ``workers`` takes
+    its share for its two models. (With the machine's cores each, two workers on 2 cores ran four model
+    threads and served 0.78 of raw at c=32 where one model thread each served 0.82.)"""
+    from service.api.main import app_factory
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setenv("COUNTERLENS_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("COUNTERLENS_SERVER__WORKERS", str(workers))
+    m = app_factory().state.cl.settings.models
+    assert (m.intra_op_threads, m.shared_threads) == (intra, shared)
