@@ -237,17 +237,41 @@ class CachedEmbedder:
             else:
                 new[sha] = im
         if new:
-            pixels = [im.model_pixels for im in new.values()]
-            submit = getattr(self.embedder, "submit", None)
-            result: Future[Vectors] | Vectors = submit(pixels) if submit is not None else self.embedder.embed(pixels)
-            if isinstance(result, Future):
-                with self._in_flight_lock:
-                    for row, sha in enumerate(new):
-                        self._in_flight.setdefault(sha, _Flight(result, row, prefetched=False))
-                result.add_done_callback(self._settle(list(new), prefetched=False))
-            for row, sha in enumerate(new):
-                work[sha] = _Work(result, row, borrowed=False)
+            self._run_new(new, work, found, persist)
         return PendingEmbed(list(images), found, work, persist)
+
+    def _run_new(self, new: dict[str, ListingImage], work: dict[str, _Work], found: dict[str, np.ndarray],
+                 persist: bool) -> None:
+        """Hand ``new`` to the model (into ``work``). Where the model queues work, what a prefetch started
+        or finished on one of them since :meth:`start` looked (while they were decoded) is taken instead of
+        run again: the check, the submit and the table's entries are made under the lock, as a prefetch's
+        are, so no photo runs twice at once."""
+        pixels = {sha: im.model_pixels for sha, im in new.items()}  # decoded outside the lock
+        submit = getattr(self.embedder, "submit", None)
+        if submit is None:
+            vectors = self.embedder.embed(list(pixels.values()))
+            work.update((sha, _Work(vectors, row, borrowed=False)) for row, sha in enumerate(pixels))
+            return
+        with self._in_flight_lock:
+            for sha in list(pixels):
+                if persist and (done := self._unstored.pop(sha, None)) is not None:
+                    work[sha] = _Work(done[None, :], 0, borrowed=False)
+                elif (flight := self._in_flight.get(sha)) is not None:
+                    if persist:
+                        flight.claimed = True
+                    work[sha] = _Work(flight.result, flight.row, borrowed=True)
+                elif (v := self._lru.get(sha)) is not None:
+                    found[sha] = v
+                else:
+                    continue
+                del pixels[sha]
+            if not pixels:
+                return
+            result: Future[Vectors] = submit(list(pixels.values()))
+            for row, sha in enumerate(pixels):
+                self._in_flight[sha] = _Flight(result, row, prefetched=False)
+                work[sha] = _Work(result, row, borrowed=False)
+        result.add_done_callback(self._settle(list(pixels), prefetched=False))
 
     def _withdraw(self, sha: str, flight: _Flight) -> None:
         """Cancel a prefetch nobody else waits for (its entry already taken out of the table)."""

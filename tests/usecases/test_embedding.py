@@ -217,6 +217,28 @@ def test_two_batches_with_the_same_new_photo_share_one_run(held: Held, photos: l
     assert held.batcher.images_run == 3  # photos[2], then [0] and [1] once each
 
 
+def test_a_photo_prefetched_while_its_batch_decodes_it_runs_once(
+        held: Held, storage: Storage, photos: list[ListingImage], effnet: ImageEmbedder) -> None:
+    """A request with the same new photo is queued (and prefetched) while a batch decodes that photo for
+    the model: the batch takes the prefetch's run rather than submitting a second one."""
+    emb = held.emb
+    busy = emb.start([photos[2]], found={})
+    assert held.gated.entered.wait(5)
+    queued = _lazy([photos[0]])[0]
+
+    def decode() -> Any:
+        assert emb.prefetch([queued]) == 1  # not in flight yet: the prefetch starts it
+        return photos[0].pixels
+
+    pending = emb.start([ListingImage(photos[0].sha256, decode=decode)], found={})
+    held.gated.gate.set()
+    out = emb.finish(pending)
+    emb.finish(busy)
+    assert held.batcher.images_run == 2  # photos[2], then photos[0] once
+    assert (out.hits, out.misses) == (0, 1) and storage.embeddings.count(effnet.model_id) == 2
+    np.testing.assert_allclose(out.vectors, effnet.embed([photos[0].pixels]), atol=1e-5)
+
+
 def test_a_prefetched_photo_the_store_has_is_withdrawn_from_a_busy_model(
         held: Held, storage: Storage, photos: list[ListingImage], effnet: ImageEmbedder) -> None:
     # Another worker process embedded and stored the first two photos.
