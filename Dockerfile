@@ -59,4 +59,6 @@ VOLUME ["/data"]
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=60s \
   CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=2).status == 200 else 1)"
+# One worker by default. At capacity, one worker per core the container may use serves more
+# (COUNTERLENS_SERVER__WORKERS; each holds its own models and indexes: README, "serve --workers N").
 CMD ["counterlens", "serve"]
