@@ -162,13 +162,69 @@ class _AsyncClampedStream(httpcore.AsyncNetworkStream):
         return self._inner.get_extra_info(info)
 
 
+# Second-level labels under which names are sold (co.uk, com.au, ne.jp): a name under one of them in a
+# two-letter country domain belongs to the domain of its last three labels, not two.
+_SECOND_LEVEL = frozenset({"ac", "co", "com", "edu", "go", "gov", "ltd", "ne", "net", "or", "org", "plc"})
+
+
+def registered_domain(host: str) -> str:
+    """The domain a name most likely belongs to, the unit somebody registers: its last two labels, or
+    three under a second-level label of a country domain (``x.shop.co.uk`` -> ``shop.co.uk``). A
+    heuristic without the public suffix list: rare suffixes it misses only group their names coarser."""
+    labels = host.rstrip(".").lower().split(".")
+    n = 3 if len(labels) >= 3 and len(labels[-1]) == 2 and labels[-2] in _SECOND_LEVEL else 2
+    return ".".join(labels[-n:])
+
+
+class _HungLookups:
+    """Lookups that outlived their fetch's deadline and still hold a DNS thread (getaddrinfo cannot be
+    cancelled), by registered domain. A domain with ``limit`` of them is refused at once until they
+    return: names whose DNS servers never answer are free to make under one domain (``x1.example``,
+    ``x2.example``, ...), and without the limit 8 requests of 8 such URLs held 64 threads for as long as
+    the resolver waits (10 s and more), while every other caller's URL fetch timed out."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._by_domain: dict[str, int] = {}
+
+    def check(self, host: str) -> None:
+        domain = registered_domain(host)
+        with self._lock:
+            hung = self._by_domain.get(domain, 0)
+        if hung >= self.limit:
+            raise IntakeError(IntakeErrorCode.FETCH_FAILED,
+                              f"could not resolve host {host!r}: the DNS of {domain} is not answering "
+                              f"({hung} lookups still waiting)", _scope().field)
+
+    def abandoned(self, host: str, lookup: concurrent.futures.Future[Sequence[str]]) -> None:
+        """``lookup`` is given up on: counted against its domain until its thread returns. (One not yet
+        started is cancelled instead, and holds no thread.)"""
+        if lookup.cancel() or lookup.done():
+            return
+        domain = registered_domain(host)
+        with self._lock:
+            self._by_domain[domain] = self._by_domain.get(domain, 0) + 1
+        lookup.add_done_callback(lambda _: self._returned(domain))
+
+    def _returned(self, domain: str) -> None:
+        with self._lock:
+            left = self._by_domain[domain] - 1
+            if left:
+                self._by_domain[domain] = left
+            else:
+                del self._by_domain[domain]
+
+
 class _Vetter:
     """Resolve a host (unless it is an IP literal) and return only addresses the policy accepts."""
 
-    def __init__(self, policy: HostPolicy, resolver: Resolver, executor: concurrent.futures.Executor) -> None:
+    def __init__(self, policy: HostPolicy, resolver: Resolver, executor: concurrent.futures.Executor,
+                 hung: _HungLookups) -> None:
         self.policy = policy
         self.resolver = resolver
         self.executor = executor
+        self.hung = hung
 
     def _resolve_failed(self, host: str, exc: Exception) -> IntakeError:
         message = f"could not resolve host {host!r}: {exc}"
@@ -178,6 +234,7 @@ class _Vetter:
         if _is_ip(host):
             addresses: Sequence[str] = [host]
         else:
+            self.hung.check(host)
             future = self.executor.submit(self.resolver, host, port)
             try:
                 # A hung resolver is abandoned in its worker thread; the fetch keeps its deadline.
@@ -186,22 +243,30 @@ class _Vetter:
                 raise httpcore.ConnectTimeout(f"resolving {host!r} timed out") from None
             except (OSError, UnicodeError) as exc:
                 raise self._resolve_failed(host, exc) from None
+            finally:
+                if not future.done():
+                    self.hung.abandoned(host, future)
         return [str(ip) for ip in self.policy.check_addresses(host, addresses, _scope().field)]
 
     async def vet_async(self, host: str, port: int) -> list[str]:
         if _is_ip(host):
             addresses: Sequence[str] = [host]
         else:
-            loop = asyncio.get_running_loop()
+            self.hung.check(host)
+            # Our own executor, not the loop's default one: a hung DNS server must not starve other work
+            # the application runs in threads.  Cancelling the await abandons the thread.
+            future = self.executor.submit(self.resolver, host, port)
             try:
-                # Our own executor, not the loop's default one: a hung DNS server must not starve other
-                # work the application runs in threads.  Cancelling the await abandons the thread.
-                lookup = loop.run_in_executor(self.executor, self.resolver, host, port)
-                addresses = await asyncio.wait_for(lookup, _clamp(None, httpcore.ConnectTimeout))
+                addresses = await asyncio.wait_for(asyncio.wrap_future(future),
+                                                   _clamp(None, httpcore.ConnectTimeout))
             except TimeoutError:
                 raise httpcore.ConnectTimeout(f"resolving {host!r} timed out") from None
             except (OSError, UnicodeError) as exc:
                 raise self._resolve_failed(host, exc) from None
+            finally:
+                # (Also when the whole fetch's deadline cancels this await.)
+                if not future.done():
+                    self.hung.abandoned(host, future)
         return [str(ip) for ip in self.policy.check_addresses(host, addresses, _scope().field)]
 
 
@@ -309,11 +374,13 @@ class SafeFetcher:
         self._max_connections = max_connections
         # getaddrinfo cannot be cancelled: a lookup that outlives the fetch's deadline keeps its thread
         # until the resolver gives up (often 10 s and more). With 8 threads, one request of 8 URLs on
-        # names whose DNS servers never answer made every other caller's URL fetch time out meanwhile;
-        # with dns_threads (64) it takes eight such requests at once. (Threads start only as needed.)
+        # names whose DNS servers never answer made every other caller's URL fetch time out meanwhile.
+        # Now each registered domain may hold dns_hung_per_domain (4) threads so, and the pool's
+        # dns_threads (64) take sixteen such domains at once. (Threads start only as needed.)
         self._dns = concurrent.futures.ThreadPoolExecutor(max_workers=settings.dns_threads,
                                                           thread_name_prefix="intake-dns")
-        self._vetter = _Vetter(self.policy, resolver or system_resolver, self._dns)
+        self._vetter = _Vetter(self.policy, resolver or system_resolver, self._dns,
+                               _HungLookups(settings.dns_hung_per_domain))
         self._pool: httpcore.ConnectionPool | None = None
         self._pool_lock = threading.Lock()
         self._apool: httpcore.AsyncConnectionPool | None = None

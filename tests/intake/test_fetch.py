@@ -13,7 +13,7 @@ from urllib.parse import quote
 import pytest
 
 from service.intake.errors import IntakeError, IntakeErrorCode
-from service.intake.fetch import FetchResult, SafeFetcher
+from service.intake.fetch import FetchResult, SafeFetcher, registered_domain
 from service.settings import IntakeSettings
 from tests.intake.conftest import CertificateAuthority, ImageServer, TlsServer
 
@@ -358,6 +358,63 @@ def test_names_whose_dns_never_answers_do_not_starve_other_callers(image_server:
         hung.set()
     assert all(isinstance(a, IntakeError) and a.code is IntakeErrorCode.TIMEOUT for a in attack), attack
     assert victim.content == photo_bytes
+
+
+def test_a_domain_whose_dns_never_answers_holds_at_most_its_share_of_the_dns_threads(
+        image_server: ImageServer, photo_bytes: bytes) -> None:
+    """Names under one domain whose DNS servers never answer: once ``dns_hung_per_domain`` (4) of their
+    lookups have outlived their fetches, the domain's further names are refused at once (fetch_failed,
+    no lookup, no thread), sync and async, while another domain still resolves; once the hung lookups
+    return, the domain is looked up again. (Without it, 8 requests of 8 such names held 64 threads.)"""
+    hung = threading.Event()
+    answers = CountingResolver({"images.test": ["127.0.0.1"], "cdn.slow.example.com": ["127.0.0.1"]})
+    looked_up: list[str] = []
+
+    def resolver(host: str, port: int) -> Sequence[str]:
+        looked_up.append(host)
+        if host.startswith("x"):
+            hung.wait(30)
+        return answers(host, port)
+
+    async def fetch_all(f: SafeFetcher, names: list[str]) -> list[BaseException | FetchResult]:
+        return await asyncio.gather(*(f.fetch(f"http://{n}:{image_server.port}/photo.jpg", f"images[{k}].url")
+                                      for k, n in enumerate(names)), return_exceptions=True)
+
+    settings = _settings(allow_private_hosts=["images.test", "cdn.slow.example.com"], fetch_timeout_s=0.4)
+    try:
+        with SafeFetcher(settings, resolver=resolver) as f:
+            first = asyncio.run(fetch_all(f, [f"x{k}.slow.example.com" for k in range(6)]))
+            assert all(isinstance(a, IntakeError) and a.code is IntakeErrorCode.TIMEOUT for a in first), first
+            assert len(looked_up) == 6
+            second = asyncio.run(fetch_all(f, [f"x{k}.a{k}.example.com" for k in range(6, 12)]))
+            assert all(isinstance(a, IntakeError) and a.code is IntakeErrorCode.FETCH_FAILED
+                       and "DNS of example.com is not answering (6 lookups still waiting)" in a.message
+                       and a.field == f"images[{k}].url" for k, a in enumerate(second)), second
+            err = _refused(lambda: f.fetch_sync(f"http://x99.example.com:{image_server.port}/photo.jpg", "u"),
+                           IntakeErrorCode.FETCH_FAILED, "u")
+            assert "not answering" in err.message and len(looked_up) == 6
+            victim = f.fetch_sync(f"http://images.test:{image_server.port}/photo.jpg")
+            assert victim.content == photo_bytes
+            hung.set()
+            deadline = time.monotonic() + 10
+            while True:  # the hung lookups return (answering no such host): the domain is free again
+                try:
+                    back = f.fetch_sync(f"http://cdn.slow.example.com:{image_server.port}/photo.jpg")
+                    break
+                except IntakeError as exc:
+                    assert "not answering" in exc.message and time.monotonic() < deadline
+                    time.sleep(0.05)
+            assert back.content == photo_bytes
+    finally:
+        hung.set()
+
+
+@pytest.mark.parametrize(("host", "domain"), [
+    ("x1.slow.example.com", "example.com"), ("cdn.example.com.", "example.com"), ("images.test", "images.test"),
+    ("a.b.shop.co.uk", "shop.co.uk"), ("img.store.com.au", "store.com.au"), ("x.ab.de", "ab.de"),
+    ("CDN.Example.ORG", "example.org"), ("co.uk", "co.uk"), ("localhost", "localhost")])
+def test_names_are_grouped_by_the_domain_somebody_registered(host: str, domain: str) -> None:
+    assert registered_domain(host) == domain
 
 
 def test_unresolvable_host_is_fetch_failed(image_server: ImageServer) -> None:
