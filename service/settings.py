@@ -263,9 +263,10 @@ class IntakeSettings(BaseModel):
     # Threads resolving the names of image URLs (a lookup that times out keeps its thread until the
     # resolver gives up: see SafeFetcher).
     dns_threads: int = Field(default=64, ge=1, le=1024)
-    # Lookups that outlived their fetch and still wait, per registered domain, before that domain's
-    # names are refused at once until they return (see SafeFetcher).
-    dns_hung_per_domain: int = Field(default=4, ge=1, le=1024)
+    # Names of one registered domain looked up at once (each on a DNS thread); a further name of the
+    # domain is refused at once (fetch_failed) until one returns. Callers asking for the same name share
+    # its lookup. Bounds what names made up under a domain whose DNS never answers can hold (SafeFetcher).
+    dns_lookups_per_domain: int = Field(default=8, ge=1, le=1024)
     max_redirects: int = Field(default=3, ge=0, le=10)
     # Only for tests and closed networks: hosts (exact names) that may resolve to private addresses.
     allow_private_hosts: list[str] = Field(default_factory=list)

@@ -9,8 +9,9 @@ How it is made safe (the design):
   internal and metadata names refused.  Refusals here happen before any socket is opened.
 * Connections are made by our own httpcore *network backend* (``_PinnedBackend``).  httpcore asks it to
   ``connect_tcp(host, port)``; the backend resolves the host itself (``getaddrinfo`` in a worker thread,
-  under the fetch deadline), refuses if ANY resolved address is forbidden, and then connects to a vetted
-  IP address, never to the name again.  So the address that was checked is the address connected to:
+  under the fetch deadline; one lookup of a name at a time, a few names of a domain: ``_Lookups``),
+  refuses if ANY resolved address is forbidden, and then connects to a vetted IP address, never to the
+  name again.  So the address that was checked is the address connected to:
   DNS rebinding between check and connect has nothing to race.  httpcore still sends ``Host`` and TLS
   SNI for the original name and verifies the certificate against it (the backend only swaps the TCP
   destination), so virtual hosting and certificate checks work as for any client.
@@ -176,39 +177,47 @@ def registered_domain(host: str) -> str:
     return ".".join(labels[-n:])
 
 
-class _HungLookups:
-    """Lookups that outlived their fetch's deadline and still hold a DNS thread (getaddrinfo cannot be
-    cancelled), by registered domain. A domain with ``limit`` of them is refused at once until they
-    return: names whose DNS servers never answer are free to make under one domain (``x1.example``,
-    ``x2.example``, ...), and without the limit 8 requests of 8 such URLs held 64 threads for as long as
-    the resolver waits (10 s and more), while every other caller's URL fetch timed out."""
+class _Lookups:
+    """The DNS lookups under way, one per name, at most ``per_domain`` names of a registered domain at
+    once, each on a thread of ``executor``.
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
+    getaddrinfo cannot be cancelled: a lookup whose DNS server never answers keeps its thread until the
+    resolver gives up (10 s and more), whatever the fetch's deadline. Names are free to make under one
+    domain (``x1.evil.example``, ``x2.evil.example``, ...): 8 requests of 8 such URLs held all 64 threads,
+    and every other caller's URL fetch timed out meanwhile. So a name of a domain with ``per_domain``
+    names being looked up (answered or not) is refused at once, without a lookup, until one returns;
+    callers that ask for the same name at once share one lookup (a burst of photos from one image host
+    is one lookup, and never meets the limit)."""
+
+    def __init__(self, resolver: Resolver, executor: concurrent.futures.Executor, per_domain: int) -> None:
+        self.resolver = resolver
+        self.executor = executor
+        self.per_domain = per_domain
         self._lock = threading.Lock()
+        self._by_name: dict[tuple[str, int], concurrent.futures.Future[Sequence[str]]] = {}
         self._by_domain: dict[str, int] = {}
 
-    def check(self, host: str) -> None:
-        domain = registered_domain(host)
+    def start(self, host: str, port: int) -> concurrent.futures.Future[Sequence[str]]:
+        """The lookup of ``host`` under way, or a new one; raises fetch_failed where its domain has
+        ``per_domain`` names being looked up. (Never cancelled: other callers may share it.)"""
+        key, domain = (host, port), registered_domain(host)
         with self._lock:
-            hung = self._by_domain.get(domain, 0)
-        if hung >= self.limit:
-            raise IntakeError(IntakeErrorCode.FETCH_FAILED,
-                              f"could not resolve host {host!r}: the DNS of {domain} is not answering "
-                              f"({hung} lookups still waiting)", _scope().field)
+            if (running := self._by_name.get(key)) is not None:
+                return running
+            busy = self._by_domain.get(domain, 0)
+            if busy >= self.per_domain:
+                raise IntakeError(IntakeErrorCode.FETCH_FAILED,
+                                  f"could not resolve host {host!r}: {busy} names under {domain} are being "
+                                  f"looked up, and their DNS has not answered yet", _scope().field)
+            lookup = self.executor.submit(self.resolver, host, port)
+            self._by_name[key] = lookup
+            self._by_domain[domain] = busy + 1
+        lookup.add_done_callback(lambda _: self._done(key, domain))
+        return lookup
 
-    def abandoned(self, host: str, lookup: concurrent.futures.Future[Sequence[str]]) -> None:
-        """``lookup`` is given up on: counted against its domain until its thread returns. (One not yet
-        started is cancelled instead, and holds no thread.)"""
-        if lookup.cancel() or lookup.done():
-            return
-        domain = registered_domain(host)
+    def _done(self, key: tuple[str, int], domain: str) -> None:
         with self._lock:
-            self._by_domain[domain] = self._by_domain.get(domain, 0) + 1
-        lookup.add_done_callback(lambda _: self._returned(domain))
-
-    def _returned(self, domain: str) -> None:
-        with self._lock:
+            del self._by_name[key]
             left = self._by_domain[domain] - 1
             if left:
                 self._by_domain[domain] = left
@@ -219,12 +228,9 @@ class _HungLookups:
 class _Vetter:
     """Resolve a host (unless it is an IP literal) and return only addresses the policy accepts."""
 
-    def __init__(self, policy: HostPolicy, resolver: Resolver, executor: concurrent.futures.Executor,
-                 hung: _HungLookups) -> None:
+    def __init__(self, policy: HostPolicy, lookups: _Lookups) -> None:
         self.policy = policy
-        self.resolver = resolver
-        self.executor = executor
-        self.hung = hung
+        self.lookups = lookups
 
     def _resolve_failed(self, host: str, exc: Exception) -> IntakeError:
         message = f"could not resolve host {host!r}: {exc}"
@@ -234,39 +240,31 @@ class _Vetter:
         if _is_ip(host):
             addresses: Sequence[str] = [host]
         else:
-            self.hung.check(host)
-            future = self.executor.submit(self.resolver, host, port)
+            timeout = _clamp(None, httpcore.ConnectTimeout)
             try:
-                # A hung resolver is abandoned in its worker thread; the fetch keeps its deadline.
-                addresses = future.result(timeout=_clamp(None, httpcore.ConnectTimeout))
+                # A hung lookup is abandoned in its thread; the fetch keeps its deadline.
+                addresses = self.lookups.start(host, port).result(timeout=timeout)
             except TimeoutError:
                 raise httpcore.ConnectTimeout(f"resolving {host!r} timed out") from None
             except (OSError, UnicodeError) as exc:
                 raise self._resolve_failed(host, exc) from None
-            finally:
-                if not future.done():
-                    self.hung.abandoned(host, future)
         return [str(ip) for ip in self.policy.check_addresses(host, addresses, _scope().field)]
 
     async def vet_async(self, host: str, port: int) -> list[str]:
         if _is_ip(host):
             addresses: Sequence[str] = [host]
         else:
-            self.hung.check(host)
-            # Our own executor, not the loop's default one: a hung DNS server must not starve other work
-            # the application runs in threads.  Cancelling the await abandons the thread.
-            future = self.executor.submit(self.resolver, host, port)
+            timeout = _clamp(None, httpcore.ConnectTimeout)
+            # (Our own threads, not the loop's default executor: a hung DNS server must not starve other
+            # work the application runs in threads.) Shielded: a caller that gives up, or whose whole
+            # fetch is cancelled, must not cancel a lookup that other callers share.
+            lookup = asyncio.shield(asyncio.wrap_future(self.lookups.start(host, port)))
             try:
-                addresses = await asyncio.wait_for(asyncio.wrap_future(future),
-                                                   _clamp(None, httpcore.ConnectTimeout))
+                addresses = await asyncio.wait_for(lookup, timeout)
             except TimeoutError:
                 raise httpcore.ConnectTimeout(f"resolving {host!r} timed out") from None
             except (OSError, UnicodeError) as exc:
                 raise self._resolve_failed(host, exc) from None
-            finally:
-                # (Also when the whole fetch's deadline cancels this await.)
-                if not future.done():
-                    self.hung.abandoned(host, future)
         return [str(ip) for ip in self.policy.check_addresses(host, addresses, _scope().field)]
 
 
@@ -372,15 +370,12 @@ class SafeFetcher:
         self.policy = HostPolicy(settings.allow_private_hosts)
         self._ssl_context = ssl_context  # the certifi store is loaded on first use (it takes ~0.2 s)
         self._max_connections = max_connections
-        # getaddrinfo cannot be cancelled: a lookup that outlives the fetch's deadline keeps its thread
-        # until the resolver gives up (often 10 s and more). With 8 threads, one request of 8 URLs on
-        # names whose DNS servers never answer made every other caller's URL fetch time out meanwhile.
-        # Now each registered domain may hold dns_hung_per_domain (4) threads so, and the pool's
-        # dns_threads (64) take sixteen such domains at once. (Threads start only as needed.)
+        # Threads start only as needed; a domain whose DNS never answers holds at most
+        # dns_lookups_per_domain of them (see _Lookups).
         self._dns = concurrent.futures.ThreadPoolExecutor(max_workers=settings.dns_threads,
                                                           thread_name_prefix="intake-dns")
-        self._vetter = _Vetter(self.policy, resolver or system_resolver, self._dns,
-                               _HungLookups(settings.dns_hung_per_domain))
+        self._vetter = _Vetter(self.policy, _Lookups(resolver or system_resolver, self._dns,
+                                                     settings.dns_lookups_per_domain))
         self._pool: httpcore.ConnectionPool | None = None
         self._pool_lock = threading.Lock()
         self._apool: httpcore.AsyncConnectionPool | None = None

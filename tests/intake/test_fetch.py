@@ -362,47 +362,52 @@ def test_names_whose_dns_never_answers_do_not_starve_other_callers(image_server:
 
 def test_a_domain_whose_dns_never_answers_holds_at_most_its_share_of_the_dns_threads(
         image_server: ImageServer, photo_bytes: bytes) -> None:
-    """Names under one domain whose DNS servers never answer: once ``dns_hung_per_domain`` (4) of their
-    lookups have outlived their fetches, the domain's further names are refused at once (fetch_failed,
-    no lookup, no thread), sync and async, while another domain still resolves; once the hung lookups
-    return, the domain is looked up again. (Without it, 8 requests of 8 such names held 64 threads.)"""
+    """16 names made up under one domain whose DNS never answers, fetched at once: 8
+    (``dns_lookups_per_domain``) are looked up and time out, the other 8 are refused at once
+    (fetch_failed, no lookup, no thread), and so is a later name, sync or async, until those lookups
+    return; another domain resolves meanwhile, and callers asking for one name at once share its lookup.
+    (Before, 8 requests of 8 such names held all 64 DNS threads.)"""
     hung = threading.Event()
     answers = CountingResolver({"images.test": ["127.0.0.1"], "cdn.slow.example.com": ["127.0.0.1"]})
-    looked_up: list[str] = []
 
     def resolver(host: str, port: int) -> Sequence[str]:
-        looked_up.append(host)
         if host.startswith("x"):
+            answers.calls.append(host)
             hung.wait(30)
+            raise OSError("no answer")
+        time.sleep(0.2)  # long enough for the callers below to meet
         return answers(host, port)
 
     async def fetch_all(f: SafeFetcher, names: list[str]) -> list[BaseException | FetchResult]:
         return await asyncio.gather(*(f.fetch(f"http://{n}:{image_server.port}/photo.jpg", f"images[{k}].url")
                                       for k, n in enumerate(names)), return_exceptions=True)
 
-    settings = _settings(allow_private_hosts=["images.test", "cdn.slow.example.com"], fetch_timeout_s=0.4)
+    settings = _settings(allow_private_hosts=["images.test", "cdn.slow.example.com"], fetch_timeout_s=0.5)
+    assert settings.dns_lookups_per_domain == 8
     try:
         with SafeFetcher(settings, resolver=resolver) as f:
-            first = asyncio.run(fetch_all(f, [f"x{k}.slow.example.com" for k in range(6)]))
-            assert all(isinstance(a, IntakeError) and a.code is IntakeErrorCode.TIMEOUT for a in first), first
-            assert len(looked_up) == 6
-            second = asyncio.run(fetch_all(f, [f"x{k}.a{k}.example.com" for k in range(6, 12)]))
-            assert all(isinstance(a, IntakeError) and a.code is IntakeErrorCode.FETCH_FAILED
-                       and "DNS of example.com is not answering (6 lookups still waiting)" in a.message
-                       and a.field == f"images[{k}].url" for k, a in enumerate(second)), second
-            err = _refused(lambda: f.fetch_sync(f"http://x99.example.com:{image_server.port}/photo.jpg", "u"),
-                           IntakeErrorCode.FETCH_FAILED, "u")
-            assert "not answering" in err.message and len(looked_up) == 6
-            victim = f.fetch_sync(f"http://images.test:{image_server.port}/photo.jpg")
-            assert victim.content == photo_bytes
+            burst = asyncio.run(fetch_all(f, [f"x{k}.a{k % 3}.slow.example.com" for k in range(16)]))
+            codes = [a.code if isinstance(a, IntakeError) else a for a in burst]
+            assert codes.count(IntakeErrorCode.TIMEOUT) == 8 and codes.count(IntakeErrorCode.FETCH_FAILED) == 8
+            refused = [a for a in burst if isinstance(a, IntakeError) and a.code is IntakeErrorCode.FETCH_FAILED]
+            assert all("8 names under example.com are being looked up" in a.message for a in refused), refused
+            assert {a.field for a in refused} <= {f"images[{k}].url" for k in range(16)}
+            assert len(answers.calls) == 8
+            _refused(lambda: f.fetch_sync(f"http://x99.example.com:{image_server.port}/photo.jpg", "u"),
+                     IntakeErrorCode.FETCH_FAILED, "u")
+            assert len(answers.calls) == 8
+            # Another domain resolves; five callers of one name share one lookup.
+            victims = asyncio.run(fetch_all(f, ["images.test"] * 5))
+            assert all(isinstance(v, FetchResult) and v.content == photo_bytes for v in victims), victims
+            assert answers.calls.count("images.test") == 1
             hung.set()
             deadline = time.monotonic() + 10
-            while True:  # the hung lookups return (answering no such host): the domain is free again
+            while True:  # the hung lookups return: the domain's names are looked up again
                 try:
                     back = f.fetch_sync(f"http://cdn.slow.example.com:{image_server.port}/photo.jpg")
                     break
                 except IntakeError as exc:
-                    assert "not answering" in exc.message and time.monotonic() < deadline
+                    assert "being looked up" in exc.message and time.monotonic() < deadline
                     time.sleep(0.05)
             assert back.content == photo_bytes
     finally:
