@@ -1,6 +1,8 @@
 """Import target for uvicorn workers: ``uvicorn --factory service.api.main:app_factory``.
 
-Each worker process builds its Settings from the environment exactly once, here.
+Each worker process builds its Settings from the environment exactly once, here, and sizes its models
+by its share of the cores: ``counterlens serve --workers N`` tells each worker N
+(``COUNTERLENS_SERVER__WORKERS``); with uvicorn's own ``--workers N``, set that variable to N as well.
 """
 
 from __future__ import annotations

@@ -76,8 +76,12 @@ def _report_started(server: Any, started: Any) -> None:
 
 
 def _worker_main(app: str, host: str, port: int, uvicorn_options: dict[str, Any], parent: int,
-                 started: Any) -> None:  # a child process
+                 started: Any, workers: int) -> None:  # a child process
     import uvicorn
+
+    # The app's Settings read the environment: whoever built this supervisor, each worker knows how many
+    # share the machine (its models take its share of the cores: service.api.main).
+    os.environ["COUNTERLENS_SERVER__WORKERS"] = str(workers)
 
     threading.Thread(target=_exit_with_parent, args=(parent,), name="exit-with-parent", daemon=True).start()
     try:
@@ -114,7 +118,8 @@ class ReusePortSupervisor:
     def _start(self) -> _Slot:
         started = self._ctx.Event()
         p = self._ctx.Process(target=_worker_main, name="counterlens-worker", daemon=False,
-                              args=(self.app, self.host, self.port, self.uvicorn_options, os.getpid(), started))
+                              args=(self.app, self.host, self.port, self.uvicorn_options, os.getpid(), started,
+                                    self.workers))
         p.start()
         return _Slot(p, started)
 

@@ -1,4 +1,5 @@
-"""A tiny app factory for the worker supervisor's tests: answers which process served the request."""
+"""A tiny app factory for the worker supervisor's tests: answers which process served the request, and
+how many workers it was told there are."""
 
 from __future__ import annotations
 
@@ -14,5 +15,9 @@ async def _pid(_: Request) -> PlainTextResponse:
     return PlainTextResponse(str(os.getpid()))
 
 
+async def _workers(_: Request) -> PlainTextResponse:
+    return PlainTextResponse(os.environ.get("COUNTERLENS_SERVER__WORKERS", "0"))
+
+
 def app_factory() -> Starlette:
-    return Starlette(routes=[Route("/", _pid)])
+    return Starlette(routes=[Route("/", _pid), Route("/workers", _workers)])

@@ -27,12 +27,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _get(port: int, sock: socket.socket | None = None) -> int:
-    """GET / (on ``sock``, kept open, or on a new connection): the pid that answered."""
+def _get(port: int, sock: socket.socket | None = None, path: str = "/") -> int:
+    """GET / (on ``sock``, kept open, or on a new connection): the pid that answered (``path`` /workers:
+    the workers it was told there are)."""
     own = sock is None
     s = sock or socket.create_connection(("127.0.0.1", port), timeout=5)
     try:
-        s.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
         data = b""
         while b"\r\n\r\n" not in data or not data.split(b"\r\n\r\n", 1)[1]:
             chunk = s.recv(4096)
@@ -48,8 +49,9 @@ def _get(port: int, sock: socket.socket | None = None) -> int:
 def _supervisor(port: int, workers: int, app: str = APP) -> subprocess.Popen[bytes]:
     code = ("import sys; from service.api.workers import ReusePortSupervisor; "
             f"sys.exit(ReusePortSupervisor('127.0.0.1', {port}, {workers}, app={app!r}, log_level='warning').run())")
+    env = {k: v for k, v in os.environ.items() if k != "COUNTERLENS_SERVER__WORKERS"}
     return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, env=env)
 
 
 def _pids_until(port: int, want: int, timeout: float = 60.0) -> set[int]:
@@ -78,6 +80,8 @@ def test_connections_opened_together_are_spread_over_the_workers_and_a_dead_work
             by_conn = [_get(port, c) for c in conns]
             assert set(by_conn) == first
             assert [_get(port, c) for c in conns] == by_conn  # a connection stays with its worker
+            # Each worker is told how many share the machine (the supervisor's environment does not say).
+            assert {_get(port, c, "/workers") for c in conns} == {2}
         finally:
             for c in conns:
                 c.close()
