@@ -166,10 +166,11 @@ def model_threads(models: int, cores: int | None = None) -> int:
 
 def process_share(settings: Settings, processes: int) -> Settings:
     """``settings`` for one of ``processes`` processes that share this machine's cores (API workers,
-    rescan worker processes): its models sized by its share of the cores (``ModelSettings.for_cores``)."""
-    cores = max(1, (os.cpu_count() or 1) // max(1, processes))
+    rescan worker processes), or the ``models.process_cores`` set: its models sized by its share of
+    them (``ModelSettings.for_cores``)."""
+    cores = max(1, (settings.models.process_cores or os.cpu_count() or 1) // max(1, processes))
     models = settings.models.for_cores(cores, len(image_model_names(settings)))
-    return settings if models is settings.models else settings.model_copy(update={"models": models})
+    return settings.model_copy(update={"models": models})
 
 
 def model_source_side(embedders: Iterable[object]) -> int | None:
@@ -189,7 +190,7 @@ def _model_pool(settings: Settings, embedders: dict[str, ImageEmbedder]) -> Mode
     thread of its own (on a GPU by default, and wherever a model waits for company)."""
     m = settings.models
     provider = "cpu" if all(e.provider == "cpu" for e in embedders.values()) else "cuda"
-    cores = os.cpu_count() or 1
+    cores = m.process_cores or os.cpu_count() or 1
     shared = m.shared_threads_for(provider, cores, m.intra_op_threads or model_threads(len(embedders), cores))
     if shared is None or m.wait_ms_for(provider) > 0 or not embedders:
         return None
@@ -207,7 +208,7 @@ def build_embedders(settings: Settings) -> tuple[dict[str, ImageEmbedder], Model
     roles = _roles(settings)
     names = image_model_names(settings)
     if m.intra_op_threads == 0:
-        m = m.model_copy(update={"intra_op_threads": model_threads(len(names))})
+        m = m.model_copy(update={"intra_op_threads": model_threads(len(names), m.process_cores or None)})
     built: dict[str, ImageEmbedder] = {}
     for name in names:
         built[name] = build_image_embedder(name, settings.models_dir, m)

@@ -51,6 +51,9 @@ class ModelSettings(BaseModel):
     # on 2 cores: 65 photos/s through sscd_distilled + effnet, against 38 with ONNX Runtime's default
     # of one thread per core for each, whose pools then fight over the same cores).
     intra_op_threads: int = Field(default=0, ge=0, description="0: the cores shared out among the models")
+    # The cores this process has to itself, which "auto" and 0 above are sized by; 0: the machine's.
+    # Set for each of several processes on one machine (API workers, rescan processes: for_cores).
+    process_cores: int = Field(default=0, ge=0, le=4096)
     max_batch: int = Field(default=16, ge=1, le=256)
     # How long a model waits for company before it runs a batch that is not full. "auto": no wait
     # where the model runs on the CPU, 2 ms on a GPU. On this 2-core CPU a batch costs no less a photo
@@ -110,16 +113,17 @@ class ModelSettings(BaseModel):
         Runtime threads 0, shared threads "auto") is sized by that share, not by the machine's cores,
         which every process would otherwise take for itself. Two API workers on 2 cores with two shared
         model threads each: 203.6 listings/s at c=32, 0.78 of raw; with one each, 214.6 (0.82)
-        (docs/performance.md, session 39). (On a GPU, where provider "auto" finds one, the models wait
-        for company and keep a thread each whatever ``shared_threads`` says.)"""
+        (docs/performance.md, session 39). Shared threads "auto" are fixed here only on the CPU: with
+        provider "auto" they are sized where the provider is known (``process_cores``), so that on a
+        GPU each model keeps a thread of its own."""
         cores = max(1, cores)
-        updates: dict[str, object] = {}
+        updates: dict[str, object] = {"process_cores": cores}
         intra = self.intra_op_threads
         if intra == 0:
             intra = updates["intra_op_threads"] = max(1, cores // max(1, models))
-        if self.shared_threads == "auto" and self.provider != "cuda":
+        if self.shared_threads == "auto" and self.provider == "cpu":
             updates["shared_threads"] = self.shared_threads_for("cpu", cores, intra)
-        return self.model_copy(update=updates) if updates else self
+        return self.model_copy(update=updates)
 
     def run_batch_for(self, provider: str, fixed_batch: int | None = None) -> int:
         """The photos per model call of a model running on ``provider`` (``cpu`` or ``cuda``). A model

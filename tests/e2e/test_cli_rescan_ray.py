@@ -80,4 +80,5 @@ def test_each_actor_sizes_its_models_by_the_cores_it_reserved(tmp_path: Path) ->
         for cpus, gpus in ((1.0, 0.0), (0.5, 0.0), (4.0, 0.0), (1.0, 1.0)))]
     assert got == [("cpu", 1, 1), ("cpu", 1, 1), ("cpu", 4, 1), ("cuda", 1, "auto")]
     fixed = Settings(data_dir=tmp_path, models={"ocr": "never", "intra_op_threads": 2, "shared_threads": 3})
-    assert RayEngine(fixed, tmp_path, actor_cpus=1.0).settings.models == fixed.models
+    m = RayEngine(fixed, tmp_path, actor_cpus=1.0).settings.models
+    assert (m.intra_op_threads, m.shared_threads, m.process_cores) == (2, 3, 1)

@@ -164,11 +164,14 @@ def test_models_are_sized_by_the_processes_share_of_the_cores() -> None:
     assert [(s.intra_op_threads, s.shared_threads) for s in (m.for_cores(c, 2) for c in (1, 2, 8))] == [
         (1, 1), (1, 2), (4, 2)]
     assert (m.for_cores(0, 2).intra_op_threads, m.for_cores(0, 2).shared_threads) == (1, 1)
+    assert [m.for_cores(c, 2).process_cores for c in (0, 1, 8)] == [1, 1, 8]
     fixed = m.model_copy(update={"intra_op_threads": 3, "shared_threads": 5})
-    assert fixed.for_cores(1, 2) == fixed
+    assert fixed.for_cores(1, 2) == fixed.model_copy(update={"process_cores": 1})
     assert m.model_copy(update={"intra_op_threads": 2}).for_cores(8, 2).shared_threads == 4
-    cuda = m.model_copy(update={"provider": "cuda"})
-    assert (cuda.for_cores(2, 2).intra_op_threads, cuda.for_cores(2, 2).shared_threads) == (1, "auto")
+    # Where the provider may be a GPU, "auto" is sized once it is known (by process_cores, on the CPU).
+    for provider in ("cuda", "auto"):
+        gpu = m.model_copy(update={"provider": provider}).for_cores(2, 2)
+        assert (gpu.intra_op_threads, gpu.shared_threads, gpu.process_cores) == (1, "auto", 2)
 
 
 @pytest.mark.parametrize(("workers", "intra", "shared"), [(1, 4, 2), (2, 2, 2), (8, 1, 1)])
@@ -183,4 +186,7 @@ def test_each_api_worker_sizes_its_models_by_its_share_of_the_cores(
     monkeypatch.setenv("COUNTERLENS_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("COUNTERLENS_SERVER__WORKERS", str(workers))
     m = app_factory().state.cl.settings.models
-    assert (m.intra_op_threads, m.shared_threads) == (intra, shared)
+    assert (m.process_cores, m.intra_op_threads, m.shared_threads) == (8 // workers, intra, shared)
+    # Cores set for the whole service (a container with fewer than the machine): shared out the same.
+    monkeypatch.setenv("COUNTERLENS_MODELS__PROCESS_CORES", "2")
+    assert app_factory().state.cl.settings.models.process_cores == max(1, 2 // workers)

@@ -382,7 +382,9 @@ def test_the_models_share_their_threads_on_the_cpu(
     cores = os.cpu_count() or 1
     assert batchers[0]._pool.size == m.shared_threads_for("cpu", cores, m.intra_op_threads or cores // 2)
     assert all(b._thread is None for b in batchers)
-    for update, size in (({"shared_threads": 3}, 3), ({"batch_wait_ms": 2.0}, None)):
+    # provider "auto" found the CPU: "auto" is sized by the process's cores (one of several workers).
+    for update, size in (({"shared_threads": 3}, 3), ({"batch_wait_ms": 2.0}, None),
+                         ({"provider": "auto", "process_cores": 1}, 1)):
         s = settings(tmp_path / "other").model_copy(deep=True)
         s.models = s.models.model_copy(update=update)
         other = build_container(s, embedders=rescan_world.embedders)

@@ -143,7 +143,8 @@ def test_each_worker_sizes_its_models_by_its_share_of_the_cores(tmp_path: Path) 
     assert (m.intra_op_threads, m.shared_threads) == (1, 1)
     # The same where the provider is "auto" (CUDA if there is one): a CPU run must not take the machine's.
     auto = Settings(data_dir=tmp_path, models={"ocr": "never", "provider": "auto"})
-    assert ProcessEngine(auto, tmp_path, processes=cores, threads=1).settings.models.shared_threads == 1
+    a = ProcessEngine(auto, tmp_path, processes=cores, threads=1).settings.models
+    assert a.process_cores == 1 and a.shared_threads_for("cpu", a.process_cores, a.intra_op_threads) == 1
     if cores >= 2:
         m = ProcessEngine(s, tmp_path, processes=1, threads=1).settings.models
         assert m.intra_op_threads == cores // 2 and m.shared_threads == 2
