@@ -286,7 +286,7 @@ class ServerSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     # Server processes (service/api/workers.py), each with its own models and indexes, each sizing its
-    # model threads by its share of the cores (ModelSettings.for_cores). On 2 cores, two served 0.81-0.86
+    # model threads by its share of the cores (ModelSettings.for_cores). On 2 cores, two served 0.80-0.86
     # of the raw model rate at 32-64 concurrent requests against 0.71-0.83 for one (whose cores idle while
     # the GIL passes between its threads); at 8, one was as fast and served cached photos faster
     # (docs/performance.md, session 39).
