@@ -6,7 +6,6 @@ Built once by the API lifespan and once by each CLI command; nothing else wires 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -158,17 +157,11 @@ class Container:
         self.db.dispose()
 
 
-def model_threads(models: int, cores: int | None = None) -> int:
-    """ONNX Runtime threads per model when the settings leave it to us: the cores shared out among the
-    models, which run side by side (each in its batcher's threads), at least one each."""
-    return max(1, (cores or os.cpu_count() or 1) // max(1, models))
-
-
 def process_share(settings: Settings, processes: int) -> Settings:
     """``settings`` for one of ``processes`` processes that share this machine's cores (API workers,
     rescan worker processes), or the ``models.process_cores`` set: its models sized by its share of
     them (``ModelSettings.for_cores``)."""
-    cores = max(1, (settings.models.process_cores or os.cpu_count() or 1) // max(1, processes))
+    cores = max(1, settings.models.cores() // max(1, processes))
     models = settings.models.for_cores(cores, len(image_model_names(settings)))
     return settings.model_copy(update={"models": models})
 
@@ -190,8 +183,7 @@ def _model_pool(settings: Settings, embedders: dict[str, ImageEmbedder]) -> Mode
     thread of its own (on a GPU by default, and wherever a model waits for company)."""
     m = settings.models
     provider = "cpu" if all(e.provider == "cpu" for e in embedders.values()) else "cuda"
-    cores = m.process_cores or os.cpu_count() or 1
-    shared = m.shared_threads_for(provider, cores, m.intra_op_threads or model_threads(len(embedders), cores))
+    shared = m.shared_threads_for(provider, m.cores(), m.intra_threads_for(len(embedders)))
     if shared is None or m.wait_ms_for(provider) > 0 or not embedders:
         return None
     return ModelThreads(shared)
@@ -207,8 +199,7 @@ def build_embedders(settings: Settings) -> tuple[dict[str, ImageEmbedder], Model
     m = settings.models
     roles = _roles(settings)
     names = image_model_names(settings)
-    if m.intra_op_threads == 0:
-        m = m.model_copy(update={"intra_op_threads": model_threads(len(names), m.process_cores or None)})
+    m = m.model_copy(update={"intra_op_threads": m.intra_threads_for(len(names))})
     built: dict[str, ImageEmbedder] = {}
     for name in names:
         built[name] = build_image_embedder(name, settings.models_dir, m)

@@ -7,6 +7,7 @@ for example ``COUNTERLENS_DATA_DIR=/srv/cl`` or ``COUNTERLENS_SCORING__REVIEW_TH
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -107,6 +108,17 @@ class ModelSettings(BaseModel):
             return None
         return max(1, cores // max(1, intra_op_threads))
 
+    def cores(self) -> int:
+        """The cores this process has to itself: ``process_cores``, else the machine's."""
+        return self.process_cores or os.cpu_count() or 1
+
+    def intra_threads_for(self, models: int, cores: int | None = None) -> int:
+        """ONNX Runtime threads per model: ``intra_op_threads``, or where it is 0 the cores (``cores``,
+        else :meth:`cores`) shared out among the ``models``, which run side by side, at least one each."""
+        if self.intra_op_threads:
+            return self.intra_op_threads
+        return max(1, (cores or self.cores()) // max(1, models))
+
     def for_cores(self, cores: int, models: int) -> ModelSettings:
         """These settings for a process with ``cores`` cores to itself (one of several API workers or
         rescan processes on the machine) loading ``models`` image models: what is left to us (ONNX
@@ -118,9 +130,7 @@ class ModelSettings(BaseModel):
         GPU each model keeps a thread of its own."""
         cores = max(1, cores)
         updates: dict[str, object] = {"process_cores": cores}
-        intra = self.intra_op_threads
-        if intra == 0:
-            intra = updates["intra_op_threads"] = max(1, cores // max(1, models))
+        intra = updates["intra_op_threads"] = self.intra_threads_for(models, cores)
         if self.shared_threads == "auto" and self.provider == "cpu":
             updates["shared_threads"] = self.shared_threads_for("cpu", cores, intra)
         return self.model_copy(update=updates)

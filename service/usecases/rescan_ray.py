@@ -81,7 +81,7 @@ class RayEngine:
         if models.intra_op_threads == 0:
             models = models.model_copy(update={"intra_op_threads": max(1, math.ceil(actor_cpus))})
         models = models.for_cores(max(1, math.floor(actor_cpus)), 1)
-        self.settings = settings if models == settings.models else settings.model_copy(update={"models": models})
+        self.settings = settings.model_copy(update={"models": models})
         self.base = base.resolve()
         self.address = address
         self.actors = actors
