@@ -214,27 +214,22 @@ class CachedEmbedder:
             if sha in work or sha in new:
                 continue
             withdraw: _Flight | None = None
+            got: _Work | np.ndarray | None = None
             with self._in_flight_lock:
-                done = self._unstored.pop(sha, None) if persist else None
-                flight = self._in_flight.get(sha)
-                if done is None and flight is not None:
-                    if sha in found:
-                        if flight.prefetched and not flight.claimed:
-                            withdraw = self._in_flight.pop(sha)
-                    elif persist:
-                        flight.claimed = True  # its vector comes to this batch, not to ``_unstored``
-            if done is not None:
-                found.pop(sha, None)
-                work[sha] = _Work(done[None, :], 0, borrowed=False)
-            elif withdraw is not None:
+                if sha in found and not (persist and sha in self._unstored):
+                    flight = self._in_flight.get(sha)
+                    if flight is not None and flight.prefetched and not flight.claimed:
+                        withdraw = self._in_flight.pop(sha)
+                else:
+                    got = self._existing(sha, persist)
+            if withdraw is not None:
                 self._withdraw(sha, withdraw)
-            elif sha in found:
-                continue
-            elif flight is not None:
-                work[sha] = _Work(flight.result, flight.row, borrowed=True)
-            elif (v := self._lru.get(sha)) is not None:  # done since the caller looked (no longer in flight)
-                found[sha] = v
-            else:
+            elif isinstance(got, _Work):
+                found.pop(sha, None)  # (a prefetch's unclaimed vector: this batch stores it)
+                work[sha] = got
+            elif got is not None:  # done since the caller looked (no longer in flight)
+                found[sha] = got
+            elif sha not in found:
                 new[sha] = im
         if new:
             self._run_new(new, work, found, persist)
@@ -254,16 +249,13 @@ class CachedEmbedder:
             return
         with self._in_flight_lock:
             for sha in list(pixels):
-                if persist and (done := self._unstored.pop(sha, None)) is not None:
-                    work[sha] = _Work(done[None, :], 0, borrowed=False)
-                elif (flight := self._in_flight.get(sha)) is not None:
-                    if persist:
-                        flight.claimed = True
-                    work[sha] = _Work(flight.result, flight.row, borrowed=True)
-                elif (v := self._lru.get(sha)) is not None:
-                    found[sha] = v
-                else:
+                got = self._existing(sha, persist)
+                if got is None:
                     continue
+                if isinstance(got, _Work):
+                    work[sha] = got
+                else:
+                    found[sha] = got
                 del pixels[sha]
             if not pixels:
                 return
@@ -272,6 +264,19 @@ class CachedEmbedder:
                 self._in_flight[sha] = _Flight(result, row, prefetched=False)
                 work[sha] = _Work(result, row, borrowed=False)
         result.add_done_callback(self._settle(list(pixels), prefetched=False))
+
+    def _existing(self, sha: str, persist: bool) -> _Work | np.ndarray | None:
+        """(``_in_flight_lock`` held) What this process has of a photo the caller did not find: a
+        prefetch's vector no batch claimed (taken, where the batch persists: it stores it), a run under
+        way (borrowed; claimed where the batch persists, so its vector comes here, not to ``_unstored``),
+        or the LRU's vector; None: nothing."""
+        if persist and (done := self._unstored.pop(sha, None)) is not None:
+            return _Work(done[None, :], 0, borrowed=False)
+        if (flight := self._in_flight.get(sha)) is not None:
+            if persist:
+                flight.claimed = True
+            return _Work(flight.result, flight.row, borrowed=True)
+        return self._lru.get(sha)
 
     def _withdraw(self, sha: str, flight: _Flight) -> None:
         """Cancel a prefetch nobody else waits for (its entry already taken out of the table)."""
